@@ -1,0 +1,123 @@
+//! The daemon's HTTP endpoints: admin API (node loopback), Prometheus metrics, readiness.
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use hyper::{Request, body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{datapath::StatsMap, metrics::Metrics, reconcile::WorkloadStatus, state::Snapshot};
+
+/// Everything the endpoints read.
+pub struct AdminState {
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    pub workloads: Arc<ArcSwap<Vec<WorkloadStatus>>>,
+    pub metrics: Arc<Metrics>,
+    pub stats: StatsMap,
+    pub ready: watch::Receiver<bool>,
+    pub node_name: String,
+}
+
+impl AdminState {
+    fn respond(&self, path: &str) -> (StatusCode, &'static str, String) {
+        const JSON: &str = "application/json";
+        const TEXT: &str = "text/plain; charset=utf-8";
+        let json = |v: serde_json::Result<String>| match v {
+            Ok(s) => (StatusCode::OK, JSON, s),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, TEXT, e.to_string()),
+        };
+        match path {
+            "/healthz/ready" => {
+                if *self.ready.borrow() {
+                    (StatusCode::OK, TEXT, "ready\n".into())
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, TEXT, "not ready\n".into())
+                }
+            }
+            "/metrics" | "/stats/prometheus" => {
+                let m = &self.metrics;
+                for (decision, n) in self.stats.read() {
+                    m.bpf_decisions
+                        .get_or_create(&crate::metrics::DecisionLabels { decision })
+                        .set(n as i64);
+                }
+                (
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    m.encode(),
+                )
+            }
+            "/config_dump" => json(serde_json::to_string_pretty(&*self.snapshot.load_full())),
+            "/workloads" => json(serde_json::to_string_pretty(&*self.workloads.load_full())),
+            "/bpf/stats" => json(serde_json::to_string_pretty(
+                &self.stats.read().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            )),
+            "/" => (
+                StatusCode::OK,
+                TEXT,
+                format!(
+                    "sidelane node daemon on {}\nendpoints: /healthz/ready /metrics /config_dump /workloads /bpf/stats\n",
+                    self.node_name
+                ),
+            ),
+            _ => (StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
+        }
+    }
+}
+
+/// Which endpoints a listener exposes: the metrics and readiness ports must not leak the
+/// configuration to whoever can reach the node.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Exposure {
+    Admin,
+    Metrics,
+    Readiness,
+}
+
+impl Exposure {
+    fn allows(self, path: &str) -> bool {
+        match self {
+            Exposure::Admin => true,
+            Exposure::Metrics => matches!(path, "/metrics" | "/stats/prometheus"),
+            Exposure::Readiness => path == "/healthz/ready",
+        }
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, exposure: Exposure) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move {
+                    let path = req.uri().path();
+                    let (status, ctype, body) = if exposure.allows(path) {
+                        state.respond(path)
+                    } else {
+                        (StatusCode::NOT_FOUND, "text/plain", "not found\n".into())
+                    };
+                    let resp = Response::builder()
+                        .status(status)
+                        .header("content-type", ctype)
+                        .body(Full::new(Bytes::from(body)))
+                        .unwrap_or_default();
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,152 @@
+//! Prometheus metrics: Istio's standard TCP metrics (so Kiali and the Istio dashboards work
+//! unchanged) and the daemon's own health under `sidelane_*`.
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+/// Istio's label set for TCP metrics, reported by the source side.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
+    pub request_protocol: &'static str,
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: &'static str,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    pub tcp_sent_bytes: Family<TcpLabels, Counter>,
+    pub tcp_received_bytes: Family<TcpLabels, Counter>,
+    pub enrolled_pods: Gauge,
+    pub config_errors: Gauge,
+    pub config_reloads: Family<ReloadLabels, Counter>,
+    pub bpf_decisions: Family<DecisionLabels, Gauge>,
+    pub outbound_connections: Counter,
+    pub outbound_failures: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let istio = registry.sub_registry_with_prefix("istio");
+        let tcp_opened = Family::<TcpLabels, Counter>::default();
+        let tcp_closed = Family::<TcpLabels, Counter>::default();
+        let tcp_sent_bytes = Family::<TcpLabels, Counter>::default();
+        let tcp_received_bytes = Family::<TcpLabels, Counter>::default();
+        istio.register(
+            "tcp_connections_opened",
+            "Total number of TCP connections opened",
+            tcp_opened.clone(),
+        );
+        istio.register(
+            "tcp_connections_closed",
+            "Total number of TCP connections closed",
+            tcp_closed.clone(),
+        );
+        istio.register(
+            "tcp_sent_bytes",
+            "Total bytes sent during response in case of a TCP connection",
+            tcp_sent_bytes.clone(),
+        );
+        istio.register(
+            "tcp_received_bytes",
+            "Total bytes received during request in case of a TCP connection",
+            tcp_received_bytes.clone(),
+        );
+        let own = registry.sub_registry_with_prefix("sidelane");
+        let enrolled_pods = Gauge::default();
+        let config_errors = Gauge::default();
+        let config_reloads = Family::<ReloadLabels, Counter>::default();
+        let bpf_decisions = Family::<DecisionLabels, Gauge>::default();
+        let outbound_connections = Counter::default();
+        let outbound_failures = Counter::default();
+        own.register(
+            "enrolled_pods",
+            "Pods on this node whose outbound traffic is redirected",
+            enrolled_pods.clone(),
+        );
+        own.register(
+            "config_errors",
+            "Objects rejected in the current configuration",
+            config_errors.clone(),
+        );
+        own.register(
+            "config_reloads",
+            "Configuration reloads by result",
+            config_reloads.clone(),
+        );
+        own.register(
+            "bpf_connect_decisions",
+            "Connect-hook decisions by the kernel programs since they were first loaded",
+            bpf_decisions.clone(),
+        );
+        own.register(
+            "outbound_connections",
+            "Redirected connections accepted by the outbound proxy",
+            outbound_connections.clone(),
+        );
+        own.register(
+            "outbound_failures",
+            "Redirected connections the proxy could not deliver",
+            outbound_failures.clone(),
+        );
+        Self {
+            registry,
+            tcp_opened,
+            tcp_closed,
+            tcp_sent_bytes,
+            tcp_received_bytes,
+            enrolled_pods,
+            config_errors,
+            config_reloads,
+            bpf_decisions,
+            outbound_connections,
+            outbound_failures,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

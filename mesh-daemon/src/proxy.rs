@@ -1,0 +1,21 @@
+//! The data path in user space: per-pod outbound listeners and TCP forwarding.
+pub mod access_log;
+pub mod forward;
+pub mod outbound;
+pub mod sockets;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::{datapath::OrigDstMap, metrics::Metrics, netns::HostNetns, state::Snapshot};
+
+/// What every proxy task may read: nothing more (no certificates, no map writers).
+pub struct ProxyInputs {
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    pub orig_dst: OrigDstMap,
+    pub metrics: Arc<Metrics>,
+    pub host: HostNetns,
+    pub connect_timeout: std::time::Duration,
+    pub outbound_port: u16,
+}

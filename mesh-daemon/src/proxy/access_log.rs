@@ -1,0 +1,69 @@
+//! One line per connection on stdout, in Envoy's default TCP format so that existing log
+//! pipelines parse it:
+//! `[START] "- - -" 0 FLAGS - "-" RECEIVED SENT DURATION - "-" "-" "-" "-" "UPSTREAM_HOST"
+//!  CLUSTER UPSTREAM_LOCAL DOWNSTREAM_LOCAL DOWNSTREAM_PEER - -`
+use std::{net::SocketAddr, time::SystemTime};
+
+pub struct TcpEntry<'a> {
+    pub start: SystemTime,
+    pub duration_ms: u128,
+    pub response_flags: &'a str,
+    pub received: u64,
+    pub sent: u64,
+    pub upstream_host: Option<SocketAddr>,
+    /// Envoy's cluster name: `outbound|PORT||HOST` or `PassthroughCluster`.
+    pub cluster: &'a str,
+    pub original_dst: SocketAddr,
+    pub downstream_peer: &'a str,
+}
+
+pub fn log_tcp(e: &TcpEntry<'_>) {
+    let start = humantime(e.start);
+    let upstream = e
+        .upstream_host
+        .map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let flags = if e.response_flags.is_empty() {
+        "-"
+    } else {
+        e.response_flags
+    };
+    println!(
+        "[{start}] \"- - -\" 0 {flags} - \"-\" {} {} {} - \"-\" \"-\" \"-\" \"-\" \"{upstream}\" {} - {} {} - -",
+        e.received, e.sent, e.duration_ms, e.cluster, e.original_dst, e.downstream_peer
+    );
+}
+
+/// RFC 3339 UTC with milliseconds, computed without a time-zone database.
+fn humantime(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_764_086_400_123);
+        assert_eq!(humantime(t), "2025-11-25T16:00:00.123Z");
+    }
+}

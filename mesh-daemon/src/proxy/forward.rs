@@ -1,0 +1,87 @@
+//! Byte forwarding between two TCP streams that keeps TCP's semantics end to end: a FIN is
+//! passed on as a FIN (half-close), a reset as a reset.
+use std::io::ErrorKind;
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+const BUF_SIZE: usize = 16 * 1024;
+
+/// How a forwarded connection ended.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    /// Bytes from the client to the upstream.
+    pub sent_upstream: u64,
+    /// Bytes from the upstream to the client.
+    pub sent_downstream: u64,
+    /// One side reset (or failed); the other was reset in turn.
+    pub reset: bool,
+}
+
+enum Dir {
+    Eof,
+    Reset,
+}
+
+async fn pump<R, W>(mut r: R, mut w: W, counted: &mut u64) -> Dir
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) => {
+                // Pass the FIN on; the other direction keeps flowing.
+                return match w.shutdown().await {
+                    Ok(()) => Dir::Eof,
+                    Err(_) => Dir::Reset,
+                };
+            }
+            Ok(n) => {
+                if w.write_all(&buf[..n]).await.is_err() {
+                    return Dir::Reset;
+                }
+                *counted += n as u64;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return Dir::Reset,
+        }
+    }
+}
+
+/// Copies both ways until both sides have closed, or until either resets, in which case the
+/// other side is reset too (SO_LINGER 0 then close), as a direct connection would see it.
+pub async fn forward(mut client: TcpStream, mut upstream: TcpStream) -> Outcome {
+    let mut out = Outcome::default();
+    let (mut up, mut down) = (0u64, 0u64);
+    {
+        let (cr, cw) = client.split();
+        let (ur, uw) = upstream.split();
+        let to_upstream = pump(cr, uw, &mut up);
+        let to_client = pump(ur, cw, &mut down);
+        tokio::pin!(to_upstream, to_client);
+        let (mut a_done, mut b_done) = (false, false);
+        while !(a_done && b_done) && !out.reset {
+            let dir = tokio::select! {
+                d = &mut to_upstream, if !a_done => { a_done = true; d }
+                d = &mut to_client, if !b_done => { b_done = true; d }
+            };
+            out.reset = matches!(dir, Dir::Reset);
+        }
+    }
+    out.sent_upstream = up;
+    out.sent_downstream = down;
+    if out.reset {
+        abort(&client);
+        abort(&upstream);
+    }
+    out
+}
+
+/// Makes the coming close send a RST instead of a FIN.
+pub fn abort(s: &TcpStream) {
+    let _ = socket2::SockRef::from(s).set_linger(Some(std::time::Duration::ZERO));
+}

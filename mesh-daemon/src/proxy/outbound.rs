@@ -1,0 +1,258 @@
+//! The outbound listener of one enrolled pod: bound on the pod's own loopback (where the
+//! connect hooks send its connections), it looks up each connection's original destination,
+//! picks the upstream, connects from inside the pod's namespace and forwards.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Instant, SystemTime},
+};
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{
+    ProxyInputs,
+    access_log::{TcpEntry, log_tcp},
+    forward::{abort, forward},
+    sockets::{SocketError, listen_in, socket_in},
+};
+use crate::{
+    metrics::TcpLabels,
+    netns::Netns,
+    state::{PodInfo, ServicePort, Snapshot},
+};
+
+/// Envoy's response flags, as Istio reports them.
+mod flags {
+    /// No healthy upstream.
+    pub const NO_HEALTHY_UPSTREAM: &str = "UH";
+    /// Upstream connection failure.
+    pub const UPSTREAM_CONNECT_FAILURE: &str = "UF";
+    /// No original destination could be found for a redirected connection.
+    pub const NO_ROUTE: &str = "NR";
+}
+
+/// A pod's outbound listeners (IPv4 and, where the pod has it, IPv6).
+pub struct Outbound {
+    pod_uid: String,
+    netns: Arc<Netns>,
+    listeners: Vec<TcpListener>,
+    inputs: Arc<ProxyInputs>,
+}
+
+impl Outbound {
+    /// Binds in the pod's namespace. IPv6 is optional: a pod without it gets IPv4 only.
+    pub fn bind(pod_uid: String, netns: Arc<Netns>, inputs: Arc<ProxyInputs>) -> Result<Self, SocketError> {
+        let port = inputs.outbound_port;
+        let v4 = listen_in(&netns, &inputs.host, SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))?;
+        let mut listeners = vec![v4];
+        match listen_in(&netns, &inputs.host, SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port)) {
+            Ok(l) => listeners.push(l),
+            Err(e) => tracing::info!(pod = %pod_uid, error = %e, "no IPv6 outbound listener"),
+        }
+        Ok(Self {
+            pod_uid,
+            netns,
+            listeners,
+            inputs,
+        })
+    }
+
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// Accepts until the task is aborted (the pod left the mesh or the node).
+    pub async fn run(self) {
+        let this = Arc::new(Conn {
+            pod_uid: self.pod_uid,
+            netns: self.netns,
+            inputs: self.inputs,
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        for l in self.listeners {
+            let this = this.clone();
+            tasks.spawn(async move {
+                loop {
+                    match l.accept().await {
+                        Ok((stream, peer)) => {
+                            let this = this.clone();
+                            tokio::spawn(async move { this.handle(stream, peer).await });
+                        }
+                        Err(e) => {
+                            tracing::warn!(pod = %this.pod_uid, error = %e, "accept failed");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+struct Conn {
+    pod_uid: String,
+    netns: Arc<Netns>,
+    inputs: Arc<ProxyInputs>,
+}
+
+/// Round-robin position shared by all services; good enough until DestinationRule load
+/// balancing replaces it.
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+fn pick(svc: &ServicePort) -> Option<SocketAddr> {
+    if svc.endpoints.is_empty() {
+        return None;
+    }
+    let i = NEXT.fetch_add(1, Ordering::Relaxed) % svc.endpoints.len();
+    Some(svc.endpoints[i].addr)
+}
+
+impl Conn {
+    async fn handle(&self, client: TcpStream, peer: SocketAddr) {
+        let start = (SystemTime::now(), Instant::now());
+        let inputs = &self.inputs;
+        inputs.metrics.outbound_connections.inc();
+        let snap = inputs.snapshot.load_full();
+        let Some(orig) = inputs.orig_dst.lookup(self.netns.cookie(), peer) else {
+            tracing::warn!(pod = %self.pod_uid, %peer, "no original destination recorded for a redirected connection; closing it");
+            inputs.metrics.outbound_failures.inc();
+            abort(&client);
+            log_tcp(&TcpEntry {
+                start: start.0,
+                duration_ms: 0,
+                response_flags: flags::NO_ROUTE,
+                received: 0,
+                sent: 0,
+                upstream_host: None,
+                cluster: "BlackHoleCluster",
+                original_dst: peer,
+                downstream_peer: &peer.to_string(),
+            });
+            return;
+        };
+        let orig = normalize(orig);
+        let svc = snap.service(&orig).cloned();
+        let (upstream_addr, cluster) = match &svc {
+            Some(svc) => (pick(svc), format!("outbound|{}||{}", svc.port, svc.hostname)),
+            None => (Some(orig), "PassthroughCluster".to_owned()),
+        };
+        let mut labels = self.labels(&snap, svc.as_deref(), upstream_addr.unwrap_or(orig));
+        let downstream = format!("{peer}");
+
+        let upstream = match upstream_addr {
+            None => Err(flags::NO_HEALTHY_UPSTREAM),
+            Some(addr) => self.connect(addr).await.ok_or(flags::UPSTREAM_CONNECT_FAILURE),
+        };
+        let upstream = match upstream {
+            Ok(u) => u,
+            Err(flag) => {
+                inputs.metrics.outbound_failures.inc();
+                labels.response_flags = flag;
+                inputs.metrics.tcp_opened.get_or_create(&labels).inc();
+                inputs.metrics.tcp_closed.get_or_create(&labels).inc();
+                abort(&client);
+                log_tcp(&TcpEntry {
+                    start: start.0,
+                    duration_ms: start.1.elapsed().as_millis(),
+                    response_flags: flag,
+                    received: 0,
+                    sent: 0,
+                    upstream_host: upstream_addr,
+                    cluster: &cluster,
+                    original_dst: orig,
+                    downstream_peer: &downstream,
+                });
+                return;
+            }
+        };
+        inputs.metrics.tcp_opened.get_or_create(&labels).inc();
+        let out = forward(client, upstream).await;
+        let m = &inputs.metrics;
+        m.tcp_received_bytes.get_or_create(&labels).inc_by(out.sent_upstream);
+        m.tcp_sent_bytes.get_or_create(&labels).inc_by(out.sent_downstream);
+        m.tcp_closed.get_or_create(&labels).inc();
+        log_tcp(&TcpEntry {
+            start: start.0,
+            duration_ms: start.1.elapsed().as_millis(),
+            response_flags: if out.reset { "UR" } else { "" },
+            received: out.sent_upstream,
+            sent: out.sent_downstream,
+            upstream_host: upstream_addr,
+            cluster: &cluster,
+            original_dst: orig,
+            downstream_peer: &downstream,
+        });
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Option<TcpStream> {
+        let sock = match socket_in(&self.netns, &self.inputs.host, addr) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(pod = %self.pod_uid, %addr, error = %e, "cannot open upstream socket");
+                return None;
+            }
+        };
+        match tokio::time::timeout(self.inputs.connect_timeout, sock.connect(addr)).await {
+            Ok(Ok(s)) => {
+                s.set_nodelay(true).ok();
+                Some(s)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(pod = %self.pod_uid, %addr, error = %e, "upstream connect failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(pod = %self.pod_uid, %addr, "upstream connect timed out");
+                None
+            }
+        }
+    }
+
+    fn labels(&self, snap: &Snapshot, svc: Option<&ServicePort>, upstream: SocketAddr) -> TcpLabels {
+        let unknown = || "unknown".to_owned();
+        let src = snap.pods_by_uid.get(&self.pod_uid);
+        let dst = snap.pods_by_ip.get(&upstream.ip());
+        let app = |p: Option<&Arc<PodInfo>>| p.map_or_else(unknown, |p| p.workload.clone());
+        let version = |p: Option<&Arc<PodInfo>>| {
+            p.and_then(|p| p.version.clone()).unwrap_or_else(|| "latest".into())
+        };
+        let ns = |p: Option<&Arc<PodInfo>>| p.map_or_else(unknown, |p| p.namespace.clone());
+        TcpLabels {
+            reporter: "source",
+            source_workload: app(src),
+            source_workload_namespace: ns(src),
+            source_principal: unknown(),
+            source_app: app(src),
+            source_version: version(src),
+            source_canonical_service: app(src),
+            source_canonical_revision: version(src),
+            destination_workload: app(dst),
+            destination_workload_namespace: ns(dst),
+            destination_principal: unknown(),
+            destination_app: app(dst),
+            destination_version: version(dst),
+            destination_service: svc.map_or_else(|| upstream.ip().to_string(), |s| s.hostname.clone()),
+            destination_service_name: svc.map_or_else(unknown, |s| s.name.clone()),
+            destination_service_namespace: svc.map_or_else(unknown, |s| s.namespace.clone()),
+            destination_canonical_service: app(dst),
+            destination_canonical_revision: version(dst),
+            request_protocol: "tcp",
+            response_flags: "-",
+            connection_security_policy: "unknown",
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 destinations are IPv4 destinations.
+fn normalize(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(a, |v4| SocketAddr::new(v4.into(), a.port())),
+        IpAddr::V4(_) => a,
+    }
+}

@@ -1,0 +1,64 @@
+//! Sockets opened inside a pod's network namespace, so traffic keeps the pod's address.
+use std::net::SocketAddr;
+
+use mesh_common::DAEMON_SOCKET_MARK;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket};
+
+use crate::netns::{HostNetns, Netns, NetnsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("{what} {addr} in the pod's network namespace: {source}")]
+    Io {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+fn new_socket(addr: SocketAddr) -> std::io::Result<Socket> {
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    // The connect hooks skip marked sockets: the daemon never redirects itself.
+    s.set_mark(DAEMON_SOCKET_MARK)?;
+    Ok(s)
+}
+
+/// Binds a listener at `addr` inside `ns`.
+pub fn listen_in(ns: &Netns, host: &HostNetns, addr: SocketAddr) -> Result<TcpListener, SocketError> {
+    let io = |source| SocketError::Io {
+        what: "listening on",
+        addr,
+        source,
+    };
+    let std_listener = ns.run(host, || -> std::io::Result<std::net::TcpListener> {
+        let s = new_socket(addr)?;
+        if addr.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.set_reuse_address(true)?;
+        s.bind(&addr.into())?;
+        s.listen(1024)?;
+        Ok(s.into())
+    })?;
+    TcpListener::from_std(std_listener.map_err(io)?).map_err(io)
+}
+
+/// A socket inside `ns`, ready to connect to `dst` with the pod's own source address.
+pub fn socket_in(ns: &Netns, host: &HostNetns, dst: SocketAddr) -> Result<TcpSocket, SocketError> {
+    let s = ns
+        .run(host, || new_socket(dst))?
+        .map_err(|source| SocketError::Io {
+            what: "creating a socket for",
+            addr: dst,
+            source,
+        })?;
+    s.set_tcp_nodelay(true).ok();
+    Ok(TcpSocket::from_std_stream(s.into()))
+}

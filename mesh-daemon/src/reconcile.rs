@@ -1,0 +1,208 @@
+//! Keeps the kernel maps and the per-pod listeners in step with the configuration and the
+//! pods actually running on the node.
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use mesh_common::PodPolicy;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::{
+    datapath::{PodsMap, pod_policy},
+    discovery::{self, DiscoveredPod},
+    metrics::Metrics,
+    netns::Netns,
+    proxy::{ProxyInputs, outbound::Outbound},
+    state::Snapshot,
+};
+
+/// What the admin API and `meshctl` show for one pod found on this node.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkloadStatus {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub enrolled: bool,
+    pub reason: String,
+    pub netns_cookie: Option<u64>,
+    pub listeners: Vec<String>,
+    pub problems: Vec<String>,
+}
+
+struct Active {
+    netns_inode: u64,
+    cookie: u64,
+    policy: PodPolicy,
+    listeners: Vec<String>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub struct Reconciler {
+    pub node_name: String,
+    pub proc_root: std::path::PathBuf,
+    /// cgroup-relative path under which this node's pods live.
+    pub cgroup: String,
+    pub scan_interval: Duration,
+    pub pods_map: PodsMap,
+    pub inputs: Arc<ProxyInputs>,
+    pub metrics: Arc<Metrics>,
+    pub workloads: Arc<ArcSwap<Vec<WorkloadStatus>>>,
+    pub ready: watch::Sender<bool>,
+}
+
+impl Reconciler {
+    /// Runs until the process ends. Wakes on every configuration change and on a timer
+    /// (pods come and go without a configuration change).
+    pub async fn run(mut self, mut config_changed: watch::Receiver<u64>) {
+        let mut active: HashMap<String, Active> = HashMap::new();
+        let mut first = true;
+        loop {
+            let proc_root = self.proc_root.clone();
+            let cgroup = self.cgroup.clone();
+            let found = tokio::task::spawn_blocking(move || discovery::scan(&proc_root, &cgroup))
+                .await
+                .unwrap_or_default();
+            let snap = self.inputs.snapshot.load_full();
+            let status = self.reconcile(&snap, &found, &mut active);
+            if first {
+                self.remove_stale_entries(&active);
+                first = false;
+            }
+            self.metrics.enrolled_pods.set(active.len() as i64);
+            self.workloads.store(Arc::new(status));
+            let _ = self.ready.send(true);
+            tokio::select! {
+                _ = config_changed.changed() => {}
+                _ = tokio::time::sleep(self.scan_interval) => {}
+            }
+        }
+    }
+
+    fn reconcile(
+        &mut self,
+        snap: &Snapshot,
+        found: &HashMap<String, DiscoveredPod>,
+        active: &mut HashMap<String, Active>,
+    ) -> Vec<WorkloadStatus> {
+        let mut status = Vec::new();
+        for (uid, pod) in found {
+            let info = snap.pods_by_uid.get(uid);
+            let (enrolled, reason, mut problems) = match info {
+                None => (false, "no Pod object with this UID in the configuration".to_owned(), vec![]),
+                Some(i) if !i.node_name.is_empty() && i.node_name != self.node_name => (
+                    false,
+                    format!("Pod object is scheduled to node {}, not {}", i.node_name, self.node_name),
+                    vec![],
+                ),
+                Some(i) => (i.enrollment.enrolled, i.enrollment.reason.clone(), i.enrollment.problems.clone()),
+            };
+            let mut cookie = None;
+            let mut listeners = Vec::new();
+            if enrolled && let Some(info) = info {
+                let (policy, dropped) = pod_policy(self.inputs.outbound_port, &info.enrollment.exclusions);
+                problems.extend(dropped);
+                match self.ensure(uid, pod, policy, active) {
+                    Ok(a) => {
+                        cookie = Some(a.cookie);
+                        listeners = a.listeners.clone();
+                    }
+                    Err(e) => {
+                        tracing::warn!(pod = %uid, error = %e, "cannot enrol pod");
+                        problems.push(e);
+                    }
+                }
+            } else {
+                self.release(uid, active);
+            }
+            status.push(WorkloadStatus {
+                uid: uid.clone(),
+                name: info.map(|i| i.name.clone()).unwrap_or_default(),
+                namespace: info.map(|i| i.namespace.clone()).unwrap_or_default(),
+                enrolled: cookie.is_some(),
+                reason,
+                netns_cookie: cookie,
+                listeners,
+                problems,
+            });
+        }
+        let gone: Vec<String> = active.keys().filter(|u| !found.contains_key(*u)).cloned().collect();
+        for uid in gone {
+            self.release(&uid, active);
+        }
+        status.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        status
+    }
+
+    fn ensure<'a>(
+        &mut self,
+        uid: &str,
+        pod: &DiscoveredPod,
+        policy: PodPolicy,
+        active: &'a mut HashMap<String, Active>,
+    ) -> Result<&'a Active, String> {
+        if active.get(uid).is_some_and(|a| a.netns_inode != pod.netns_inode) {
+            // The pod's sandbox was replaced: its old namespace is gone.
+            self.release(uid, active);
+        }
+        if !active.contains_key(uid) {
+            let path = self.proc_root.join(pod.pid.to_string()).join("ns/net");
+            let netns = Arc::new(Netns::open(&path, &self.inputs.host).map_err(|e| e.to_string())?);
+            let outbound = Outbound::bind(uid.to_owned(), netns.clone(), self.inputs.clone())
+                .map_err(|e| e.to_string())?;
+            let listeners = outbound.addresses().iter().map(ToString::to_string).collect();
+            let task = tokio::spawn(outbound.run());
+            // Listener first, map entry second: a connect redirected here always finds us.
+            self.pods_map
+                .set(netns.cookie(), &policy)
+                .map_err(|e| format!("writing sl_pods: {e}"))?;
+            tracing::info!(pod = %uid, cookie = netns.cookie(), "pod enrolled");
+            active.insert(
+                uid.to_owned(),
+                Active {
+                    netns_inode: pod.netns_inode,
+                    cookie: netns.cookie(),
+                    policy,
+                    listeners,
+                    task,
+                },
+            );
+        }
+        let a = active
+            .get_mut(uid)
+            .ok_or_else(|| "pod vanished during enrolment".to_owned())?;
+        if a.policy != policy {
+            self.pods_map
+                .set(a.cookie, &policy)
+                .map_err(|e| format!("updating sl_pods: {e}"))?;
+            a.policy = policy;
+        }
+        Ok(a)
+    }
+
+    fn release(&mut self, uid: &str, active: &mut HashMap<String, Active>) {
+        if let Some(a) = active.remove(uid) {
+            // Map entry first: new connects go direct before the listener disappears.
+            if let Err(e) = self.pods_map.remove(a.cookie) {
+                tracing::warn!(pod = %uid, error = %e, "cannot remove pod from sl_pods");
+            }
+            tracing::info!(pod = %uid, "pod left the mesh");
+        }
+    }
+
+    /// After a restart, entries of pods that went away while the daemon was down.
+    fn remove_stale_entries(&mut self, active: &HashMap<String, Active>) {
+        let live: Vec<u64> = active.values().map(|a| a.cookie).collect();
+        for cookie in self.pods_map.cookies() {
+            if !live.contains(&cookie) {
+                let _ = self.pods_map.remove(cookie);
+                tracing::info!(cookie, "removed stale pod entry left by an earlier daemon");
+            }
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! The daemon's own settings: flags, each with an environment variable and a default.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+
+/// Istio ambient's outbound capture port.
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+/// Admin API, reachable on the node's loopback only (as Envoy's and ztunnel's).
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+/// Prometheus scrape endpoint.
+pub const DEFAULT_METRICS_ADDR: &str = "[::]:15020";
+/// Readiness probe endpoint.
+pub const DEFAULT_READINESS_ADDR: &str = "[::]:15021";
+/// Where programs, links and maps are pinned.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sidelane";
+/// How often the pod scan runs when nothing else triggers it: a new pod is enrolled within
+/// this long after its first process starts.
+pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_millis(300);
+/// Envoy's and Istio's default upstream connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "mesh-daemon", version, about = "Sidelane node daemon")]
+pub struct Settings {
+    /// Name of the Kubernetes node this daemon serves.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// Directory of Kubernetes YAML manifests to read (and watch) for configuration.
+    #[arg(long, env = "SIDELANE_CONFIG_DIR")]
+    pub config_dir: PathBuf,
+
+    /// cgroup (v2) whose sockets the programs see: the node's pods must be below it. Absolute
+    /// inside the cgroup2 mount ("/kubepods.slice") or "/" for all of the node.
+    #[arg(long, env = "SIDELANE_CGROUP", default_value = "/")]
+    pub cgroup: String,
+
+    /// bpffs directory for pinned programs, links and maps.
+    #[arg(long, env = "SIDELANE_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+
+    /// procfs of the node (a hostPID DaemonSet sees the node's processes here).
+    #[arg(long, env = "SIDELANE_PROC", default_value = "/proc")]
+    pub proc_root: PathBuf,
+
+    #[arg(long, env = "SIDELANE_OUTBOUND_PORT", default_value_t = DEFAULT_OUTBOUND_PORT)]
+    pub outbound_port: u16,
+
+    #[arg(long, env = "SIDELANE_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+
+    #[arg(long, env = "SIDELANE_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+
+    #[arg(long, env = "SIDELANE_READINESS_ADDR", default_value = DEFAULT_READINESS_ADDR)]
+    pub readiness_addr: SocketAddr,
+
+    /// Kubernetes cluster domain, for Service host names.
+    #[arg(long, env = "SIDELANE_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
+    /// Log format: "text" or "json".
+    #[arg(long, env = "SIDELANE_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}

@@ -1,0 +1,311 @@
+//! The compiled, immutable view of the cluster the proxy and the reconciler read.
+//!
+//! A new [`Snapshot`] is built from scratch on every configuration change and swapped in
+//! whole, so readers never see half a change and never take a lock.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use k8s_openapi::api::core::v1::Pod;
+use serde::Serialize;
+
+use crate::{
+    config::objects::{ObjectError, Objects, Unhandled},
+    enrollment::{self, Enrollment},
+};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PodInfo {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub node_name: String,
+    pub service_account: String,
+    /// Istio's canonical workload name: `app` (or `app.kubernetes.io/name`), else the pod name.
+    pub workload: String,
+    pub version: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub ips: Vec<IpAddr>,
+    pub enrollment: Enrollment,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// UID of the pod behind the address, when the EndpointSlice names one.
+    pub pod: Option<String>,
+}
+
+/// One port of one Service, as clients address it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServicePort {
+    pub name: String,
+    pub namespace: String,
+    /// `name.namespace.svc.<cluster domain>`, Istio's destination_service.
+    pub hostname: String,
+    pub port: u16,
+    pub port_name: String,
+    pub app_protocol: Option<String>,
+    /// Ready endpoints of the same address family as the VIP (others if there are none).
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Snapshot {
+    /// Counts rebuilds since start; shown by the admin API.
+    pub generation: u64,
+    pub pods_by_uid: HashMap<String, Arc<PodInfo>>,
+    pub pods_by_ip: HashMap<IpAddr, Arc<PodInfo>>,
+    pub services_by_vip: HashMap<SocketAddr, Arc<ServicePort>>,
+    pub unhandled: Vec<Unhandled>,
+    pub errors: Vec<ObjectError>,
+}
+
+impl Snapshot {
+    pub fn compile(objects: &Objects, cluster_domain: &str, generation: u64) -> Self {
+        let mut snap = Snapshot {
+            generation,
+            unhandled: objects.unhandled.clone(),
+            errors: objects.errors.clone(),
+            ..Default::default()
+        };
+        for pod in objects.pods.values() {
+            let Some(info) = pod_info(objects, pod) else {
+                continue;
+            };
+            let info = Arc::new(info);
+            for ip in &info.ips {
+                snap.pods_by_ip.insert(*ip, info.clone());
+            }
+            snap.pods_by_uid.insert(info.uid.clone(), info);
+        }
+        for (key, svc) in &objects.services {
+            compile_service(objects, key, svc, cluster_domain, &mut snap);
+        }
+        snap
+    }
+
+    /// The Service port a client dialled, if `dst` is a Service VIP.
+    pub fn service(&self, dst: &SocketAddr) -> Option<&Arc<ServicePort>> {
+        self.services_by_vip.get(dst)
+    }
+}
+
+fn pod_info(objects: &Objects, pod: &Pod) -> Option<PodInfo> {
+    let meta = &pod.metadata;
+    let uid = meta.uid.clone()?;
+    let name = meta.name.clone()?;
+    let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let spec = pod.spec.as_ref();
+    let labels = meta.labels.clone().unwrap_or_default();
+    let annotations = meta.annotations.clone().unwrap_or_default();
+    let ns_labels = objects
+        .namespaces
+        .get(&namespace)
+        .and_then(|ns| ns.metadata.labels.as_ref());
+    let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+    let status = pod.status.as_ref();
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|ips| ips.iter().filter_map(|p| p.ip.parse().ok()).collect())
+        .unwrap_or_default();
+    if let Some(ip) = status.and_then(|s| s.pod_ip.as_ref()).and_then(|ip| ip.parse().ok())
+        && !ips.contains(&ip)
+    {
+        ips.insert(0, ip);
+    }
+    let workload = labels
+        .get("app")
+        .or_else(|| labels.get("app.kubernetes.io/name"))
+        .cloned()
+        .unwrap_or_else(|| name.clone());
+    let version = labels
+        .get("version")
+        .or_else(|| labels.get("app.kubernetes.io/version"))
+        .cloned();
+    Some(PodInfo {
+        enrollment: enrollment::decide(ns_labels, &labels, &annotations, host_network),
+        uid,
+        name,
+        namespace,
+        node_name: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into()),
+        workload,
+        version,
+        labels,
+        ips,
+    })
+}
+
+fn compile_service(
+    objects: &Objects,
+    key: &str,
+    svc: &k8s_openapi::api::core::v1::Service,
+    cluster_domain: &str,
+    snap: &mut Snapshot,
+) {
+    let Some(spec) = svc.spec.as_ref() else {
+        return;
+    };
+    let (namespace, name) = key.split_once('/').unwrap_or(("default", key));
+    let mut vips: Vec<IpAddr> = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter())
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    vips.sort();
+    vips.dedup();
+    let slices: Vec<_> = objects
+        .endpoint_slices
+        .iter()
+        .filter(|(k, s)| {
+            k.starts_with(&format!("{namespace}/"))
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("kubernetes.io/service-name"))
+                    .map(String::as_str)
+                    == Some(name)
+        })
+        .map(|(_, s)| s)
+        .collect();
+    for port in spec.ports.iter().flatten() {
+        if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+            continue;
+        }
+        let Ok(port_number) = u16::try_from(port.port) else {
+            continue;
+        };
+        let port_name = port.name.clone().unwrap_or_default();
+        let mut endpoints = Vec::new();
+        for slice in &slices {
+            let Some(target) = slice.ports.iter().flatten().find_map(|p| {
+                (p.name.clone().unwrap_or_default() == port_name)
+                    .then_some(p.port)
+                    .flatten()
+            }) else {
+                continue;
+            };
+            let Ok(target) = u16::try_from(target) else {
+                continue;
+            };
+            for ep in &slice.endpoints {
+                // Kubernetes: a nil `ready` means ready.
+                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                if !ready {
+                    continue;
+                }
+                let pod = ep
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .and_then(|r| r.uid.clone());
+                for a in &ep.addresses {
+                    if let Ok(ip) = a.parse::<IpAddr>() {
+                        endpoints.push(Endpoint {
+                            addr: SocketAddr::new(ip, target),
+                            pod: pod.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        endpoints.sort_by_key(|e| e.addr);
+        endpoints.dedup_by_key(|e| e.addr);
+        for vip in &vips {
+            let same_family: Vec<Endpoint> = endpoints
+                .iter()
+                .filter(|e| e.addr.is_ipv4() == vip.is_ipv4())
+                .cloned()
+                .collect();
+            let chosen = if same_family.is_empty() {
+                endpoints.clone()
+            } else {
+                same_family
+            };
+            snap.services_by_vip.insert(
+                SocketAddr::new(*vip, port_number),
+                Arc::new(ServicePort {
+                    name: name.into(),
+                    namespace: namespace.into(),
+                    hostname: format!("{name}.{namespace}.svc.{cluster_domain}"),
+                    port: port_number,
+                    port_name: port_name.clone(),
+                    app_protocol: port.app_protocol.clone(),
+                    endpoints: chosen,
+                }),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: production, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-v1, namespace: production, uid: 11111111-1111-1111-1111-111111111111, labels: {app: api-server, version: v1}}
+spec: {nodeName: n1, containers: [{name: api, image: x}]}
+status: {podIP: 10.244.1.10, podIPs: [{ip: 10.244.1.10}, {ip: "fd00:244:1::10"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api-server, namespace: production}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-server-v4, namespace: production, labels: {kubernetes.io/service-name: api-server}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: [10.244.1.10]
+  targetRef: {kind: Pod, uid: 11111111-1111-1111-1111-111111111111}
+- addresses: [10.244.2.10]
+  conditions: {ready: false}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: api-server-v6, namespace: production, labels: {kubernetes.io/service-name: api-server}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: ["fd00:244:1::10"]
+"#;
+
+    #[test]
+    fn services_resolve_to_ready_endpoints_of_the_vips_family() {
+        let mut o = Objects::default();
+        o.add_text("t.yaml", OBJECTS);
+        assert!(o.errors.is_empty(), "{:?}", o.errors);
+        let s = Snapshot::compile(&o, "cluster.local", 1);
+        let v4 = s.service(&"10.96.0.10:80".parse().expect("addr")).expect("v4 vip");
+        assert_eq!(v4.hostname, "api-server.production.svc.cluster.local");
+        let addrs: Vec<_> = v4.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(addrs, ["10.244.1.10:8080"]);
+        let v6 = s.service(&"[fd00:96::10]:80".parse().expect("addr")).expect("v6 vip");
+        assert_eq!(v6.endpoints[0].addr.to_string(), "[fd00:244:1::10]:8080");
+        assert!(s.service(&"10.96.0.10:81".parse().expect("addr")).is_none());
+
+        let pod = &s.pods_by_uid["11111111-1111-1111-1111-111111111111"];
+        assert!(pod.enrollment.enrolled);
+        assert_eq!(pod.workload, "api-server");
+        assert_eq!(pod.version.as_deref(), Some("v1"));
+        assert_eq!(pod.ips.len(), 2);
+    }
+}
