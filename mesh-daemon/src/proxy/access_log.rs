@@ -13,6 +13,8 @@ pub struct TcpEntry<'a> {
     pub upstream_host: Option<SocketAddr>,
     /// Envoy's cluster name: `outbound|PORT||HOST` or `PassthroughCluster`.
     pub cluster: &'a str,
+    /// The address the daemon connected from (the pod's own, in its namespace).
+    pub upstream_local: Option<SocketAddr>,
     pub original_dst: SocketAddr,
     pub downstream_peer: &'a str,
 }
@@ -22,13 +24,16 @@ pub fn log_tcp(e: &TcpEntry<'_>) {
     let upstream = e
         .upstream_host
         .map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let upstream_local = e
+        .upstream_local
+        .map_or_else(|| "-".to_owned(), |a| a.to_string());
     let flags = if e.response_flags.is_empty() {
         "-"
     } else {
         e.response_flags
     };
     println!(
-        "[{start}] \"- - -\" 0 {flags} - \"-\" {} {} {} - \"-\" \"-\" \"-\" \"-\" \"{upstream}\" {} - {} {} - -",
+        "[{start}] \"- - -\" 0 {flags} - \"-\" {} {} {} - \"-\" \"-\" \"-\" \"-\" \"{upstream}\" {} {upstream_local} {} {} - -",
         e.received, e.sent, e.duration_ms, e.cluster, e.original_dst, e.downstream_peer
     );
 }

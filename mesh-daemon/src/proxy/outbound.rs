@@ -129,6 +129,7 @@ impl Conn {
                 sent: 0,
                 upstream_host: None,
                 cluster: "BlackHoleCluster",
+                upstream_local: None,
                 original_dst: peer,
                 downstream_peer: &peer.to_string(),
             });
@@ -163,6 +164,7 @@ impl Conn {
                     sent: 0,
                     upstream_host: upstream_addr,
                     cluster: &cluster,
+                    upstream_local: None,
                     original_dst: orig,
                     downstream_peer: &downstream,
                 });
@@ -170,6 +172,7 @@ impl Conn {
             }
         };
         inputs.metrics.tcp_opened.get_or_create(&labels).inc();
+        let upstream_local = upstream.local_addr().ok();
         let out = forward(client, upstream).await;
         let m = &inputs.metrics;
         m.tcp_received_bytes.get_or_create(&labels).inc_by(out.sent_upstream);
@@ -183,6 +186,7 @@ impl Conn {
             sent: out.sent_downstream,
             upstream_host: upstream_addr,
             cluster: &cluster,
+            upstream_local,
             original_dst: orig,
             downstream_peer: &downstream,
         });

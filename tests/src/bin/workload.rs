@@ -1,0 +1,330 @@
+//! `sidelane-workload`: the test cluster's application. As a server it answers HTTP/1.1,
+//! HTTP/2 (prior knowledge) and raw TCP with its pod name and version, and can be told to
+//! return a status, wait, or reset. As a client it sends requests from inside a pod and
+//! prints one JSON line per result, for the tests to assert on.
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Request, Response, body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream},
+};
+
+#[derive(Parser)]
+#[command(name = "sidelane-workload")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve HTTP and raw TCP.
+    Serve {
+        #[arg(long)]
+        pod: String,
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        #[arg(long, default_value = "v1")]
+        version: String,
+        #[arg(long, default_value_t = 8080)]
+        http_port: u16,
+        #[arg(long, default_value_t = 9000)]
+        tcp_port: u16,
+    },
+    /// Hold the pod's namespaces, like a pod sandbox's pause container.
+    Pause,
+    /// Send HTTP requests; print one JSON line per request.
+    Http {
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// HTTP/2 with prior knowledge.
+        #[arg(long)]
+        h2: bool,
+        /// A new connection per request (otherwise keep-alive).
+        #[arg(long)]
+        new_conn: bool,
+        /// Extra request header, "name: value".
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Open one TCP connection: read the greeting, send data, half-close, read to the end.
+    Tcp {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value = "")]
+        send: String,
+        /// Then send a line of this many bytes (too large for an argument).
+        #[arg(long, default_value_t = 0)]
+        bulk: usize,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Serve {
+                pod,
+                namespace,
+                version,
+                http_port,
+                tcp_port,
+            } => serve(Arc::new(Identity { pod, namespace, version }), http_port, tcp_port).await,
+            Cmd::Pause => loop {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            },
+            Cmd::Http {
+                url,
+                count,
+                h2,
+                new_conn,
+                headers,
+                timeout_ms,
+            } => {
+                http_client(&url, count, h2, new_conn, &headers, Duration::from_millis(timeout_ms))
+                    .await
+            }
+            Cmd::Tcp {
+                addr,
+                send,
+                bulk,
+                timeout_ms,
+            } => {
+                let mut send = send.replace("\\n", "\n");
+                if bulk > 0 {
+                    send.push_str(&"x".repeat(bulk));
+                    send.push('\n');
+                }
+                let r = tokio::time::timeout(Duration::from_millis(timeout_ms), tcp_client(addr, &send))
+                    .await
+                    .unwrap_or_else(|_| json!({"error": "timeout"}));
+                println!("{r}");
+                Ok(())
+            }
+        }
+    })
+}
+
+struct Identity {
+    pod: String,
+    namespace: String,
+    version: String,
+}
+
+fn dual_stack_listener(port: u16) -> anyhow::Result<TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+    s.set_only_v6(false)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::from(([0u16; 8], port)).into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(s.into())?)
+}
+
+async fn serve(id: Arc<Identity>, http_port: u16, tcp_port: u16) -> anyhow::Result<()> {
+    let http = dual_stack_listener(http_port).context("binding the HTTP port")?;
+    let tcp = dual_stack_listener(tcp_port).context("binding the TCP port")?;
+    let tcp_id = id.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = tcp.accept().await {
+            tokio::spawn(tcp_conn(tcp_id.clone(), s));
+        }
+    });
+    loop {
+        let (stream, peer) = http.accept().await?;
+        let id = id.clone();
+        tokio::spawn(async move {
+            // A second handle on the socket lets a handler turn the close into a reset.
+            let Ok(std) = stream.into_std() else { return };
+            let Ok(handle) = std.try_clone() else { return };
+            let Ok(stream) = TcpStream::from_std(std) else { return };
+            let handle = Arc::new(handle);
+            let svc = service_fn(move |req| respond(id.clone(), peer, handle.clone(), req));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+async fn respond(
+    id: Arc<Identity>,
+    peer: SocketAddr,
+    handle: Arc<std::net::TcpStream>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, std::io::Error> {
+    let path = req.uri().path().to_owned();
+    let mut status = 200u16;
+    if let Some(code) = path.strip_prefix("/status/") {
+        status = code.parse().unwrap_or(400);
+    } else if let Some(secs) = path.strip_prefix("/delay/") {
+        let secs: f64 = secs.parse().unwrap_or(0.0);
+        tokio::time::sleep(Duration::from_secs_f64(secs.clamp(0.0, 30.0))).await;
+    } else if path == "/reset" {
+        // The connection's last handle closes after this error: with linger 0, as a RST.
+        let _ = socket2::SockRef::from(&*handle).set_linger(Some(Duration::ZERO));
+        return Err(std::io::Error::other("reset requested"));
+    }
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or(""))))
+        .collect();
+    let body = json!({
+        "pod": id.pod,
+        "namespace": id.namespace,
+        "version": id.version,
+        "method": req.method().as_str(),
+        "path": path,
+        "proto": format!("{:?}", req.version()),
+        "peer": peer.to_string(),
+        "headers": headers,
+    });
+    let _ = req.into_body().collect().await;
+    Ok(Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("x-sidelane-pod", id.pod.as_str())
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap_or_default())
+}
+
+/// Raw TCP: greet, then echo lines; "RESET" resets the connection; a FIN from the client is
+/// answered with "bye" and a FIN.
+async fn tcp_conn(id: Arc<Identity>, s: TcpStream) {
+    let (r, mut w) = s.into_split();
+    let mut lines = BufReader::new(r).lines();
+    if w
+        .write_all(format!("pod={} version={}\n", id.pod, id.version).as_bytes())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    loop {
+        match lines.next_line().await {
+            Ok(Some(line)) if line.trim() == "RESET" => {
+                if let Ok(s) = lines.into_inner().into_inner().reunite(w) {
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                }
+                return;
+            }
+            Ok(Some(line)) => {
+                if w.write_all(format!("echo:{line}\n").as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => {
+                let _ = w.write_all(b"bye\n").await;
+                let _ = w.shutdown().await;
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+async fn tcp_client(addr: SocketAddr, send: &str) -> serde_json::Value {
+    let mut s = match TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => return json!({"error": error_kind(&e)}),
+    };
+    let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    if !send.is_empty() {
+        if let Err(e) = s.write_all(send.as_bytes()).await {
+            return json!({"error": error_kind(&e), "local": local});
+        }
+    }
+    // Half-close: the server must still be able to answer.
+    if let Err(e) = s.shutdown().await {
+        return json!({"error": error_kind(&e), "local": local});
+    }
+    let mut buf = Vec::new();
+    match s.read_to_end(&mut buf).await {
+        Ok(_) => json!({"received": String::from_utf8_lossy(&buf), "local": local}),
+        Err(e) => json!({"error": error_kind(&e), "received": String::from_utf8_lossy(&buf), "local": local}),
+    }
+}
+
+fn error_kind(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionReset => "reset".into(),
+        std::io::ErrorKind::ConnectionRefused => "refused".into(),
+        std::io::ErrorKind::TimedOut => "timeout".into(),
+        _ => e.to_string(),
+    }
+}
+
+async fn http_client(
+    url: &str,
+    count: u32,
+    h2: bool,
+    new_conn: bool,
+    headers: &[String],
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let uri: http::Uri = url.parse().context("parsing --url")?;
+    let mut client = None;
+    for _ in 0..count {
+        if new_conn || client.is_none() {
+            let mut b = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
+            b.http2_only(h2);
+            if new_conn {
+                b.pool_max_idle_per_host(0);
+            }
+            client = Some(b.build_http::<Full<Bytes>>());
+        }
+        let Some(c) = client.as_ref() else { continue };
+        let mut req = Request::builder().uri(uri.clone());
+        for h in headers {
+            if let Some((k, v)) = h.split_once(':') {
+                req = req.header(k.trim(), v.trim());
+            }
+        }
+        let req = req.body(Full::new(Bytes::new()))?;
+        let start = Instant::now();
+        let line = match tokio::time::timeout(timeout, c.request(req)).await {
+            Err(_) => json!({"error": "timeout"}),
+            Ok(Err(e)) => json!({"error": format!("{e:?}")}),
+            Ok(Ok(resp)) => {
+                let status = resp.status().as_u16();
+                let version = format!("{:?}", resp.version());
+                let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+                let body: serde_json::Value = body
+                    .ok()
+                    .and_then(|b| serde_json::from_slice(&b).ok())
+                    .unwrap_or(serde_json::Value::Null);
+                json!({
+                    "status": status,
+                    "proto": version,
+                    "pod": body.get("pod"),
+                    "version": body.get("version"),
+                    "body": body,
+                    "ms": start.elapsed().as_millis() as u64,
+                })
+            }
+        };
+        println!("{line}");
+    }
+    Ok(())
+}

@@ -1,0 +1,618 @@
+//! A Kubernetes-shaped cluster built from Linux primitives.
+//!
+//! Layout for run `<id>` (all names unique per run):
+//! * fabric: netns `sl<id>-fab` with bridge `br0`, joining the nodes on 10.200.0.0/24 and
+//!   fd00:200::/64;
+//! * node `i`: netns `sl<id>-n<i>`, `eth0` on the fabric (10.200.0.i), bridge `cbr0` as the
+//!   pods' gateway (10.244.i.1, fd00:244:i::1), routes to the other nodes' pod ranges, and a
+//!   `mesh-daemon` attached to cgroup `sidelane-test-<id>/node-<i>`;
+//! * pod `j` on node `i`: netns `sl<id>-n<i>p<j>`, `eth0` bridged to `cbr0` (10.244.i.(10+j),
+//!   fd00:244:i::(10+j)), processes in `.../node-<i>/kubepods/pod<uid>/app`;
+//! * Services get VIPs 10.96.0.x and fd00:96::x. There is no kube-proxy: only the mesh makes
+//!   a VIP reachable, as in a cluster where Sidelane replaces kube-proxy for enrolled pods.
+//!
+//! Dropping the cluster kills its processes and removes every namespace, cgroup, pin and
+//! file it made, also when the test failed.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::Value;
+
+use crate::{
+    manifests::{self, EndpointObject, PodObject, ServicePortObject},
+    sys::{self, HarnessError, Result, io_err},
+};
+
+pub const ADMIN_PORT: u16 = 15000;
+pub const METRICS_PORT: u16 = 15020;
+pub const READY_PORT: u16 = 15021;
+pub const HTTP_PORT: u16 = 8080;
+pub const TCP_PORT: u16 = 9000;
+
+const DAEMON_READY_TIMEOUT: Duration = Duration::from_secs(20);
+const ENROLL_TIMEOUT: Duration = Duration::from_secs(10);
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodRef(pub usize);
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceRef(pub usize);
+
+/// What to run as a pod.
+#[derive(Debug, Clone)]
+pub struct PodSpec {
+    pub namespace: String,
+    pub name: String,
+    pub node: usize,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// Run the workload server (HTTP on 8080, TCP on 9000).
+    pub serve: bool,
+}
+
+impl PodSpec {
+    pub fn new(namespace: &str, name: &str, node: usize) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+            node,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            serve: false,
+        }
+    }
+    pub fn label(mut self, k: &str, v: &str) -> Self {
+        self.labels.insert(k.into(), v.into());
+        self
+    }
+    pub fn annotation(mut self, k: &str, v: &str) -> Self {
+        self.annotations.insert(k.into(), v.into());
+        self
+    }
+    pub fn serving(mut self) -> Self {
+        self.serve = true;
+        self
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServicePortSpec {
+    pub name: String,
+    pub port: u16,
+    pub target: u16,
+    pub app_protocol: Option<String>,
+}
+
+impl ServicePortSpec {
+    pub fn new(name: &str, port: u16, target: u16) -> Self {
+        Self {
+            name: name.into(),
+            port,
+            target,
+            app_protocol: None,
+        }
+    }
+}
+
+struct Node {
+    name: String,
+    netns: String,
+    cgroup: PathBuf,
+    pin_dir: PathBuf,
+    daemon: Option<Child>,
+    pods: usize,
+}
+
+pub struct Pod {
+    pub spec: PodSpec,
+    pub uid: String,
+    pub netns: String,
+    pub ip4: String,
+    pub ip6: String,
+    cgroup: PathBuf,
+    server: Option<Child>,
+}
+
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub selector: BTreeMap<String, String>,
+    pub ports: Vec<ServicePortSpec>,
+    pub vip4: String,
+    pub vip6: String,
+}
+
+pub struct Cluster {
+    pub id: String,
+    fabric: String,
+    nodes: Vec<Node>,
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    pub pods: Vec<Pod>,
+    pub services: Vec<Service>,
+    run_dir: PathBuf,
+    config_dir: PathBuf,
+    cgroup_top: PathBuf,
+    cgroup_top_rel: String,
+    bin_dir: PathBuf,
+    netns_made: Vec<String>,
+}
+
+/// Where `mesh-daemon` and `sidelane-workload` were built.
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Ok(d) = std::env::var("SIDELANE_BIN_DIR") {
+        return Ok(d.into());
+    }
+    let exe = std::env::current_exe().map_err(io_err("locating the test binary"))?;
+    exe.ancestors()
+        .skip(1)
+        .take(3)
+        .find(|d| d.join("mesh-daemon").exists() && d.join("sidelane-workload").exists())
+        .map(Path::to_path_buf)
+        .ok_or_else(|| {
+            HarnessError::Other(
+                "mesh-daemon and sidelane-workload are not built next to the tests: run `cargo xtask test`".into(),
+            )
+        })
+}
+
+fn unique_id() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{:06x}", (std::process::id() ^ nanos.rotate_left(11)) & 0xff_ffff)
+}
+
+/// A deterministic RFC 4122-shaped UID from a pod's coordinates.
+fn pod_uid(id: &str, node: usize, index: usize) -> String {
+    let h = u32::from_str_radix(id, 16).unwrap_or(0);
+    format!("{h:08x}-{node:04x}-4{index:03x}-8000-{:012x}", (u64::from(h) << 16) | (node as u64) << 8 | index as u64)
+}
+
+impl Cluster {
+    /// Builds the fabric and `nodes` nodes; no daemon runs until [`Cluster::start`].
+    pub fn new(nodes: usize) -> Result<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(HarnessError::Other(
+                "the netns cluster needs root (CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN)".into(),
+            ));
+        }
+        let id = unique_id();
+        let run_dir = std::env::temp_dir().join(format!("sidelane-test-{id}"));
+        let config_dir = run_dir.join("manifests");
+        std::fs::create_dir_all(&config_dir).map_err(io_err("creating the run directory"))?;
+        std::fs::create_dir_all(run_dir.join("logs")).map_err(io_err("creating the log directory"))?;
+        let cgroup_top_rel = format!("sidelane-test-{id}");
+        let cgroup_top = sys::cgroup2_root()?.join(&cgroup_top_rel);
+        let mut c = Cluster {
+            fabric: format!("sl{id}-fab"),
+            id,
+            nodes: Vec::new(),
+            namespaces: BTreeMap::new(),
+            pods: Vec::new(),
+            services: Vec::new(),
+            run_dir,
+            config_dir,
+            cgroup_top,
+            cgroup_top_rel,
+            bin_dir: bin_dir()?,
+            netns_made: Vec::new(),
+        };
+        std::fs::create_dir_all(&c.cgroup_top).map_err(io_err("creating the run's cgroup"))?;
+        c.add_netns(&c.fabric.clone())?;
+        sys::ip(&["-n", &c.fabric, "link", "add", "br0", "type", "bridge"])?;
+        sys::ip(&["-n", &c.fabric, "link", "set", "br0", "up"])?;
+        for i in 1..=nodes {
+            c.add_node(i)?;
+        }
+        for i in 1..=nodes {
+            for j in 1..=nodes {
+                if i != j {
+                    let ns = &c.nodes[i - 1].netns;
+                    sys::ip(&["-n", ns, "route", "add", &format!("10.244.{j}.0/24"), "via", &format!("10.200.0.{j}")])?;
+                    sys::ip(&["-n", ns, "-6", "route", "add", &format!("fd00:244:{j}::/64"), "via", &format!("fd00:200::{j}")])?;
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    fn add_netns(&mut self, name: &str) -> Result<()> {
+        sys::ip(&["netns", "add", name])?;
+        self.netns_made.push(name.to_owned());
+        // No duplicate-address detection: its delay would stall the first IPv6 packets.
+        for key in ["net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"] {
+            sys::sysctl_in(name, key, "0")?;
+        }
+        sys::ip(&["-n", name, "link", "set", "lo", "up"])
+    }
+
+    fn add_node(&mut self, i: usize) -> Result<()> {
+        let netns = format!("sl{}-n{i}", self.id);
+        self.add_netns(&netns)?;
+        let fab = self.fabric.clone();
+        let port = format!("n{i}");
+        sys::ip(&["link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &port, "netns", &fab])?;
+        sys::ip(&["-n", &fab, "link", "set", &port, "master", "br0", "up"])?;
+        sys::ip(&["-n", &netns, "addr", "add", &format!("10.200.0.{i}/24"), "dev", "eth0"])?;
+        sys::ip(&["-n", &netns, "addr", "add", &format!("fd00:200::{i}/64"), "dev", "eth0", "nodad"])?;
+        sys::ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        sys::ip(&["-n", &netns, "link", "add", "cbr0", "type", "bridge"])?;
+        sys::ip(&["-n", &netns, "addr", "add", &format!("10.244.{i}.1/24"), "dev", "cbr0"])?;
+        sys::ip(&["-n", &netns, "addr", "add", &format!("fd00:244:{i}::1/64"), "dev", "cbr0", "nodad"])?;
+        sys::ip(&["-n", &netns, "link", "set", "cbr0", "up"])?;
+        sys::sysctl_in(&netns, "net.ipv4.ip_forward", "1")?;
+        sys::sysctl_in(&netns, "net.ipv6.conf.all.forwarding", "1")?;
+        let name = format!("node-{i}");
+        let cgroup = self.cgroup_top.join(&name);
+        for sub in ["system", "kubepods"] {
+            std::fs::create_dir_all(cgroup.join(sub)).map_err(io_err("creating node cgroups"))?;
+        }
+        self.nodes.push(Node {
+            pin_dir: PathBuf::from("/sys/fs/bpf/sidelane").join(format!("test-{}-{name}", self.id)),
+            name,
+            netns,
+            cgroup,
+            daemon: None,
+            pods: 0,
+        });
+        Ok(())
+    }
+
+    pub fn node_name(&self, node: usize) -> &str {
+        &self.nodes[node - 1].name
+    }
+
+    /// The node's cgroup, where its daemon attaches the programs.
+    pub fn node_cgroup(&self, node: usize) -> &Path {
+        &self.nodes[node - 1].cgroup
+    }
+
+    pub fn node_netns(&self, node: usize) -> &str {
+        &self.nodes[node - 1].netns
+    }
+
+    pub fn namespace(&mut self, name: &str, labels: &[(&str, &str)]) -> Result<()> {
+        self.namespaces.insert(
+            name.into(),
+            labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+        );
+        self.write_manifests()
+    }
+
+    /// Creates the pod's namespace, network and cgroup, and starts its server if asked.
+    pub fn add_pod(&mut self, spec: PodSpec) -> Result<PodRef> {
+        let i = spec.node;
+        let node = self
+            .nodes
+            .get_mut(i.wrapping_sub(1))
+            .ok_or_else(|| HarnessError::Other(format!("no node {i}")))?;
+        node.pods += 1;
+        let j = node.pods;
+        let node_ns = node.netns.clone();
+        let node_cgroup = node.cgroup.clone();
+        let node_name = node.name.clone();
+        let netns = format!("sl{}-n{i}p{j}", self.id);
+        self.add_netns(&netns)?;
+        let port = format!("p{j}");
+        sys::ip(&["link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &port, "netns", &node_ns])?;
+        sys::ip(&["-n", &node_ns, "link", "set", &port, "master", "cbr0", "up"])?;
+        let (ip4, ip6) = (format!("10.244.{i}.{}", 10 + j), format!("fd00:244:{i}::{}", 10 + j));
+        sys::ip(&["-n", &netns, "addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
+        sys::ip(&["-n", &netns, "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+        sys::ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        sys::ip(&["-n", &netns, "route", "add", "default", "via", &format!("10.244.{i}.1")])?;
+        sys::ip(&["-n", &netns, "-6", "route", "add", "default", "via", &format!("fd00:244:{i}::1")])?;
+        let uid = pod_uid(&self.id, i, j);
+        let cgroup = node_cgroup.join("kubepods").join(format!("pod{uid}")).join("app");
+        std::fs::create_dir_all(&cgroup).map_err(io_err("creating the pod cgroup"))?;
+        let mut pod = Pod {
+            spec,
+            uid,
+            netns,
+            ip4,
+            ip6,
+            cgroup,
+            server: None,
+        };
+        // Every pod runs a process, as every real pod has its sandbox's pause process.
+        let log = self.log_file(&format!("{}-{}", pod.spec.namespace, pod.spec.name))?;
+        let version = pod.spec.labels.get("version").cloned().unwrap_or_else(|| "v1".into());
+        let mut cmd = Command::new(self.bin_dir.join("sidelane-workload"));
+        if pod.spec.serve {
+            cmd.args(["serve", "--pod", &pod.spec.name, "--namespace", &pod.spec.namespace, "--version", &version]);
+        } else {
+            cmd.arg("pause");
+        }
+        cmd.stdout(log.try_clone().map_err(io_err("log"))?).stderr(log);
+        pod.server = Some(sys::spawn_in(&pod.netns, &pod.cgroup, &mut cmd)?);
+        if pod.spec.serve {
+            let ns = pod.netns.clone();
+            sys::wait_for("the workload server to listen", Duration::from_secs(5), || {
+                sys::in_netns(&ns, || {
+                    std::net::TcpStream::connect(("127.0.0.1", HTTP_PORT)).is_ok()
+                        && std::net::TcpStream::connect(("127.0.0.1", TCP_PORT)).is_ok()
+                })
+                .ok()
+                .filter(|ok| *ok)
+            })?;
+        }
+        let _ = node_name;
+        self.pods.push(pod);
+        self.write_manifests()?;
+        Ok(PodRef(self.pods.len() - 1))
+    }
+
+    pub fn pod(&self, p: PodRef) -> &Pod {
+        &self.pods[p.0]
+    }
+
+    pub fn add_service(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        selector: &[(&str, &str)],
+        ports: &[ServicePortSpec],
+    ) -> Result<ServiceRef> {
+        let n = self.services.len() + 10;
+        self.services.push(Service {
+            name: name.into(),
+            namespace: namespace.into(),
+            selector: selector.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+            ports: ports.to_vec(),
+            vip4: format!("10.96.0.{n}"),
+            vip6: format!("fd00:96::{n:x}"),
+        });
+        self.write_manifests()?;
+        Ok(ServiceRef(self.services.len() - 1))
+    }
+
+    pub fn service(&self, s: ServiceRef) -> &Service {
+        &self.services[s.0]
+    }
+
+    /// Rewrites `cluster.yaml` in the manifest directory (atomically, by rename).
+    pub fn write_manifests(&self) -> Result<()> {
+        let mut objects = Vec::new();
+        for (name, labels) in &self.namespaces {
+            objects.push(manifests::namespace(name, labels));
+        }
+        for p in &self.pods {
+            objects.push(manifests::pod(&PodObject {
+                name: &p.spec.name,
+                namespace: &p.spec.namespace,
+                uid: &p.uid,
+                node: &self.nodes[p.spec.node - 1].name,
+                labels: &p.spec.labels,
+                annotations: &p.spec.annotations,
+                ips: [&p.ip4, &p.ip6],
+            }));
+        }
+        for s in &self.services {
+            let ports: Vec<ServicePortObject<'_>> = s
+                .ports
+                .iter()
+                .map(|p| ServicePortObject {
+                    name: &p.name,
+                    port: p.port,
+                    target: p.target,
+                    app_protocol: p.app_protocol.as_deref(),
+                })
+                .collect();
+            objects.push(manifests::service(&s.name, &s.namespace, &s.selector, [&s.vip4, &s.vip6], &ports));
+            let members: Vec<&Pod> = self
+                .pods
+                .iter()
+                .filter(|p| {
+                    p.spec.namespace == s.namespace
+                        && p.spec.serve
+                        && s.selector.iter().all(|(k, v)| p.spec.labels.get(k) == Some(v))
+                })
+                .collect();
+            for (family, v6) in [("IPv4", false), ("IPv6", true)] {
+                let eps: Vec<EndpointObject<'_>> = members
+                    .iter()
+                    .map(|p| EndpointObject {
+                        ip: if v6 { &p.ip6 } else { &p.ip4 },
+                        pod: &p.spec.name,
+                        uid: &p.uid,
+                        node: &self.nodes[p.spec.node - 1].name,
+                    })
+                    .collect();
+                objects.push(manifests::endpoint_slice(&s.name, &s.namespace, family, &ports, &eps));
+            }
+        }
+        self.write_file("cluster.yaml", &manifests::to_yaml(&objects))
+    }
+
+    /// Adds (or replaces) a manifest file of the test's own, e.g. Istio resources.
+    pub fn write_file(&self, name: &str, text: &str) -> Result<()> {
+        let tmp = self.config_dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).map_err(io_err("writing a manifest"))?;
+        std::fs::rename(&tmp, self.config_dir.join(name)).map_err(io_err("renaming a manifest"))
+    }
+
+    fn log_file(&self, name: &str) -> Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.run_dir.join("logs").join(format!("{name}.log")))
+            .map_err(io_err("opening a log file"))
+    }
+
+    pub fn daemon_log(&self, node: usize) -> String {
+        std::fs::read_to_string(self.run_dir.join("logs").join(format!("{}.log", self.nodes[node - 1].name)))
+            .unwrap_or_default()
+    }
+
+    /// Starts every node's daemon and waits until each is ready.
+    pub fn start(&mut self) -> Result<()> {
+        for i in 1..=self.nodes.len() {
+            self.start_daemon(i)?;
+        }
+        Ok(())
+    }
+
+    pub fn start_daemon(&mut self, node: usize) -> Result<()> {
+        let log = self.log_file(&self.nodes[node - 1].name.clone())?;
+        let n = &self.nodes[node - 1];
+        let mut cmd = Command::new(self.bin_dir.join("mesh-daemon"));
+        cmd.args(["--node-name", &n.name])
+            .arg("--config-dir")
+            .arg(&self.config_dir)
+            .args(["--cgroup", &format!("/{}/{}", self.cgroup_top_rel, n.name)])
+            .arg("--pin-dir")
+            .arg(&n.pin_dir)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().map_err(io_err("log"))?)
+            .stderr(log);
+        let child = sys::spawn_in(&n.netns, &n.cgroup.join("system"), &mut cmd)?;
+        let netns = n.netns.clone();
+        self.nodes[node - 1].daemon = Some(child);
+        let ready = sys::wait_for("mesh-daemon readiness", DAEMON_READY_TIMEOUT, || {
+            if let Some(c) = self.nodes[node - 1].daemon.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                return Some(Err(HarnessError::Other(format!(
+                    "mesh-daemon on node {node} exited ({status}):\n{}",
+                    self.daemon_log(node)
+                ))));
+            }
+            let addr = SocketAddr::from(([127, 0, 0, 1], READY_PORT));
+            matches!(sys::http_get_in(&netns, addr, "/healthz/ready"), Ok((200, _))).then_some(Ok(()))
+        });
+        ready?
+    }
+
+    /// Kills a node's daemon (SIGKILL: no chance to clean up, as in a crash).
+    pub fn kill_daemon(&mut self, node: usize) {
+        if let Some(mut c) = self.nodes[node - 1].daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn daemon_pid(&self, node: usize) -> Option<u32> {
+        self.nodes[node - 1].daemon.as_ref().map(Child::id)
+    }
+
+    pub fn admin_get(&self, node: usize, path: &str) -> Result<String> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT));
+        match sys::http_get_in(&self.nodes[node - 1].netns, addr, path)? {
+            (200, body) => Ok(body),
+            (status, body) => Err(HarnessError::Other(format!("admin {path}: {status} {body}"))),
+        }
+    }
+
+    pub fn admin_json(&self, node: usize, path: &str) -> Result<Value> {
+        let body = self.admin_get(node, path)?;
+        serde_json::from_str(&body).map_err(|e| HarnessError::Other(format!("admin {path}: {e}: {body}")))
+    }
+
+    /// The metrics a Prometheus server would scrape from a node's daemon.
+    pub fn metrics(&self, node: usize) -> Result<String> {
+        let addr = SocketAddr::from(([10, 200, 0, node as u8], METRICS_PORT));
+        match sys::http_get_in(&self.nodes[node - 1].netns, addr, "/metrics")? {
+            (200, body) => Ok(body),
+            (status, _) => Err(HarnessError::Other(format!("metrics: HTTP {status}"))),
+        }
+    }
+
+    /// Waits until the node daemon reports the pod as enrolled (or not).
+    pub fn wait_enrolled(&self, pod: PodRef, enrolled: bool) -> Result<()> {
+        let p = self.pod(pod);
+        let what = format!("pod {}/{} enrolled={enrolled}", p.spec.namespace, p.spec.name);
+        sys::wait_for(&what, ENROLL_TIMEOUT, || {
+            let w = self.admin_json(p.spec.node, "/workloads").ok()?;
+            let hit = w.as_array()?.iter().find(|x| x["uid"] == p.uid.as_str())?;
+            (hit["enrolled"].as_bool() == Some(enrolled)).then_some(())
+        })
+    }
+
+    /// Runs `sidelane-workload <args>` inside a pod, like `kubectl exec`.
+    pub fn exec(&self, pod: PodRef, args: &[&str]) -> Result<String> {
+        let p = self.pod(pod);
+        let mut cmd = Command::new(self.bin_dir.join("sidelane-workload"));
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let child = sys::spawn_in(&p.netns, &p.cgroup, &mut cmd)?;
+        let out = sys::wait_output(child, CLIENT_TIMEOUT, "a client in a pod")?;
+        if !out.status.success() {
+            return Err(HarnessError::Other(format!(
+                "client failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// HTTP requests from a pod; one JSON object per request.
+    pub fn http(&self, pod: PodRef, url: &str, extra: &[&str]) -> Result<Vec<Value>> {
+        let mut args = vec!["http", "--url", url];
+        args.extend_from_slice(extra);
+        let out = self.exec(pod, &args)?;
+        Ok(out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    }
+
+    /// One TCP exchange from a pod (see `sidelane-workload tcp`).
+    pub fn tcp(&self, pod: PodRef, addr: &str, send: &str) -> Result<Value> {
+        let out = self.exec(pod, &["tcp", "--addr", addr, "--send", send])?;
+        serde_json::from_str(out.trim()).map_err(|e| HarnessError::Other(format!("tcp client output: {e}: {out}")))
+    }
+
+    /// Sends a line of `bytes` bytes over TCP from a pod and reads everything back.
+    pub fn tcp_bulk(&self, pod: PodRef, addr: &str, bytes: usize) -> Result<Value> {
+        let out = self.exec(pod, &["tcp", "--addr", addr, "--bulk", &bytes.to_string()])?;
+        serde_json::from_str(out.trim()).map_err(|e| HarnessError::Other(format!("tcp client output: {e}: {out:.200}")))
+    }
+
+    fn cleanup(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.daemon.take() {
+                sys::kill(c.id(), nix::sys::signal::Signal::SIGTERM);
+                let deadline = std::time::Instant::now() + Duration::from_secs(2);
+                while std::time::Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        for p in &mut self.pods {
+            if let Some(mut c) = p.server.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        sys::remove_cgroup_tree(&self.cgroup_top);
+        // Removing the link pins detaches the programs from the (now gone) cgroups.
+        for n in &self.nodes {
+            let _ = std::fs::remove_dir_all(&n.pin_dir);
+        }
+        let _ = std::fs::remove_dir(PathBuf::from("/sys/fs/bpf/sidelane"));
+        for ns in self.netns_made.iter().rev() {
+            let _ = sys::ip(&["netns", "del", ns]);
+        }
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for i in 1..=self.nodes.len() {
+                let log = self.daemon_log(i);
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!(
+                    "--- mesh-daemon on node-{i}, last lines ---\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+        }
+        self.cleanup();
+    }
+}
