@@ -53,7 +53,11 @@ impl AdminState {
             "/config_dump" => json(serde_json::to_string_pretty(&*self.snapshot.load_full())),
             "/workloads" => json(serde_json::to_string_pretty(&*self.workloads.load_full())),
             "/bpf/stats" => json(serde_json::to_string_pretty(
-                &self.stats.read().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+                &self
+                    .stats
+                    .read()
+                    .into_iter()
+                    .collect::<std::collections::BTreeMap<_, _>>(),
             )),
             "/" => (
                 StatusCode::OK,

@@ -82,7 +82,10 @@ mod tests {
     fn finds_hybrid_and_unified_mounts() {
         let hybrid = "25 1 0:22 / /sys/fs/cgroup ro - tmpfs tmpfs ro\n\
                       26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid shared:5 - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_v2_mount(hybrid), Some("/sys/fs/cgroup/unified".into()));
+        assert_eq!(
+            parse_v2_mount(hybrid),
+            Some("/sys/fs/cgroup/unified".into())
+        );
         let unified = "30 1 0:26 / /sys/fs/cgroup rw shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(parse_v2_mount(unified), Some("/sys/fs/cgroup".into()));
         assert_eq!(parse_v2_mount("1 0 0:1 / / rw - ext4 /dev/sda rw\n"), None);

@@ -24,7 +24,11 @@ pub fn scan(proc_root: &Path, below: &str) -> HashMap<String, DiscoveredPod> {
         return pods;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let Some(cg) = cgroup::process_cgroup(proc_root, pid) else {

@@ -43,7 +43,9 @@ impl std::str::FromStr for Cidr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let (a, p) = s.split_once('/').unwrap_or((s, ""));
-        let addr: IpAddr = a.parse().map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = if p.is_empty() {
             max
@@ -151,25 +153,52 @@ mod tests {
     use super::*;
 
     fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
     }
 
     #[test]
     fn namespace_labels_enrol_and_pods_opt_out() {
         for (k, v) in NAMESPACE_OPT_IN {
             let ns = map(&[(k, v)]);
-            assert!(decide(Some(&ns), &map(&[]), &map(&[]), false).enrolled, "{k}={v}");
+            assert!(
+                decide(Some(&ns), &map(&[]), &map(&[]), false).enrolled,
+                "{k}={v}"
+            );
         }
         let ns = map(&[("istio-injection", "disabled")]);
         assert!(!decide(Some(&ns), &map(&[]), &map(&[]), false).enrolled);
         assert!(!decide(None, &map(&[]), &map(&[]), false).enrolled);
 
         let ns = map(&[("sidelane.dev/mesh", "enabled")]);
-        let off = decide(Some(&ns), &map(&[]), &map(&[("sidecar.istio.io/inject", "false")]), false);
+        let off = decide(
+            Some(&ns),
+            &map(&[]),
+            &map(&[("sidecar.istio.io/inject", "false")]),
+            false,
+        );
         assert!(!off.enrolled);
         assert_eq!(off.reason, "opted out by sidecar.istio.io/inject=false");
-        assert!(!decide(Some(&ns), &map(&[("sidecar.istio.io/inject", "false")]), &map(&[]), false).enrolled);
-        assert!(!decide(Some(&ns), &map(&[]), &map(&[("sidelane.dev/mesh", "disabled")]), false).enrolled);
+        assert!(
+            !decide(
+                Some(&ns),
+                &map(&[("sidecar.istio.io/inject", "false")]),
+                &map(&[]),
+                false
+            )
+            .enrolled
+        );
+        assert!(
+            !decide(
+                Some(&ns),
+                &map(&[]),
+                &map(&[("sidelane.dev/mesh", "disabled")]),
+                false
+            )
+            .enrolled
+        );
         assert!(!decide(Some(&ns), &map(&[]), &map(&[]), true).enrolled);
     }
 
@@ -182,7 +211,10 @@ mod tests {
             &map(&[
                 ("sidelane.dev/exclude-outbound-ports", "5432, 6379"),
                 ("traffic.sidecar.istio.io/excludeOutboundPorts", "6379,x"),
-                ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "10.0.0.0/8,fd00::/8,1.2.3.4,10.0.0.0/40"),
+                (
+                    "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                    "10.0.0.0/8,fd00::/8,1.2.3.4,10.0.0.0/40",
+                ),
             ]),
             false,
         );

@@ -115,7 +115,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         metrics
             .config_reloads
             .get_or_create(&ReloadLabels {
-                result: if snap.errors.is_empty() { "ok" } else { "partial" },
+                result: if snap.errors.is_empty() {
+                    "ok"
+                } else {
+                    "partial"
+                },
             })
             .inc();
         snapshot.store(Arc::new(snap));
@@ -131,7 +135,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         node_name: settings.node_name.clone(),
     });
     tokio::spawn(admin::serve(admin_l, admin_state.clone(), Exposure::Admin));
-    tokio::spawn(admin::serve(metrics_l, admin_state.clone(), Exposure::Metrics));
+    tokio::spawn(admin::serve(
+        metrics_l,
+        admin_state.clone(),
+        Exposure::Metrics,
+    ));
     tokio::spawn(admin::serve(ready_l, admin_state, Exposure::Readiness));
 
     let reconciler = Reconciler {

@@ -49,10 +49,13 @@ impl HostNetns {
     }
 
     pub fn try_clone(&self) -> Result<Self, NetnsError> {
-        self.0.try_clone().map(Self).map_err(|source| NetnsError::Open {
-            path: "host netns (dup)".into(),
-            source,
-        })
+        self.0
+            .try_clone()
+            .map(Self)
+            .map_err(|source| NetnsError::Open {
+                path: "host netns (dup)".into(),
+                source,
+            })
     }
 }
 
@@ -94,11 +97,9 @@ impl Netns {
     /// `host`. Sockets created by `f` stay in this namespace for their whole life. `f` must
     /// not block or yield: the thread is a runtime worker.
     pub fn run<R>(&self, host: &HostNetns, f: impl FnOnce() -> R) -> Result<R, NetnsError> {
-        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
-            NetnsError::Enter {
-                what: format!("inode {}", self.inode),
-                source,
-            }
+        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
+            what: format!("inode {}", self.inode),
+            source,
         })?;
         let out = f();
         // Returning cannot reasonably fail (we left from there); if it does, this thread

@@ -94,18 +94,30 @@ impl Reconciler {
         for (uid, pod) in found {
             let info = snap.pods_by_uid.get(uid);
             let (enrolled, reason, mut problems) = match info {
-                None => (false, "no Pod object with this UID in the configuration".to_owned(), vec![]),
-                Some(i) if !i.node_name.is_empty() && i.node_name != self.node_name => (
+                None => (
                     false,
-                    format!("Pod object is scheduled to node {}, not {}", i.node_name, self.node_name),
+                    "no Pod object with this UID in the configuration".to_owned(),
                     vec![],
                 ),
-                Some(i) => (i.enrollment.enrolled, i.enrollment.reason.clone(), i.enrollment.problems.clone()),
+                Some(i) if !i.node_name.is_empty() && i.node_name != self.node_name => (
+                    false,
+                    format!(
+                        "Pod object is scheduled to node {}, not {}",
+                        i.node_name, self.node_name
+                    ),
+                    vec![],
+                ),
+                Some(i) => (
+                    i.enrollment.enrolled,
+                    i.enrollment.reason.clone(),
+                    i.enrollment.problems.clone(),
+                ),
             };
             let mut cookie = None;
             let mut listeners = Vec::new();
             if enrolled && let Some(info) = info {
-                let (policy, dropped) = pod_policy(self.inputs.outbound_port, &info.enrollment.exclusions);
+                let (policy, dropped) =
+                    pod_policy(self.inputs.outbound_port, &info.enrollment.exclusions);
                 problems.extend(dropped);
                 match self.ensure(uid, pod, policy, active) {
                     Ok(a) => {
@@ -131,7 +143,11 @@ impl Reconciler {
                 problems,
             });
         }
-        let gone: Vec<String> = active.keys().filter(|u| !found.contains_key(*u)).cloned().collect();
+        let gone: Vec<String> = active
+            .keys()
+            .filter(|u| !found.contains_key(*u))
+            .cloned()
+            .collect();
         for uid in gone {
             self.release(&uid, active);
         }
@@ -146,7 +162,10 @@ impl Reconciler {
         policy: PodPolicy,
         active: &'a mut HashMap<String, Active>,
     ) -> Result<&'a Active, String> {
-        if active.get(uid).is_some_and(|a| a.netns_inode != pod.netns_inode) {
+        if active
+            .get(uid)
+            .is_some_and(|a| a.netns_inode != pod.netns_inode)
+        {
             // The pod's sandbox was replaced: its old namespace is gone.
             self.release(uid, active);
         }
@@ -155,7 +174,11 @@ impl Reconciler {
             let netns = Arc::new(Netns::open(&path, &self.inputs.host).map_err(|e| e.to_string())?);
             let outbound = Outbound::bind(uid.to_owned(), netns.clone(), self.inputs.clone())
                 .map_err(|e| e.to_string())?;
-            let listeners = outbound.addresses().iter().map(ToString::to_string).collect();
+            let listeners = outbound
+                .addresses()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             let task = tokio::spawn(outbound.run());
             // Listener first, map entry second: a connect redirected here always finds us.
             self.pods_map

@@ -111,7 +111,9 @@ fn pod_info(objects: &Objects, pod: &Pod) -> Option<PodInfo> {
         .and_then(|s| s.pod_ips.as_ref())
         .map(|ips| ips.iter().filter_map(|p| p.ip.parse().ok()).collect())
         .unwrap_or_default();
-    if let Some(ip) = status.and_then(|s| s.pod_ip.as_ref()).and_then(|ip| ip.parse().ok())
+    if let Some(ip) = status
+        .and_then(|s| s.pod_ip.as_ref())
+        .and_then(|ip| ip.parse().ok())
         && !ips.contains(&ip)
     {
         ips.insert(0, ip);
@@ -294,11 +296,15 @@ endpoints:
         o.add_text("t.yaml", OBJECTS);
         assert!(o.errors.is_empty(), "{:?}", o.errors);
         let s = Snapshot::compile(&o, "cluster.local", 1);
-        let v4 = s.service(&"10.96.0.10:80".parse().expect("addr")).expect("v4 vip");
+        let v4 = s
+            .service(&"10.96.0.10:80".parse().expect("addr"))
+            .expect("v4 vip");
         assert_eq!(v4.hostname, "api-server.production.svc.cluster.local");
         let addrs: Vec<_> = v4.endpoints.iter().map(|e| e.addr.to_string()).collect();
         assert_eq!(addrs, ["10.244.1.10:8080"]);
-        let v6 = s.service(&"[fd00:96::10]:80".parse().expect("addr")).expect("v6 vip");
+        let v6 = s
+            .service(&"[fd00:96::10]:80".parse().expect("addr"))
+            .expect("v6 vip");
         assert_eq!(v6.endpoints[0].addr.to_string(), "[fd00:244:1::10]:8080");
         assert!(s.service(&"10.96.0.10:81".parse().expect("addr")).is_none());
 

@@ -158,9 +158,11 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), ()> {
 fn remember(ctx: &SockAddrContext, orig: &OrigDst) -> Result<(), ()> {
     // SAFETY: allowed for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    PENDING.insert(cookie, orig, u64::from(BPF_ANY)).map_err(|_| {
-        count(stats::MAP_ERRORS);
-    })
+    PENDING
+        .insert(cookie, orig, u64::from(BPF_ANY))
+        .map_err(|_| {
+            count(stats::MAP_ERRORS);
+        })
 }
 
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {

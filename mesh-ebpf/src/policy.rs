@@ -66,8 +66,10 @@ fn in_v6(cidrs: &[Cidr6; MAX_EXCLUDED_CIDRS], n: u8, addr: &[u8; 16]) -> bool {
             while w < 4 {
                 let o = w * 4;
                 let a = u32::from_ne_bytes([addr[o], addr[o + 1], addr[o + 2], addr[o + 3]]);
-                let m = u32::from_ne_bytes([c.mask[o], c.mask[o + 1], c.mask[o + 2], c.mask[o + 3]]);
-                let n = u32::from_ne_bytes([c.addr[o], c.addr[o + 1], c.addr[o + 2], c.addr[o + 3]]);
+                let m =
+                    u32::from_ne_bytes([c.mask[o], c.mask[o + 1], c.mask[o + 2], c.mask[o + 3]]);
+                let n =
+                    u32::from_ne_bytes([c.addr[o], c.addr[o + 1], c.addr[o + 2], c.addr[o + 3]]);
                 if a & m != n {
                     all = false;
                 }
@@ -123,7 +125,13 @@ pub fn decide_v6(netns: u64, mark: u32, addr: &[u8; 16], port: u16) -> (Verdict,
         }
         return (Verdict::Redirect(p.redirect_port), true);
     }
-    let loopback = prefix_zero && addr[10] == 0 && addr[11] == 0 && addr[12] == 0 && addr[13] == 0 && addr[14] == 0 && addr[15] == 1;
+    let loopback = prefix_zero
+        && addr[10] == 0
+        && addr[11] == 0
+        && addr[12] == 0
+        && addr[13] == 0
+        && addr[14] == 0
+        && addr[15] == 1;
     if loopback {
         return (Verdict::Skip(stats::LOOPBACK), false);
     }

@@ -165,13 +165,19 @@ fn unique_id() -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("{:06x}", (std::process::id() ^ nanos.rotate_left(11)) & 0xff_ffff)
+    format!(
+        "{:06x}",
+        (std::process::id() ^ nanos.rotate_left(11)) & 0xff_ffff
+    )
 }
 
 /// A deterministic RFC 4122-shaped UID from a pod's coordinates.
 fn pod_uid(id: &str, node: usize, index: usize) -> String {
     let h = u32::from_str_radix(id, 16).unwrap_or(0);
-    format!("{h:08x}-{node:04x}-4{index:03x}-8000-{:012x}", (u64::from(h) << 16) | (node as u64) << 8 | index as u64)
+    format!(
+        "{h:08x}-{node:04x}-4{index:03x}-8000-{:012x}",
+        (u64::from(h) << 16) | (node as u64) << 8 | index as u64
+    )
 }
 
 impl Cluster {
@@ -186,7 +192,8 @@ impl Cluster {
         let run_dir = std::env::temp_dir().join(format!("sidelane-test-{id}"));
         let config_dir = run_dir.join("manifests");
         std::fs::create_dir_all(&config_dir).map_err(io_err("creating the run directory"))?;
-        std::fs::create_dir_all(run_dir.join("logs")).map_err(io_err("creating the log directory"))?;
+        std::fs::create_dir_all(run_dir.join("logs"))
+            .map_err(io_err("creating the log directory"))?;
         let cgroup_top_rel = format!("sidelane-test-{id}");
         let cgroup_top = sys::cgroup2_root()?.join(&cgroup_top_rel);
         let mut c = Cluster {
@@ -214,8 +221,25 @@ impl Cluster {
             for j in 1..=nodes {
                 if i != j {
                     let ns = &c.nodes[i - 1].netns;
-                    sys::ip(&["-n", ns, "route", "add", &format!("10.244.{j}.0/24"), "via", &format!("10.200.0.{j}")])?;
-                    sys::ip(&["-n", ns, "-6", "route", "add", &format!("fd00:244:{j}::/64"), "via", &format!("fd00:200::{j}")])?;
+                    sys::ip(&[
+                        "-n",
+                        ns,
+                        "route",
+                        "add",
+                        &format!("10.244.{j}.0/24"),
+                        "via",
+                        &format!("10.200.0.{j}"),
+                    ])?;
+                    sys::ip(&[
+                        "-n",
+                        ns,
+                        "-6",
+                        "route",
+                        "add",
+                        &format!("fd00:244:{j}::/64"),
+                        "via",
+                        &format!("fd00:200::{j}"),
+                    ])?;
                 }
             }
         }
@@ -226,7 +250,10 @@ impl Cluster {
         sys::ip(&["netns", "add", name])?;
         self.netns_made.push(name.to_owned());
         // No duplicate-address detection: its delay would stall the first IPv6 packets.
-        for key in ["net.ipv6.conf.all.accept_dad", "net.ipv6.conf.default.accept_dad"] {
+        for key in [
+            "net.ipv6.conf.all.accept_dad",
+            "net.ipv6.conf.default.accept_dad",
+        ] {
             sys::sysctl_in(name, key, "0")?;
         }
         sys::ip(&["-n", name, "link", "set", "lo", "up"])
@@ -237,14 +264,51 @@ impl Cluster {
         self.add_netns(&netns)?;
         let fab = self.fabric.clone();
         let port = format!("n{i}");
-        sys::ip(&["link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &port, "netns", &fab])?;
+        sys::ip(&[
+            "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &port, "netns",
+            &fab,
+        ])?;
         sys::ip(&["-n", &fab, "link", "set", &port, "master", "br0", "up"])?;
-        sys::ip(&["-n", &netns, "addr", "add", &format!("10.200.0.{i}/24"), "dev", "eth0"])?;
-        sys::ip(&["-n", &netns, "addr", "add", &format!("fd00:200::{i}/64"), "dev", "eth0", "nodad"])?;
+        sys::ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("10.200.0.{i}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        sys::ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("fd00:200::{i}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         sys::ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
         sys::ip(&["-n", &netns, "link", "add", "cbr0", "type", "bridge"])?;
-        sys::ip(&["-n", &netns, "addr", "add", &format!("10.244.{i}.1/24"), "dev", "cbr0"])?;
-        sys::ip(&["-n", &netns, "addr", "add", &format!("fd00:244:{i}::1/64"), "dev", "cbr0", "nodad"])?;
+        sys::ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("10.244.{i}.1/24"),
+            "dev",
+            "cbr0",
+        ])?;
+        sys::ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("fd00:244:{i}::1/64"),
+            "dev",
+            "cbr0",
+            "nodad",
+        ])?;
         sys::ip(&["-n", &netns, "link", "set", "cbr0", "up"])?;
         sys::sysctl_in(&netns, "net.ipv4.ip_forward", "1")?;
         sys::sysctl_in(&netns, "net.ipv6.conf.all.forwarding", "1")?;
@@ -280,7 +344,10 @@ impl Cluster {
     pub fn namespace(&mut self, name: &str, labels: &[(&str, &str)]) -> Result<()> {
         self.namespaces.insert(
             name.into(),
-            labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+            labels
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
         );
         self.write_manifests()
     }
@@ -300,16 +367,59 @@ impl Cluster {
         let netns = format!("sl{}-n{i}p{j}", self.id);
         self.add_netns(&netns)?;
         let port = format!("p{j}");
-        sys::ip(&["link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &port, "netns", &node_ns])?;
+        sys::ip(&[
+            "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &port, "netns",
+            &node_ns,
+        ])?;
         sys::ip(&["-n", &node_ns, "link", "set", &port, "master", "cbr0", "up"])?;
-        let (ip4, ip6) = (format!("10.244.{i}.{}", 10 + j), format!("fd00:244:{i}::{}", 10 + j));
-        sys::ip(&["-n", &netns, "addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
-        sys::ip(&["-n", &netns, "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+        let (ip4, ip6) = (
+            format!("10.244.{i}.{}", 10 + j),
+            format!("fd00:244:{i}::{}", 10 + j),
+        );
+        sys::ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip4}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        sys::ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         sys::ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        sys::ip(&["-n", &netns, "route", "add", "default", "via", &format!("10.244.{i}.1")])?;
-        sys::ip(&["-n", &netns, "-6", "route", "add", "default", "via", &format!("fd00:244:{i}::1")])?;
+        sys::ip(&[
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.244.{i}.1"),
+        ])?;
+        sys::ip(&[
+            "-n",
+            &netns,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd00:244:{i}::1"),
+        ])?;
         let uid = pod_uid(&self.id, i, j);
-        let cgroup = node_cgroup.join("kubepods").join(format!("pod{uid}")).join("app");
+        let cgroup = node_cgroup
+            .join("kubepods")
+            .join(format!("pod{uid}"))
+            .join("app");
         std::fs::create_dir_all(&cgroup).map_err(io_err("creating the pod cgroup"))?;
         let mut pod = Pod {
             spec,
@@ -322,25 +432,43 @@ impl Cluster {
         };
         // Every pod runs a process, as every real pod has its sandbox's pause process.
         let log = self.log_file(&format!("{}-{}", pod.spec.namespace, pod.spec.name))?;
-        let version = pod.spec.labels.get("version").cloned().unwrap_or_else(|| "v1".into());
+        let version = pod
+            .spec
+            .labels
+            .get("version")
+            .cloned()
+            .unwrap_or_else(|| "v1".into());
         let mut cmd = Command::new(self.bin_dir.join("sidelane-workload"));
         if pod.spec.serve {
-            cmd.args(["serve", "--pod", &pod.spec.name, "--namespace", &pod.spec.namespace, "--version", &version]);
+            cmd.args([
+                "serve",
+                "--pod",
+                &pod.spec.name,
+                "--namespace",
+                &pod.spec.namespace,
+                "--version",
+                &version,
+            ]);
         } else {
             cmd.arg("pause");
         }
-        cmd.stdout(log.try_clone().map_err(io_err("log"))?).stderr(log);
+        cmd.stdout(log.try_clone().map_err(io_err("log"))?)
+            .stderr(log);
         pod.server = Some(sys::spawn_in(&pod.netns, &pod.cgroup, &mut cmd)?);
         if pod.spec.serve {
             let ns = pod.netns.clone();
-            sys::wait_for("the workload server to listen", Duration::from_secs(5), || {
-                sys::in_netns(&ns, || {
-                    std::net::TcpStream::connect(("127.0.0.1", HTTP_PORT)).is_ok()
-                        && std::net::TcpStream::connect(("127.0.0.1", TCP_PORT)).is_ok()
-                })
-                .ok()
-                .filter(|ok| *ok)
-            })?;
+            sys::wait_for(
+                "the workload server to listen",
+                Duration::from_secs(5),
+                || {
+                    sys::in_netns(&ns, || {
+                        std::net::TcpStream::connect(("127.0.0.1", HTTP_PORT)).is_ok()
+                            && std::net::TcpStream::connect(("127.0.0.1", TCP_PORT)).is_ok()
+                    })
+                    .ok()
+                    .filter(|ok| *ok)
+                },
+            )?;
         }
         let _ = node_name;
         self.pods.push(pod);
@@ -363,7 +491,10 @@ impl Cluster {
         self.services.push(Service {
             name: name.into(),
             namespace: namespace.into(),
-            selector: selector.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+            selector: selector
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
             ports: ports.to_vec(),
             vip4: format!("10.96.0.{n}"),
             vip6: format!("fd00:96::{n:x}"),
@@ -404,14 +535,22 @@ impl Cluster {
                     app_protocol: p.app_protocol.as_deref(),
                 })
                 .collect();
-            objects.push(manifests::service(&s.name, &s.namespace, &s.selector, [&s.vip4, &s.vip6], &ports));
+            objects.push(manifests::service(
+                &s.name,
+                &s.namespace,
+                &s.selector,
+                [&s.vip4, &s.vip6],
+                &ports,
+            ));
             let members: Vec<&Pod> = self
                 .pods
                 .iter()
                 .filter(|p| {
                     p.spec.namespace == s.namespace
                         && p.spec.serve
-                        && s.selector.iter().all(|(k, v)| p.spec.labels.get(k) == Some(v))
+                        && s.selector
+                            .iter()
+                            .all(|(k, v)| p.spec.labels.get(k) == Some(v))
                 })
                 .collect();
             for (family, v6) in [("IPv4", false), ("IPv6", true)] {
@@ -424,7 +563,13 @@ impl Cluster {
                         node: &self.nodes[p.spec.node - 1].name,
                     })
                     .collect();
-                objects.push(manifests::endpoint_slice(&s.name, &s.namespace, family, &ports, &eps));
+                objects.push(manifests::endpoint_slice(
+                    &s.name,
+                    &s.namespace,
+                    family,
+                    &ports,
+                    &eps,
+                ));
             }
         }
         self.write_file("cluster.yaml", &manifests::to_yaml(&objects))
@@ -446,8 +591,12 @@ impl Cluster {
     }
 
     pub fn daemon_log(&self, node: usize) -> String {
-        std::fs::read_to_string(self.run_dir.join("logs").join(format!("{}.log", self.nodes[node - 1].name)))
-            .unwrap_or_default()
+        std::fs::read_to_string(
+            self.run_dir
+                .join("logs")
+                .join(format!("{}.log", self.nodes[node - 1].name)),
+        )
+        .unwrap_or_default()
     }
 
     /// Starts every node's daemon and waits until each is ready.
@@ -484,7 +633,11 @@ impl Cluster {
                 ))));
             }
             let addr = SocketAddr::from(([127, 0, 0, 1], READY_PORT));
-            matches!(sys::http_get_in(&netns, addr, "/healthz/ready"), Ok((200, _))).then_some(Ok(()))
+            matches!(
+                sys::http_get_in(&netns, addr, "/healthz/ready"),
+                Ok((200, _))
+            )
+            .then_some(Ok(()))
         });
         ready?
     }
@@ -505,13 +658,16 @@ impl Cluster {
         let addr = SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT));
         match sys::http_get_in(&self.nodes[node - 1].netns, addr, path)? {
             (200, body) => Ok(body),
-            (status, body) => Err(HarnessError::Other(format!("admin {path}: {status} {body}"))),
+            (status, body) => Err(HarnessError::Other(format!(
+                "admin {path}: {status} {body}"
+            ))),
         }
     }
 
     pub fn admin_json(&self, node: usize, path: &str) -> Result<Value> {
         let body = self.admin_get(node, path)?;
-        serde_json::from_str(&body).map_err(|e| HarnessError::Other(format!("admin {path}: {e}: {body}")))
+        serde_json::from_str(&body)
+            .map_err(|e| HarnessError::Other(format!("admin {path}: {e}: {body}")))
     }
 
     /// The metrics a Prometheus server would scrape from a node's daemon.
@@ -523,10 +679,29 @@ impl Cluster {
         }
     }
 
+    /// Runs `meshctl` on a node, as an operator would on the host.
+    pub fn meshctl(&self, node: usize, args: &[&str]) -> Result<String> {
+        let n = &self.nodes[node - 1];
+        let meshctl = self.bin_dir.join("meshctl");
+        let meshctl = meshctl.to_string_lossy();
+        let pin_dir = n.pin_dir.to_string_lossy();
+        // nsenter, not `ip netns exec`: the latter remounts /sys, hiding bpffs.
+        let net = format!("--net={}", sys::netns_path(&n.netns).display());
+        let mut full = vec![net.as_str(), meshctl.as_ref()];
+        full.extend_from_slice(args);
+        if args.first() == Some(&"bpf") {
+            full.splice(2..3, ["bpf", "--pin-dir", pin_dir.as_ref()]);
+        }
+        sys::run("nsenter", &full)
+    }
+
     /// Waits until the node daemon reports the pod as enrolled (or not).
     pub fn wait_enrolled(&self, pod: PodRef, enrolled: bool) -> Result<()> {
         let p = self.pod(pod);
-        let what = format!("pod {}/{} enrolled={enrolled}", p.spec.namespace, p.spec.name);
+        let what = format!(
+            "pod {}/{} enrolled={enrolled}",
+            p.spec.namespace, p.spec.name
+        );
         sys::wait_for(&what, ENROLL_TIMEOUT, || {
             let w = self.admin_json(p.spec.node, "/workloads").ok()?;
             let hit = w.as_array()?.iter().find(|x| x["uid"] == p.uid.as_str())?;
@@ -555,19 +730,24 @@ impl Cluster {
         let mut args = vec!["http", "--url", url];
         args.extend_from_slice(extra);
         let out = self.exec(pod, &args)?;
-        Ok(out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+        Ok(out
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
     }
 
     /// One TCP exchange from a pod (see `sidelane-workload tcp`).
     pub fn tcp(&self, pod: PodRef, addr: &str, send: &str) -> Result<Value> {
         let out = self.exec(pod, &["tcp", "--addr", addr, "--send", send])?;
-        serde_json::from_str(out.trim()).map_err(|e| HarnessError::Other(format!("tcp client output: {e}: {out}")))
+        serde_json::from_str(out.trim())
+            .map_err(|e| HarnessError::Other(format!("tcp client output: {e}: {out}")))
     }
 
     /// Sends a line of `bytes` bytes over TCP from a pod and reads everything back.
     pub fn tcp_bulk(&self, pod: PodRef, addr: &str, bytes: usize) -> Result<Value> {
         let out = self.exec(pod, &["tcp", "--addr", addr, "--bulk", &bytes.to_string()])?;
-        serde_json::from_str(out.trim()).map_err(|e| HarnessError::Other(format!("tcp client output: {e}: {out:.200}")))
+        serde_json::from_str(out.trim())
+            .map_err(|e| HarnessError::Other(format!("tcp client output: {e}: {out:.200}")))
     }
 
     fn cleanup(&mut self) {

@@ -44,7 +44,8 @@ pub fn service(
     let ports: Vec<Value> = ports
         .iter()
         .map(|p| {
-            let mut v = json!({"name": p.name, "port": p.port, "targetPort": p.target, "protocol": "TCP"});
+            let mut v =
+                json!({"name": p.name, "port": p.port, "targetPort": p.target, "protocol": "TCP"});
             if let Some(a) = p.app_protocol {
                 v["appProtocol"] = json!(a);
             }
@@ -102,8 +103,5 @@ pub fn endpoint_slice(
 
 /// Multi-document YAML. JSON is YAML, so each object is one JSON line: no YAML emitter needed.
 pub fn to_yaml(objects: &[Value]) -> String {
-    objects
-        .iter()
-        .map(|o| format!("---\n{o}\n"))
-        .collect()
+    objects.iter().map(|o| format!("---\n{o}\n")).collect()
 }

@@ -66,12 +66,26 @@ pub fn netns_path(name: &str) -> PathBuf {
 
 /// Sets a sysctl inside a network namespace (net.* sysctls are per namespace).
 pub fn sysctl_in(netns: &str, key: &str, value: &str) -> Result<()> {
-    run("ip", &["netns", "exec", netns, "sysctl", "-qw", &format!("{key}={value}")]).map(drop)
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            netns,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ],
+    )
+    .map(drop)
 }
 
 /// Runs `f` on a fresh thread that has entered `netns`: namespaces are per thread, so the
 /// test's own threads never move.
-pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+pub fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
     let path = netns_path(netns);
     let ns = File::open(&path).map_err(io_err(format!("opening {}", path.display())))?;
     std::thread::spawn(move || {
@@ -90,25 +104,32 @@ pub fn http_get_in(netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, St
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
             .map_err(io_err(format!("connecting to {addr}")))?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(io_err("sending request"))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")
+            .map_err(io_err("sending request"))?;
         let mut text = String::new();
-        s.read_to_string(&mut text).map_err(io_err("reading response"))?;
+        s.read_to_string(&mut text)
+            .map_err(io_err("reading response"))?;
         let status = text
             .split_whitespace()
             .nth(1)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| HarnessError::Other(format!("bad HTTP response: {text:.100}")))?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         Ok((status, body))
     })?
 }
 
 pub fn cgroup2_root() -> Result<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(io_err("reading mountinfo"))?;
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(io_err("reading mountinfo"))?;
     text.lines()
         .find_map(|line| {
             let (left, right) = line.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2").then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
         })
         .ok_or_else(|| HarnessError::Other("no cgroup2 mount: the tests need cgroup v2".into()))
 }
@@ -120,7 +141,10 @@ pub fn spawn_in(netns: &str, cgroup_dir: &Path, cmd: &mut Command) -> Result<Chi
     let procs = OpenOptions::new()
         .write(true)
         .open(cgroup_dir.join("cgroup.procs"))
-        .map_err(io_err(format!("opening {}/cgroup.procs", cgroup_dir.display())))?;
+        .map_err(io_err(format!(
+            "opening {}/cgroup.procs",
+            cgroup_dir.display()
+        )))?;
     // SAFETY: the closure only makes async-signal-safe syscalls (write, setns) on fds
     // opened before the fork.
     unsafe {
@@ -218,7 +242,11 @@ fn procs_below(dir: &Path) -> Vec<u32> {
     collect_dirs(dir, &mut dirs);
     dirs.iter()
         .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
-        .flat_map(|t| t.lines().filter_map(|l| l.parse().ok()).collect::<Vec<u32>>())
+        .flat_map(|t| {
+            t.lines()
+                .filter_map(|l| l.parse().ok())
+                .collect::<Vec<u32>>()
+        })
         .collect()
 }
 
@@ -239,7 +267,10 @@ pub fn leftovers(prefix: &str) -> Vec<String> {
     {
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with(&format!("sidelane-test-{}", prefix.trim_start_matches("sl"))) {
+            if n.starts_with(&format!(
+                "sidelane-test-{}",
+                prefix.trim_start_matches("sl")
+            )) {
                 found.push(format!("cgroup {}", e.path().display()));
             }
         }
@@ -259,8 +290,16 @@ pub fn leftovers(prefix: &str) -> Vec<String> {
             let ours = ["mesh-daemon", "sidelane-workload"]
                 .iter()
                 .any(|b| cmdline.split(' ').next().is_some_and(|p| p.ends_with(b)));
-            if ours && cmdline.contains(&format!("sidelane-test-{}", prefix.trim_start_matches("sl"))) {
-                found.push(format!("process {}: {cmdline}", e.file_name().to_string_lossy()));
+            if ours
+                && cmdline.contains(&format!(
+                    "sidelane-test-{}",
+                    prefix.trim_start_matches("sl")
+                ))
+            {
+                found.push(format!(
+                    "process {}: {cmdline}",
+                    e.file_name().to_string_lossy()
+                ));
             }
         }
     }

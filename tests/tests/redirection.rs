@@ -17,7 +17,8 @@ struct Setup {
 /// node 2.
 fn setup(client_spec: impl FnOnce(PodSpec) -> PodSpec) -> Setup {
     let mut c = Cluster::new(2).expect("cluster");
-    c.namespace("production", &[("sidelane.dev/mesh", "enabled")]).expect("ns");
+    c.namespace("production", &[("sidelane.dev/mesh", "enabled")])
+        .expect("ns");
     let server = c
         .add_pod(
             PodSpec::new("production", "api-server-v1", 2)
@@ -27,18 +28,28 @@ fn setup(client_spec: impl FnOnce(PodSpec) -> PodSpec) -> Setup {
         )
         .expect("server pod");
     let client = c
-        .add_pod(client_spec(PodSpec::new("production", "client", 1).label("app", "client")))
+        .add_pod(client_spec(
+            PodSpec::new("production", "client", 1).label("app", "client"),
+        ))
         .expect("client pod");
     let svc = c
         .add_service(
             "production",
             "api-server",
             &[("app", "api-server")],
-            &[ServicePortSpec::new("http", 80, 8080), ServicePortSpec::new("tcp", 9000, 9000)],
+            &[
+                ServicePortSpec::new("http", 80, 8080),
+                ServicePortSpec::new("tcp", 9000, 9000),
+            ],
         )
         .expect("service");
     c.start().expect("daemons");
-    Setup { c, client, server, svc }
+    Setup {
+        c,
+        client,
+        server,
+        svc,
+    }
 }
 
 /// Connections node `n`'s daemon has accepted from redirected pods.
@@ -50,7 +61,10 @@ fn proxied(c: &Cluster, node: usize) -> u64 {
 /// Sum of a metric's samples whose labels contain every `label="value"` given.
 fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
     text.lines()
-        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' ')))
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+        })
         .filter(|l| labels.iter().all(|want| l.contains(want)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
@@ -72,31 +86,74 @@ fn enrolled_pod_reaches_a_service_on_another_node_through_its_daemon() {
     let vip6 = c.service(s.svc).vip6.clone();
     let before = proxied(c, 1);
 
-    let v4 = c.http(s.client, &format!("http://{vip4}/hello"), &["--count", "3"]).expect("v4");
+    let v4 = c
+        .http(s.client, &format!("http://{vip4}/hello"), &["--count", "3"])
+        .expect("v4");
     assert_eq!(ok_from(&v4, "api-server-v1"), 3, "{v4:?}");
     // The pod's own address reached the backend: the daemon connected from the pod's netns.
-    assert_eq!(v4[0]["body"]["peer"].as_str().map(|p| p.contains("10.244.1.")), Some(true), "{v4:?}");
+    assert_eq!(
+        v4[0]["body"]["peer"]
+            .as_str()
+            .map(|p| p.contains("10.244.1.")),
+        Some(true),
+        "{v4:?}"
+    );
 
-    let v6 = c.http(s.client, &format!("http://[{vip6}]/hello"), &["--new-conn", "--count", "2"]).expect("v6");
+    let v6 = c
+        .http(
+            s.client,
+            &format!("http://[{vip6}]/hello"),
+            &["--new-conn", "--count", "2"],
+        )
+        .expect("v6");
     assert_eq!(ok_from(&v6, "api-server-v1"), 2, "{v6:?}");
-    assert!(v6[0]["body"]["peer"].as_str().is_some_and(|p| p.contains("fd00:244:1::")), "{v6:?}");
+    assert!(
+        v6[0]["body"]["peer"]
+            .as_str()
+            .is_some_and(|p| p.contains("fd00:244:1::")),
+        "{v6:?}"
+    );
 
     // One keep-alive connection for the three v4 requests, one per v6 request.
-    assert_eq!(proxied(c, 1) - before, 3, "node 1 daemon must have carried the connections");
+    assert_eq!(
+        proxied(c, 1) - before,
+        3,
+        "node 1 daemon must have carried the connections"
+    );
     let m = c.metrics(1).expect("metrics");
     assert!(
-        metric(&m, "istio_tcp_connections_opened_total", &[
-            "destination_service=\"api-server.production.svc.cluster.local\"",
-            "source_workload=\"client\"",
-            "destination_workload=\"api-server\"",
-            "destination_version=\"v1\"",
-        ]) >= 3,
+        metric(
+            &m,
+            "istio_tcp_connections_opened_total",
+            &[
+                "destination_service=\"api-server.production.svc.cluster.local\"",
+                "source_workload=\"client\"",
+                "destination_workload=\"api-server\"",
+                "destination_version=\"v1\"",
+            ]
+        ) >= 3,
         "{m}"
     );
-    assert!(metric(&m, "istio_tcp_received_bytes_total", &["destination_service_name=\"api-server\""]) > 0);
-    assert!(metric(&m, "sidelane_bpf_connect_decisions", &["decision=\"redirected\""]) >= 3, "{m}");
+    assert!(
+        metric(
+            &m,
+            "istio_tcp_received_bytes_total",
+            &["destination_service_name=\"api-server\""]
+        ) > 0
+    );
+    assert!(
+        metric(
+            &m,
+            "sidelane_bpf_connect_decisions",
+            &["decision=\"redirected\""]
+        ) >= 3,
+        "{m}"
+    );
     let log = c.daemon_log(1);
-    assert!(log.contains(&format!("outbound|80||api-server.production.svc.cluster.local 10.244.1.11:")), "{log}");
+    assert!(
+        log.contains("outbound|80||api-server.production.svc.cluster.local 10.244.1.11:"),
+        "{log}"
+    );
     assert!(log.contains(&format!(" {vip4}:80 ")), "{log}");
     // The destination node's daemon was not on the path (no inbound capture yet).
     assert_eq!(proxied(c, 2), 0);
@@ -121,10 +178,26 @@ fn tcp_half_close_and_reset_are_carried_through() {
     assert_eq!(r["error"], "reset", "{r}");
     // Large transfers arrive intact in both directions.
     let r = c.tcp_bulk(s.client, &vip, 200_000).expect("tcp");
-    assert_eq!(r["received"].as_str().map(str::len), Some("pod=api-server-v1 version=v1\n".len() + 5 + 200_000 + 1 + 4), "bytes lost");
+    assert_eq!(
+        r["received"].as_str().map(str::len),
+        Some("pod=api-server-v1 version=v1\n".len() + 5 + 200_000 + 1 + 4),
+        "bytes lost"
+    );
     let m = c.metrics(1).expect("metrics");
-    assert!(metric(&m, "istio_tcp_received_bytes_total", &["destination_service_name=\"api-server\""]) >= 200_000);
-    assert!(metric(&m, "istio_tcp_sent_bytes_total", &["destination_service_name=\"api-server\""]) >= 200_000);
+    assert!(
+        metric(
+            &m,
+            "istio_tcp_received_bytes_total",
+            &["destination_service_name=\"api-server\""]
+        ) >= 200_000
+    );
+    assert!(
+        metric(
+            &m,
+            "istio_tcp_sent_bytes_total",
+            &["destination_service_name=\"api-server\""]
+        ) >= 200_000
+    );
 }
 
 #[test]
@@ -132,19 +205,24 @@ fn pods_outside_the_mesh_and_excluded_traffic_bypass_the_daemon() {
     let s = setup(|p| p.annotation("traffic.sidecar.istio.io/excludeOutboundPorts", "9000"));
     let mut c = s.c;
     c.namespace("legacy", &[]).expect("ns");
-    let legacy = c.add_pod(PodSpec::new("legacy", "legacy-client", 1)).expect("pod");
+    let legacy = c
+        .add_pod(PodSpec::new("legacy", "legacy-client", 1))
+        .expect("pod");
     let opted_out = c
-        .add_pod(PodSpec::new("production", "batch", 1).annotation("sidecar.istio.io/inject", "false"))
+        .add_pod(
+            PodSpec::new("production", "batch", 1).annotation("sidecar.istio.io/inject", "false"),
+        )
         .expect("pod");
     let cidr = c
-        .add_pod(
-            PodSpec::new("production", "cidr-excluded", 1)
-                .annotation("sidelane.dev/exclude-outbound-cidrs", "10.244.2.0/24,fd00:244:2::/64"),
-        )
+        .add_pod(PodSpec::new("production", "cidr-excluded", 1).annotation(
+            "sidelane.dev/exclude-outbound-cidrs",
+            "10.244.2.0/24,fd00:244:2::/64",
+        ))
         .expect("pod");
     c.wait_enrolled(s.client, true).expect("client enrolled");
     c.wait_enrolled(cidr, true).expect("cidr pod enrolled");
-    c.wait_enrolled(opted_out, false).expect("opted-out pod stays out");
+    c.wait_enrolled(opted_out, false)
+        .expect("opted-out pod stays out");
     let server_ip = c.pod(s.server).ip4.clone();
     let server_ip6 = c.pod(s.server).ip6.clone();
     let vip = c.service(s.svc).vip4.clone();
@@ -153,34 +231,72 @@ fn pods_outside_the_mesh_and_excluded_traffic_bypass_the_daemon() {
     // work at all (no kube-proxy in this cluster), which shows nothing redirected it.
     for pod in [legacy, opted_out] {
         let before = proxied(&c, 1);
-        let r = c.http(pod, &format!("http://{server_ip}:8080/"), &[]).expect("direct");
+        let r = c
+            .http(pod, &format!("http://{server_ip}:8080/"), &[])
+            .expect("direct");
         assert_eq!(ok_from(&r, "api-server-v1"), 1, "{r:?}");
-        assert!(c.http(pod, &format!("http://{vip}/"), &["--timeout-ms", "1500"]).expect("vip")[0]["error"].is_string());
-        assert_eq!(proxied(&c, 1), before, "the daemon saw a pod outside the mesh");
+        assert!(
+            c.http(pod, &format!("http://{vip}/"), &["--timeout-ms", "1500"])
+                .expect("vip")[0]["error"]
+                .is_string()
+        );
+        assert_eq!(
+            proxied(&c, 1),
+            before,
+            "the daemon saw a pod outside the mesh"
+        );
     }
 
     // Excluded port: 9000 goes direct, 8080 through the daemon.
     let before = proxied(&c, 1);
-    let r = c.tcp(s.client, &format!("{server_ip}:9000"), "").expect("tcp");
-    assert!(r["received"].as_str().is_some_and(|t| t.starts_with("pod=api-server-v1")), "{r}");
-    assert_eq!(proxied(&c, 1), before, "excluded port went through the daemon");
-    let r = c.http(s.client, &format!("http://{server_ip}:8080/"), &[]).expect("http");
+    let r = c
+        .tcp(s.client, &format!("{server_ip}:9000"), "")
+        .expect("tcp");
+    assert!(
+        r["received"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("pod=api-server-v1")),
+        "{r}"
+    );
+    assert_eq!(
+        proxied(&c, 1),
+        before,
+        "excluded port went through the daemon"
+    );
+    let r = c
+        .http(s.client, &format!("http://{server_ip}:8080/"), &[])
+        .expect("http");
     assert_eq!(ok_from(&r, "api-server-v1"), 1);
-    assert_eq!(proxied(&c, 1), before + 1, "non-excluded port must be proxied (passthrough)");
+    assert_eq!(
+        proxied(&c, 1),
+        before + 1,
+        "non-excluded port must be proxied (passthrough)"
+    );
 
     // Excluded CIDRs, both families: direct.
     let before = proxied(&c, 1);
-    for url in [format!("http://{server_ip}:8080/"), format!("http://[{server_ip6}]:8080/")] {
+    for url in [
+        format!("http://{server_ip}:8080/"),
+        format!("http://[{server_ip6}]:8080/"),
+    ] {
         let r = c.http(cidr, &url, &[]).expect("http");
         assert_eq!(ok_from(&r, "api-server-v1"), 1, "{r:?}");
     }
-    assert_eq!(proxied(&c, 1), before, "excluded CIDR went through the daemon");
+    assert_eq!(
+        proxied(&c, 1),
+        before,
+        "excluded CIDR went through the daemon"
+    );
 
     // Loopback is never redirected: the server pod talks to itself.
     let before = proxied(&c, 2);
-    let r = c.http(s.server, &format!("http://127.0.0.1:8080/"), &[]).expect("loopback");
+    let r = c
+        .http(s.server, "http://127.0.0.1:8080/", &[])
+        .expect("loopback");
     assert_eq!(ok_from(&r, "api-server-v1"), 1);
-    let r = c.http(s.server, "http://[::1]:8080/", &[]).expect("loopback v6");
+    let r = c
+        .http(s.server, "http://[::1]:8080/", &[])
+        .expect("loopback v6");
     assert_eq!(ok_from(&r, "api-server-v1"), 1);
     assert_eq!(proxied(&c, 2), before);
     let stats = c.admin_json(2, "/bpf/stats").expect("stats");
@@ -194,21 +310,44 @@ fn unlabelling_the_namespace_stops_redirection_of_new_connections() {
     c.wait_enrolled(s.client, true).expect("enrolled");
     let vip = c.service(s.svc).vip4.clone();
     let server_ip = c.pod(s.server).ip4.clone();
-    assert_eq!(ok_from(&c.http(s.client, &format!("http://{vip}/"), &[]).expect("http"), "api-server-v1"), 1);
+    assert_eq!(
+        ok_from(
+            &c.http(s.client, &format!("http://{vip}/"), &[])
+                .expect("http"),
+            "api-server-v1"
+        ),
+        1
+    );
 
     let t = std::time::Instant::now();
     c.namespace("production", &[]).expect("unlabel");
-    c.wait_enrolled(s.client, false).expect("client leaves the mesh");
-    assert!(t.elapsed() < Duration::from_secs(1), "took {:?}", t.elapsed());
+    c.wait_enrolled(s.client, false)
+        .expect("client leaves the mesh");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
     let before = proxied(&c, 1);
-    let r = c.http(s.client, &format!("http://{server_ip}:8080/"), &[]).expect("direct");
+    let r = c
+        .http(s.client, &format!("http://{server_ip}:8080/"), &[])
+        .expect("direct");
     assert_eq!(ok_from(&r, "api-server-v1"), 1);
     assert_eq!(proxied(&c, 1), before, "still redirected after unlabelling");
 
     // And back, with the Istio label this time.
-    c.namespace("production", &[("istio-injection", "enabled")]).expect("relabel");
-    c.wait_enrolled(s.client, true).expect("client back in the mesh");
-    assert_eq!(ok_from(&c.http(s.client, &format!("http://{vip}/"), &[]).expect("http"), "api-server-v1"), 1);
+    c.namespace("production", &[("istio-injection", "enabled")])
+        .expect("relabel");
+    c.wait_enrolled(s.client, true)
+        .expect("client back in the mesh");
+    assert_eq!(
+        ok_from(
+            &c.http(s.client, &format!("http://{vip}/"), &[])
+                .expect("http"),
+            "api-server-v1"
+        ),
+        1
+    );
     assert_eq!(proxied(&c, 1), before + 1);
 }
 
@@ -222,23 +361,45 @@ fn a_killed_daemon_fails_closed_and_its_successor_adopts_the_pins() {
 
     c.kill_daemon(1);
     // The programs stay attached: the enrolled pod is still redirected, to nothing.
-    let r = c.tcp(s.client, &format!("{server_ip}:9000"), "").expect("tcp");
-    assert_eq!(r["error"], "refused", "an enrolled pod bypassed the mesh while its daemon was down: {r}");
+    let r = c
+        .tcp(s.client, &format!("{server_ip}:9000"), "")
+        .expect("tcp");
+    assert_eq!(
+        r["error"], "refused",
+        "an enrolled pod bypassed the mesh while its daemon was down: {r}"
+    );
 
     c.start_daemon(1).expect("restart");
     c.wait_enrolled(s.client, true).expect("re-enrolled");
-    let r = c.http(s.client, &format!("http://{vip}/"), &["--count", "2"]).expect("http");
+    let r = c
+        .http(s.client, &format!("http://{vip}/"), &["--count", "2"])
+        .expect("http");
     assert_eq!(ok_from(&r, "api-server-v1"), 2, "{r:?}");
     let log = c.daemon_log(1);
     assert!(log.contains("adopted=true"), "{log}");
     // Exactly one copy of each program on the node's cgroup: the old links were replaced.
     let cg = c.node_cgroup(1);
-    let out = std::process::Command::new("bpftool").arg("-j").arg("cgroup").arg("show").arg(&cg).output().expect("bpftool");
+    let out = std::process::Command::new("bpftool")
+        .arg("-j")
+        .arg("cgroup")
+        .arg("show")
+        .arg(cg)
+        .output()
+        .expect("bpftool");
     let progs: Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
-    let names: Vec<&str> = progs.as_array().expect("array").iter().filter_map(|p| p["name"].as_str()).collect();
+    let names: Vec<&str> = progs
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
     let mut sorted = names.clone();
     sorted.sort_unstable();
-    assert_eq!(sorted, ["sl_connect4", "sl_connect6", "sl_sockops"], "{names:?}");
+    assert_eq!(
+        sorted,
+        ["sl_connect4", "sl_connect6", "sl_sockops"],
+        "{names:?}"
+    );
 }
 
 #[test]
@@ -247,20 +408,56 @@ fn pinned_maps_dump_with_field_names() {
     let c = &s.c;
     c.wait_enrolled(s.client, true).expect("enrolled");
     let pin = format!("/sys/fs/bpf/sidelane/test-{}-node-1/sl_pods", c.id);
-    let out = std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned", &pin]).output().expect("bpftool");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned", &pin])
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let dump: Value = serde_json::from_slice(&out.stdout).expect("json");
     let entry = &dump.as_array().expect("entries")[0];
     // BTF makes the value readable: named fields, not bytes.
-    assert_eq!(entry["formatted"]["value"]["redirect_port"], 15001, "{dump}");
-    assert_eq!(entry["formatted"]["value"]["excluded_ports"][0], 5432, "{dump}");
+    assert_eq!(
+        entry["formatted"]["value"]["redirect_port"], 15001,
+        "{dump}"
+    );
+    assert_eq!(
+        entry["formatted"]["value"]["excluded_ports"][0], 5432,
+        "{dump}"
+    );
+
+    // meshctl shows the same, and the daemon's view of the pod.
+    let pods = c.meshctl(1, &["bpf", "pods"]).expect("meshctl bpf pods");
+    assert!(
+        pods.lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("15001") && l.contains("[5432]")),
+        "{pods}"
+    );
+    let status = c
+        .meshctl(1, &["proxy-status"])
+        .expect("meshctl proxy-status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("client.production"))
+        .expect("client listed");
+    assert!(
+        line.contains("ENROLLED") && line.contains("sidelane.dev/mesh=enabled"),
+        "{status}"
+    );
 }
 
 #[test]
 fn a_dropped_cluster_leaves_nothing_behind() {
     let s = setup(|p| p);
     let id = s.c.id.clone();
-    assert!(!leftovers(&format!("sl{id}")).is_empty(), "the probe must see a live cluster");
+    assert!(
+        !leftovers(&format!("sl{id}")).is_empty(),
+        "the probe must see a live cluster"
+    );
     drop(s);
     assert_eq!(leftovers(&format!("sl{id}")), Vec::<String>::new());
 }

@@ -1,1 +1,201 @@
-fn main() {}
+//! `cargo xtask`: everything a fresh machine needs to build, test and demo Sidelane.
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent; seconds when already done).
+    Setup,
+    /// Build the daemon, CLI, eBPF programs and test binaries.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// cargo fmt --check and clippy -D warnings (host crates and the eBPF crate).
+    Lint,
+    /// Set up, lint, build, then run unit and end-to-end tests (needs root).
+    Test {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Set up, then build a demo cluster, apply the tutorial's YAML and show the traffic.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Build { release } => {
+            setup::run()?;
+            build(release)
+        }
+        Cmd::Lint => {
+            setup::run()?;
+            lint()
+        }
+        Cmd::Test { filter, no_lint } => {
+            setup::run()?;
+            require_root()?;
+            if !no_lint {
+                lint()?;
+            }
+            build(false)?;
+            test(filter.as_deref())
+        }
+        Cmd::Demo => {
+            setup::run()?;
+            require_root()?;
+            build(true)?;
+            let root = workspace_root()?;
+            cargo(&[
+                "run",
+                "--release",
+                "--quiet",
+                "--package",
+                "tests",
+                "--bin",
+                "sidelane-demo",
+                "--",
+                "--tutorial",
+            ])
+            .arg(root.join("demo/tutorial"))
+            .status_ok("running the demo")
+        }
+    }
+}
+
+pub fn workspace_root() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    dir.parent()
+        .map(std::path::Path::to_path_buf)
+        .context("xtask has no parent directory")
+}
+
+fn require_root() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("this task loads eBPF programs and creates network namespaces: run it as root");
+    }
+    Ok(())
+}
+
+pub trait StatusOk {
+    fn status_ok(&mut self, what: &str) -> anyhow::Result<()>;
+}
+
+impl StatusOk for Command {
+    fn status_ok(&mut self, what: &str) -> anyhow::Result<()> {
+        let status = self
+            .status()
+            .with_context(|| format!("{what}: cannot start {:?}", self.get_program()))?;
+        if !status.success() {
+            bail!("{what} failed ({status})");
+        }
+        Ok(())
+    }
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.args(args);
+    if let Ok(root) = workspace_root() {
+        c.current_dir(root);
+    }
+    c
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    let mut args = vec!["build", "--bins", "--tests"];
+    if release {
+        args = vec!["build", "--bins", "--release"];
+    }
+    cargo(&args).status_ok("cargo build")
+}
+
+fn lint() -> anyhow::Result<()> {
+    cargo(&["fmt", "--all", "--check"]).status_ok("cargo fmt --check (run `cargo fmt --all`)")?;
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]).status_ok("cargo clippy")?;
+    Command::new("cargo")
+        .args([
+            "+nightly",
+            "clippy",
+            "--package",
+            "mesh-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .current_dir(workspace_root()?)
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env(
+            "CARGO_TARGET_DIR",
+            workspace_root()?.join("target/ebpf-clippy"),
+        )
+        .status_ok("clippy on mesh-ebpf")
+}
+
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    let mut args = vec!["test"];
+    if let Some(f) = filter {
+        args.extend(["--", f]);
+    }
+    cargo(&args).status_ok("cargo test")?;
+    let left = leftovers();
+    if !left.is_empty() {
+        bail!("the tests left resources behind:\n  {}", left.join("\n  "));
+    }
+    println!("no network namespace, cgroup, pin or process left behind");
+    Ok(())
+}
+
+/// The same check as `sidelane_tests::leftovers("sl")`, without linking the harness.
+fn leftovers() -> Vec<String> {
+    let mut found = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/run/netns") {
+        found.extend(
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("sl") && n.contains('-'))
+                .map(|n| format!("netns {n}")),
+        );
+    }
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/bpf/sidelane") {
+        found.extend(
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("test-"))
+                .map(|n| format!("pin /sys/fs/bpf/sidelane/{n}")),
+        );
+    }
+    if let Some(root) = setup::cgroup2_mount()
+        && let Ok(rd) = std::fs::read_dir(&root)
+    {
+        found.extend(
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("sidelane-test-"))
+                .map(|n| format!("cgroup {}/{n}", root.display())),
+        );
+    }
+    found
+}

@@ -1,1 +1,167 @@
-fn main() {}
+//! `meshctl`: what `istioctl` gives the tutorial's users, for Sidelane. Talks to the node
+//! daemon's admin API (localhost:15000 on the node) or reads the pinned eBPF maps.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use clap::{Parser, Subcommand};
+use mesh_common::{PodPolicy, map_names, stats};
+use mesh_daemon::settings::{DEFAULT_ADMIN_ADDR, DEFAULT_PIN_DIR};
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(name = "meshctl", version, about = "Inspect Sidelane on this node")]
+struct Cli {
+    /// The node daemon's admin API.
+    #[arg(long, global = true, default_value = DEFAULT_ADMIN_ADDR)]
+    admin: SocketAddr,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Pods on this node, whether they are in the mesh, and why.
+    ProxyStatus,
+    /// The daemon's compiled configuration snapshot, as JSON.
+    ConfigDump,
+    /// The kernel side, read from the pinned maps.
+    Bpf {
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[command(subcommand)]
+        what: BpfCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BpfCmd {
+    /// Enrolled network namespaces and their exclusions (sl_pods).
+    Pods,
+    /// Connect-hook decision counters (sl_stats).
+    Stats,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::ProxyStatus => proxy_status(cli.admin),
+        Cmd::ConfigDump => {
+            println!("{}", get(cli.admin, "/config_dump")?);
+            Ok(())
+        }
+        Cmd::Bpf { pin_dir, what } => match what {
+            BpfCmd::Pods => bpf_pods(&pin_dir),
+            BpfCmd::Stats => bpf_stats(&pin_dir),
+        },
+    }
+}
+
+fn get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(2)).with_context(|| {
+        format!("connecting to the daemon's admin API at {admin} (run meshctl on the node, or in its network namespace)")
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("{path}: {}", head.lines().next().unwrap_or("no response"));
+    }
+    Ok(body.to_owned())
+}
+
+fn proxy_status(admin: SocketAddr) -> anyhow::Result<()> {
+    let w: Value = serde_json::from_str(&get(admin, "/workloads")?)?;
+    println!(
+        "{:<40} {:<9} {:<20} REASON",
+        "POD", "STATUS", "NETNS COOKIE"
+    );
+    for x in w.as_array().into_iter().flatten() {
+        let pod = format!(
+            "{}.{}",
+            x["name"].as_str().unwrap_or("?"),
+            x["namespace"].as_str().unwrap_or("?")
+        );
+        let status = if x["enrolled"] == true {
+            "ENROLLED"
+        } else {
+            "BYPASS"
+        };
+        let cookie = x["netns_cookie"]
+            .as_u64()
+            .map_or("-".into(), |c| c.to_string());
+        println!(
+            "{pod:<40} {status:<9} {cookie:<20} {}",
+            x["reason"].as_str().unwrap_or("")
+        );
+        for p in x["problems"].as_array().into_iter().flatten() {
+            println!("    warning: {}", p.as_str().unwrap_or(""));
+        }
+    }
+    Ok(())
+}
+
+fn pinned(pin_dir: &std::path::Path, name: &str) -> anyhow::Result<MapData> {
+    let path = pin_dir.join(name);
+    MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening pinned map {} (is the daemon installed?)",
+            path.display()
+        )
+    })
+}
+
+fn bpf_pods(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    let map: HashMap<MapData, u64, PodPolicy> =
+        HashMap::try_from(Map::HashMap(pinned(pin_dir, map_names::PODS)?))?;
+    println!(
+        "{:<20} {:<8} EXCLUDED PORTS / CIDRS",
+        "NETNS COOKIE", "PORT"
+    );
+    for entry in map.iter() {
+        let (cookie, p) = entry?;
+        let ports = &p.excluded_ports[..p.excluded_ports_len as usize];
+        let v4: Vec<String> = p.excluded_v4[..p.excluded_v4_len as usize]
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}/{}",
+                    std::net::Ipv4Addr::from(c.addr),
+                    c.mask.iter().map(|b| b.count_ones()).sum::<u32>()
+                )
+            })
+            .collect();
+        let v6: Vec<String> = p.excluded_v6[..p.excluded_v6_len as usize]
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}/{}",
+                    std::net::Ipv6Addr::from(c.addr),
+                    c.mask.iter().map(|b| b.count_ones()).sum::<u32>()
+                )
+            })
+            .collect();
+        println!(
+            "{cookie:<20} {:<8} {ports:?} {v4:?} {v6:?}",
+            p.redirect_port
+        );
+    }
+    Ok(())
+}
+
+fn bpf_stats(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    let map: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(pinned(pin_dir, map_names::STATS)?))?;
+    for i in 0..stats::COUNT {
+        let total: u64 = map.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
+        println!("{:<14} {total}", stats::NAMES[i as usize]);
+    }
+    Ok(())
+}

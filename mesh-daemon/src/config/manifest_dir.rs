@@ -100,7 +100,9 @@ pub fn watch(dir: PathBuf, tx: mpsc::Sender<Objects>) -> Result<WatchGuard, Mani
                         return;
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "manifest directory unreadable; keeping the last good configuration"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "manifest directory unreadable; keeping the last good configuration")
+                }
             }
             // Wait for a change (or the resync), then for the burst of events to settle.
             let _ = tokio::time::timeout(RESYNC, ev_rx.recv()).await;

@@ -200,7 +200,10 @@ mod tests {
     #[test]
     fn syntax_errors_carry_line_and_column() {
         let mut o = Objects::default();
-        o.add_text("b.yaml", "apiVersion: v1\nkind: Namespace\nmetadata: [oops\n");
+        o.add_text(
+            "b.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: [oops\n",
+        );
         assert_eq!(o.errors.len(), 1);
         assert!(o.errors[0].message.contains("line "), "{}", o.errors[0]);
     }

@@ -23,7 +23,9 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
-    #[error("preparing bpffs at {path}: {source} (is /sys/fs/bpf mountable? the daemon needs CAP_SYS_ADMIN or a pre-mounted bpffs)")]
+    #[error(
+        "preparing bpffs at {path}: {source} (is /sys/fs/bpf mountable? the daemon needs CAP_SYS_ADMIN or a pre-mounted bpffs)"
+    )]
     BpfFs {
         path: PathBuf,
         source: std::io::Error,
@@ -123,15 +125,30 @@ impl Datapath {
             source,
         })?;
         for name in [program_names::CONNECT4, program_names::CONNECT6] {
-            install(program::<CgroupSockAddr>(&mut ebpf, name)?, name, pin_dir, &cgroup_file)?;
+            install(
+                program::<CgroupSockAddr>(&mut ebpf, name)?,
+                name,
+                pin_dir,
+                &cgroup_file,
+            )?;
         }
         let name = program_names::SOCKOPS;
-        install(program::<SockOps>(&mut ebpf, name)?, name, pin_dir, &cgroup_file)?;
+        install(
+            program::<SockOps>(&mut ebpf, name)?,
+            name,
+            pin_dir,
+            &cgroup_file,
+        )?;
 
-        let pods = take_map(&mut ebpf, map_names::PODS, |m| HashMap::<MapData, _, _>::try_from(m))?;
-        let orig_dst =
-            take_map(&mut ebpf, map_names::ORIG_DST, |m| HashMap::<MapData, _, _>::try_from(m))?;
-        let stats = take_map(&mut ebpf, map_names::STATS, |m| PerCpuArray::<MapData, u64>::try_from(m))?;
+        let pods = take_map(&mut ebpf, map_names::PODS, |m| {
+            HashMap::<MapData, _, _>::try_from(m)
+        })?;
+        let orig_dst = take_map(&mut ebpf, map_names::ORIG_DST, |m| {
+            HashMap::<MapData, _, _>::try_from(m)
+        })?;
+        let stats = take_map(&mut ebpf, map_names::STATS, |m| {
+            PerCpuArray::<MapData, u64>::try_from(m)
+        })?;
         Ok(Self {
             programs: ebpf,
             pods: PodsMap::new(pods),
@@ -246,7 +263,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn program_error(program: &'static str, action: &'static str, e: impl std::fmt::Display) -> DatapathError {
+fn program_error(
+    program: &'static str,
+    action: &'static str,
+    e: impl std::fmt::Display,
+) -> DatapathError {
     DatapathError::Program {
         program,
         action,
@@ -282,7 +303,8 @@ fn replace_link(name: &'static str, path: &Path, new: FdLink) -> Result<(), Data
             }
             Err(e) => {
                 tracing::warn!(program = name, error = %e, "stale link pin; replacing it");
-                std::fs::remove_file(path).map_err(|e| program_error(name, "remove stale link pin", e))?;
+                std::fs::remove_file(path)
+                    .map_err(|e| program_error(name, "remove stale link pin", e))?;
             }
         }
     }
@@ -301,7 +323,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
     };
     std::fs::create_dir_all(BPF_FS).map_err(err)?;
     let is_bpffs = nix::sys::statfs::statfs(BPF_FS)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false);
     if !is_bpffs {
         nix::mount::mount(

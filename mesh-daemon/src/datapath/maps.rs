@@ -3,8 +3,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use aya::maps::{HashMap, MapData, MapError, PerCpuArray};
 use mesh_common::{
-    Cidr4, Cidr6, ConnKey, FAMILY_V4, FAMILY_V6, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS,
-    OrigDst, POD_FLAG_REDIRECT_OUTBOUND, PodPolicy, stats,
+    Cidr4, Cidr6, ConnKey, FAMILY_V4, FAMILY_V6, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, OrigDst,
+    POD_FLAG_REDIRECT_OUTBOUND, PodPolicy, stats,
 };
 
 use crate::enrollment::{Cidr, Exclusions};
@@ -24,7 +24,9 @@ pub fn pod_policy(redirect_port: u16, ex: &Exclusions) -> (PodPolicy, Vec<String
             p.excluded_ports[n] = *port;
             p.excluded_ports_len += 1;
         } else {
-            dropped.push(format!("excluded port {port} (at most {MAX_EXCLUDED_PORTS})"));
+            dropped.push(format!(
+                "excluded port {port} (at most {MAX_EXCLUDED_PORTS})"
+            ));
         }
     }
     for c in &ex.outbound_cidrs {

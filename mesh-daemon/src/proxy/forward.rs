@@ -64,7 +64,7 @@ pub async fn forward(mut client: TcpStream, mut upstream: TcpStream) -> Outcome 
         let to_client = pump(ur, cw, &mut down);
         tokio::pin!(to_upstream, to_client);
         let (mut a_done, mut b_done) = (false, false);
-        while !(a_done && b_done) && !out.reset {
+        while !(out.reset || a_done && b_done) {
             let dir = tokio::select! {
                 d = &mut to_upstream, if !a_done => { a_done = true; d }
                 d = &mut to_client, if !b_done => { b_done = true; d }

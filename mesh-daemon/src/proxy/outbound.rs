@@ -44,11 +44,23 @@ pub struct Outbound {
 
 impl Outbound {
     /// Binds in the pod's namespace. IPv6 is optional: a pod without it gets IPv4 only.
-    pub fn bind(pod_uid: String, netns: Arc<Netns>, inputs: Arc<ProxyInputs>) -> Result<Self, SocketError> {
+    pub fn bind(
+        pod_uid: String,
+        netns: Arc<Netns>,
+        inputs: Arc<ProxyInputs>,
+    ) -> Result<Self, SocketError> {
         let port = inputs.outbound_port;
-        let v4 = listen_in(&netns, &inputs.host, SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port))?;
+        let v4 = listen_in(
+            &netns,
+            &inputs.host,
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
+        )?;
         let mut listeners = vec![v4];
-        match listen_in(&netns, &inputs.host, SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port)) {
+        match listen_in(
+            &netns,
+            &inputs.host,
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
+        ) {
             Ok(l) => listeners.push(l),
             Err(e) => tracing::info!(pod = %pod_uid, error = %e, "no IPv6 outbound listener"),
         }
@@ -61,7 +73,10 @@ impl Outbound {
     }
 
     pub fn addresses(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().filter_map(|l| l.local_addr().ok()).collect()
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
     }
 
     /// Accepts until the task is aborted (the pod left the mesh or the node).
@@ -138,7 +153,10 @@ impl Conn {
         let orig = normalize(orig);
         let svc = snap.service(&orig).cloned();
         let (upstream_addr, cluster) = match &svc {
-            Some(svc) => (pick(svc), format!("outbound|{}||{}", svc.port, svc.hostname)),
+            Some(svc) => (
+                pick(svc),
+                format!("outbound|{}||{}", svc.port, svc.hostname),
+            ),
             None => (Some(orig), "PassthroughCluster".to_owned()),
         };
         let mut labels = self.labels(&snap, svc.as_deref(), upstream_addr.unwrap_or(orig));
@@ -146,7 +164,10 @@ impl Conn {
 
         let upstream = match upstream_addr {
             None => Err(flags::NO_HEALTHY_UPSTREAM),
-            Some(addr) => self.connect(addr).await.ok_or(flags::UPSTREAM_CONNECT_FAILURE),
+            Some(addr) => self
+                .connect(addr)
+                .await
+                .ok_or(flags::UPSTREAM_CONNECT_FAILURE),
         };
         let upstream = match upstream {
             Ok(u) => u,
@@ -175,8 +196,12 @@ impl Conn {
         let upstream_local = upstream.local_addr().ok();
         let out = forward(client, upstream).await;
         let m = &inputs.metrics;
-        m.tcp_received_bytes.get_or_create(&labels).inc_by(out.sent_upstream);
-        m.tcp_sent_bytes.get_or_create(&labels).inc_by(out.sent_downstream);
+        m.tcp_received_bytes
+            .get_or_create(&labels)
+            .inc_by(out.sent_upstream);
+        m.tcp_sent_bytes
+            .get_or_create(&labels)
+            .inc_by(out.sent_downstream);
         m.tcp_closed.get_or_create(&labels).inc();
         log_tcp(&TcpEntry {
             start: start.0,
@@ -216,13 +241,19 @@ impl Conn {
         }
     }
 
-    fn labels(&self, snap: &Snapshot, svc: Option<&ServicePort>, upstream: SocketAddr) -> TcpLabels {
+    fn labels(
+        &self,
+        snap: &Snapshot,
+        svc: Option<&ServicePort>,
+        upstream: SocketAddr,
+    ) -> TcpLabels {
         let unknown = || "unknown".to_owned();
         let src = snap.pods_by_uid.get(&self.pod_uid);
         let dst = snap.pods_by_ip.get(&upstream.ip());
         let app = |p: Option<&Arc<PodInfo>>| p.map_or_else(unknown, |p| p.workload.clone());
         let version = |p: Option<&Arc<PodInfo>>| {
-            p.and_then(|p| p.version.clone()).unwrap_or_else(|| "latest".into())
+            p.and_then(|p| p.version.clone())
+                .unwrap_or_else(|| "latest".into())
         };
         let ns = |p: Option<&Arc<PodInfo>>| p.map_or_else(unknown, |p| p.namespace.clone());
         TcpLabels {
@@ -239,7 +270,8 @@ impl Conn {
             destination_principal: unknown(),
             destination_app: app(dst),
             destination_version: version(dst),
-            destination_service: svc.map_or_else(|| upstream.ip().to_string(), |s| s.hostname.clone()),
+            destination_service: svc
+                .map_or_else(|| upstream.ip().to_string(), |s| s.hostname.clone()),
             destination_service_name: svc.map_or_else(unknown, |s| s.name.clone()),
             destination_service_namespace: svc.map_or_else(unknown, |s| s.namespace.clone()),
             destination_canonical_service: app(dst),

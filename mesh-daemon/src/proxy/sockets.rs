@@ -31,7 +31,11 @@ fn new_socket(addr: SocketAddr) -> std::io::Result<Socket> {
 }
 
 /// Binds a listener at `addr` inside `ns`.
-pub fn listen_in(ns: &Netns, host: &HostNetns, addr: SocketAddr) -> Result<TcpListener, SocketError> {
+pub fn listen_in(
+    ns: &Netns,
+    host: &HostNetns,
+    addr: SocketAddr,
+) -> Result<TcpListener, SocketError> {
     let io = |source| SocketError::Io {
         what: "listening on",
         addr,

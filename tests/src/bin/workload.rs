@@ -89,7 +89,18 @@ fn main() -> anyhow::Result<()> {
                 version,
                 http_port,
                 tcp_port,
-            } => serve(Arc::new(Identity { pod, namespace, version }), http_port, tcp_port).await,
+            } => {
+                serve(
+                    Arc::new(Identity {
+                        pod,
+                        namespace,
+                        version,
+                    }),
+                    http_port,
+                    tcp_port,
+                )
+                .await
+            }
             Cmd::Pause => loop {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             },
@@ -101,8 +112,15 @@ fn main() -> anyhow::Result<()> {
                 headers,
                 timeout_ms,
             } => {
-                http_client(&url, count, h2, new_conn, &headers, Duration::from_millis(timeout_ms))
-                    .await
+                http_client(
+                    &url,
+                    count,
+                    h2,
+                    new_conn,
+                    &headers,
+                    Duration::from_millis(timeout_ms),
+                )
+                .await
             }
             Cmd::Tcp {
                 addr,
@@ -115,9 +133,12 @@ fn main() -> anyhow::Result<()> {
                     send.push_str(&"x".repeat(bulk));
                     send.push('\n');
                 }
-                let r = tokio::time::timeout(Duration::from_millis(timeout_ms), tcp_client(addr, &send))
-                    .await
-                    .unwrap_or_else(|_| json!({"error": "timeout"}));
+                let r = tokio::time::timeout(
+                    Duration::from_millis(timeout_ms),
+                    tcp_client(addr, &send),
+                )
+                .await
+                .unwrap_or_else(|_| json!({"error": "timeout"}));
                 println!("{r}");
                 Ok(())
             }
@@ -157,7 +178,9 @@ async fn serve(id: Arc<Identity>, http_port: u16, tcp_port: u16) -> anyhow::Resu
             // A second handle on the socket lets a handler turn the close into a reset.
             let Ok(std) = stream.into_std() else { return };
             let Ok(handle) = std.try_clone() else { return };
-            let Ok(stream) = TcpStream::from_std(std) else { return };
+            let Ok(stream) = TcpStream::from_std(std) else {
+                return;
+            };
             let handle = Arc::new(handle);
             let svc = service_fn(move |req| respond(id.clone(), peer, handle.clone(), req));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -214,8 +237,7 @@ async fn respond(
 async fn tcp_conn(id: Arc<Identity>, s: TcpStream) {
     let (r, mut w) = s.into_split();
     let mut lines = BufReader::new(r).lines();
-    if w
-        .write_all(format!("pod={} version={}\n", id.pod, id.version).as_bytes())
+    if w.write_all(format!("pod={} version={}\n", id.pod, id.version).as_bytes())
         .await
         .is_err()
     {
@@ -230,7 +252,10 @@ async fn tcp_conn(id: Arc<Identity>, s: TcpStream) {
                 return;
             }
             Ok(Some(line)) => {
-                if w.write_all(format!("echo:{line}\n").as_bytes()).await.is_err() {
+                if w.write_all(format!("echo:{line}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -250,10 +275,10 @@ async fn tcp_client(addr: SocketAddr, send: &str) -> serde_json::Value {
         Err(e) => return json!({"error": error_kind(&e)}),
     };
     let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    if !send.is_empty() {
-        if let Err(e) = s.write_all(send.as_bytes()).await {
-            return json!({"error": error_kind(&e), "local": local});
-        }
+    if !send.is_empty()
+        && let Err(e) = s.write_all(send.as_bytes()).await
+    {
+        return json!({"error": error_kind(&e), "local": local});
     }
     // Half-close: the server must still be able to answer.
     if let Err(e) = s.shutdown().await {
@@ -262,7 +287,9 @@ async fn tcp_client(addr: SocketAddr, send: &str) -> serde_json::Value {
     let mut buf = Vec::new();
     match s.read_to_end(&mut buf).await {
         Ok(_) => json!({"received": String::from_utf8_lossy(&buf), "local": local}),
-        Err(e) => json!({"error": error_kind(&e), "received": String::from_utf8_lossy(&buf), "local": local}),
+        Err(e) => {
+            json!({"error": error_kind(&e), "received": String::from_utf8_lossy(&buf), "local": local})
+        }
     }
 }
 

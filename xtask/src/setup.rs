@@ -1,0 +1,161 @@
+//! `cargo xtask setup`: each step checks first and acts only when needed.
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::StatusOk as _;
+
+/// The bpf-linker release the eBPF build is tested with.
+const BPF_LINKER_VERSION: &str = "0.13";
+/// Debian packages the tests and the demo use: `ip` for the netns cluster, bpftool to show
+/// the pinned maps.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("bpftool", "bpftool")];
+
+pub fn run() -> anyhow::Result<()> {
+    nightly_rust_src()?;
+    bpf_linker()?;
+    debian_packages()?;
+    bpffs()?;
+    if cgroup2_mount().is_none() {
+        bail!("no cgroup2 filesystem is mounted; Sidelane needs cgroup v2 (unified or hybrid)");
+    }
+    Ok(())
+}
+
+fn output(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn nightly_rust_src() -> anyhow::Result<()> {
+    if output("rustc", &["+nightly", "--version"]).is_none() {
+        println!("setup: installing the nightly toolchain (eBPF programs need it)");
+        Command::new("rustup")
+            .args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ])
+            .status_ok("rustup toolchain install nightly")?;
+    }
+    let installed =
+        output("rustup", &["+nightly", "component", "list", "--installed"]).unwrap_or_default();
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        println!("setup: adding rust-src to nightly (for -Z build-std=core)");
+        Command::new("rustup")
+            .args(["component", "add", "rust-src", "--toolchain", "nightly"])
+            .status_ok("rustup component add rust-src")?;
+    }
+    Ok(())
+}
+
+/// bpf-linker must use the same LLVM as the nightly that compiles the programs, so it is
+/// built against that toolchain's own libLLVM rather than a system LLVM.
+fn bpf_linker() -> anyhow::Result<()> {
+    let have = output("bpf-linker", &["--version"]).unwrap_or_default();
+    if have.contains(&format!(" {BPF_LINKER_VERSION}")) {
+        return Ok(());
+    }
+    let sysroot =
+        output("rustc", &["+nightly", "--print", "sysroot"]).context("nightly sysroot")?;
+    let lib = PathBuf::from(sysroot.trim()).join("lib");
+    let verbose = output("rustc", &["+nightly", "-vV"]).context("rustc -vV")?;
+    let llvm_major = verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("nightly rustc does not report its LLVM version")?
+        .to_owned();
+    let libllvm = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {llvm_major} (about a minute)"
+    );
+    let l = lib.display();
+    Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            &format!("~{BPF_LINKER_VERSION}"),
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm_major},no-llvm-linking"),
+        ])
+        .env(
+            "RUSTFLAGS",
+            format!("-C link-arg=-L{l} -C link-arg=-l:{libllvm} -C link-arg=-Wl,-rpath,{l}"),
+        )
+        .env_remove("RUSTC")
+        .env_remove("CARGO_TARGET_DIR")
+        .status_ok("cargo install bpf-linker")
+}
+
+fn debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(bin, _)| output("which", &[bin]).is_none())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if output("apt-get", &["--version"]).is_none() {
+        bail!("missing tools from packages {missing:?} and no apt-get to install them");
+    }
+    println!("setup: installing {}", missing.join(" "));
+    Command::new("apt-get")
+        .arg("update")
+        .arg("-qq")
+        .status_ok("apt-get update")?;
+    Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status_ok("apt-get install")
+}
+
+/// Mounts bpffs at /sys/fs/bpf when it is not mounted (it often is not outside systemd).
+fn bpffs() -> anyhow::Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let mounted = nix::sys::statfs::statfs("/sys/fs/bpf")
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+        .unwrap_or(false);
+    if mounted || !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/sys/fs/bpf").context("creating /sys/fs/bpf")?;
+    nix::mount::mount(
+        Some("bpf"),
+        "/sys/fs/bpf",
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .context("mounting bpffs at /sys/fs/bpf")?;
+    println!("setup: mounted bpffs at /sys/fs/bpf");
+    Ok(())
+}
+
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? == "cgroup2" {
+            left.split_whitespace().nth(4).map(PathBuf::from)
+        } else {
+            None
+        }
+    })
+}
