@@ -155,17 +155,51 @@ fn lint() -> anyhow::Result<()> {
 }
 
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
-    let mut args = vec!["test"];
+    let mut args = vec!["test", "--lib", "--bins", "--tests"];
     if let Some(f) = filter {
         args.extend(["--", f]);
     }
-    cargo(&args).status_ok("cargo test")?;
+    let mut child = cargo(&args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                passed += count(rest, " passed");
+                failed += count(rest, " failed");
+            }
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
     let left = leftovers();
     if !left.is_empty() {
         bail!("the tests left resources behind:\n  {}", left.join("\n  "));
     }
     println!("no network namespace, cgroup, pin or process left behind");
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    println!("{passed} passed, {failed} failed");
     Ok(())
+}
+
+/// The number before `what` in a libtest summary ("ok. 7 passed; 0 failed; ...").
+fn count(summary: &str, what: &str) -> u64 {
+    summary
+        .split(';')
+        .find_map(|part| {
+            part.trim_end()
+                .strip_suffix(what)?
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
 
 /// The same check as `sidelane_tests::leftovers("sl")`, without linking the harness.
