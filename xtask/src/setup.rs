@@ -12,7 +12,7 @@ const BPF_LINKER_VERSION: &str = "0.13";
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("bpftool", "bpftool")];
 
 pub fn run() -> anyhow::Result<()> {
-    nightly_rust_src()?;
+    nightly_components()?;
     bpf_linker()?;
     debian_packages()?;
     bpffs()?;
@@ -29,7 +29,7 @@ fn output(cmd: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn nightly_rust_src() -> anyhow::Result<()> {
+fn nightly_components() -> anyhow::Result<()> {
     if output("rustc", &["+nightly", "--version"]).is_none() {
         println!("setup: installing the nightly toolchain (eBPF programs need it)");
         Command::new("rustup")
@@ -46,11 +46,14 @@ fn nightly_rust_src() -> anyhow::Result<()> {
     }
     let installed =
         output("rustup", &["+nightly", "component", "list", "--installed"]).unwrap_or_default();
-    if !installed.lines().any(|l| l.starts_with("rust-src")) {
-        println!("setup: adding rust-src to nightly (for -Z build-std=core)");
-        Command::new("rustup")
-            .args(["component", "add", "rust-src", "--toolchain", "nightly"])
-            .status_ok("rustup component add rust-src")?;
+    // rust-src for -Z build-std=core; clippy to lint the eBPF crate.
+    for component in ["rust-src", "clippy"] {
+        if !installed.lines().any(|l| l.starts_with(component)) {
+            println!("setup: adding {component} to the nightly toolchain");
+            Command::new("rustup")
+                .args(["component", "add", component, "--toolchain", "nightly"])
+                .status_ok("rustup component add")?;
+        }
     }
     Ok(())
 }
