@@ -118,11 +118,7 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), ()> {
             sa.user_port,
         )
     };
-    let mut addr = [0u8; 16];
-    addr[0..4].copy_from_slice(&words[0].to_ne_bytes());
-    addr[4..8].copy_from_slice(&words[1].to_ne_bytes());
-    addr[8..12].copy_from_slice(&words[2].to_ne_bytes());
-    addr[12..16].copy_from_slice(&words[3].to_ne_bytes());
+    let addr = ip6_bytes(words);
     let port = u16::from_be(port_be as u16);
     let (verdict, mapped_v4) = decide_v6(netns, mark, &addr, port);
     let redirect_port = match verdict {
@@ -153,6 +149,17 @@ fn try_connect6(ctx: &SockAddrContext) -> Result<(), ()> {
     }
     count(stats::REDIRECTED);
     Ok(())
+}
+
+/// An IPv6 address as the kernel hands it (four network-order words) to its 16 bytes.
+#[inline(always)]
+fn ip6_bytes(w: [u32; 4]) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[0..4].copy_from_slice(&w[0].to_ne_bytes());
+    b[4..8].copy_from_slice(&w[1].to_ne_bytes());
+    b[8..12].copy_from_slice(&w[2].to_ne_bytes());
+    b[12..16].copy_from_slice(&w[3].to_ne_bytes());
+    b
 }
 
 fn remember(ctx: &SockAddrContext, orig: &OrigDst) -> Result<(), ()> {
@@ -205,10 +212,7 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), ()> {
         key.addr[..4].copy_from_slice(&ip4.to_ne_bytes());
     } else {
         key.family = FAMILY_V6;
-        key.addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
-        key.addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
-        key.addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
-        key.addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
+        key.addr = ip6_bytes(w);
     }
     let _ = PENDING.remove(cookie);
     ORIG_DST

@@ -180,6 +180,32 @@ fn pod_uid(id: &str, node: usize, index: usize) -> String {
     )
 }
 
+/// Wires `netns` to a bridge in another namespace: a veth pair whose `eth0` end, in
+/// `netns`, gets `addrs`, and whose other end (`peer.1`, in `peer.0`) joins bridge `peer.2`.
+fn plug(netns: &str, peer: (&str, &str, &str), addrs: [&str; 2]) -> Result<()> {
+    let (peer_ns, peer_if, bridge) = peer;
+    sys::ip(&[
+        "link", "add", "eth0", "netns", netns, "type", "veth", "peer", "name", peer_if, "netns",
+        peer_ns,
+    ])?;
+    sys::ip(&[
+        "-n", peer_ns, "link", "set", peer_if, "master", bridge, "up",
+    ])?;
+    for a in addrs {
+        addr_add(netns, "eth0", a)?;
+    }
+    sys::ip(&["-n", netns, "link", "set", "eth0", "up"])
+}
+
+/// Adds an address; IPv6 ones without duplicate-address detection, which would delay them.
+fn addr_add(netns: &str, dev: &str, cidr: &str) -> Result<()> {
+    let mut args = vec!["-n", netns, "addr", "add", cidr, "dev", dev];
+    if cidr.contains(':') {
+        args.push("nodad");
+    }
+    sys::ip(&args)
+}
+
 impl Cluster {
     /// Builds the fabric and `nodes` nodes; no daemon runs until [`Cluster::start`].
     pub fn new(nodes: usize) -> Result<Self> {
@@ -263,52 +289,14 @@ impl Cluster {
         let netns = format!("sl{}-n{i}", self.id);
         self.add_netns(&netns)?;
         let fab = self.fabric.clone();
-        let port = format!("n{i}");
-        sys::ip(&[
-            "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &port, "netns",
-            &fab,
-        ])?;
-        sys::ip(&["-n", &fab, "link", "set", &port, "master", "br0", "up"])?;
-        sys::ip(&[
-            "-n",
+        plug(
             &netns,
-            "addr",
-            "add",
-            &format!("10.200.0.{i}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        sys::ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("fd00:200::{i}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        sys::ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+            (&fab, &format!("n{i}"), "br0"),
+            [&format!("10.200.0.{i}/24"), &format!("fd00:200::{i}/64")],
+        )?;
         sys::ip(&["-n", &netns, "link", "add", "cbr0", "type", "bridge"])?;
-        sys::ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("10.244.{i}.1/24"),
-            "dev",
-            "cbr0",
-        ])?;
-        sys::ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("fd00:244:{i}::1/64"),
-            "dev",
-            "cbr0",
-            "nodad",
-        ])?;
+        addr_add(&netns, "cbr0", &format!("10.244.{i}.1/24"))?;
+        addr_add(&netns, "cbr0", &format!("fd00:244:{i}::1/64"))?;
         sys::ip(&["-n", &netns, "link", "set", "cbr0", "up"])?;
         sys::sysctl_in(&netns, "net.ipv4.ip_forward", "1")?;
         sys::sysctl_in(&netns, "net.ipv6.conf.all.forwarding", "1")?;
@@ -363,58 +351,20 @@ impl Cluster {
         let j = node.pods;
         let node_ns = node.netns.clone();
         let node_cgroup = node.cgroup.clone();
-        let node_name = node.name.clone();
         let netns = format!("sl{}-n{i}p{j}", self.id);
         self.add_netns(&netns)?;
-        let port = format!("p{j}");
-        sys::ip(&[
-            "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &port, "netns",
-            &node_ns,
-        ])?;
-        sys::ip(&["-n", &node_ns, "link", "set", &port, "master", "cbr0", "up"])?;
         let (ip4, ip6) = (
             format!("10.244.{i}.{}", 10 + j),
             format!("fd00:244:{i}::{}", 10 + j),
         );
-        sys::ip(&[
-            "-n",
+        plug(
             &netns,
-            "addr",
-            "add",
-            &format!("{ip4}/24"),
-            "dev",
-            "eth0",
-        ])?;
-        sys::ip(&[
-            "-n",
-            &netns,
-            "addr",
-            "add",
-            &format!("{ip6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        sys::ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        sys::ip(&[
-            "-n",
-            &netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.244.{i}.1"),
-        ])?;
-        sys::ip(&[
-            "-n",
-            &netns,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("fd00:244:{i}::1"),
-        ])?;
+            (&node_ns, &format!("p{j}"), "cbr0"),
+            [&format!("{ip4}/24"), &format!("{ip6}/64")],
+        )?;
+        for gw in [format!("10.244.{i}.1"), format!("fd00:244:{i}::1")] {
+            sys::ip(&["-n", &netns, "route", "add", "default", "via", &gw])?;
+        }
         let uid = pod_uid(&self.id, i, j);
         let cgroup = node_cgroup
             .join("kubepods")
@@ -470,7 +420,6 @@ impl Cluster {
                 },
             )?;
         }
-        let _ = node_name;
         self.pods.push(pod);
         self.write_manifests()?;
         Ok(PodRef(self.pods.len() - 1))
