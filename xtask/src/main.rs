@@ -221,6 +221,20 @@ fn leftovers() -> Vec<String> {
                 .map(|n| format!("pin /sys/fs/bpf/sidelane/{n}")),
         );
     }
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let program = cmdline.split(' ').next().unwrap_or_default();
+            // Test daemons name their run's cgroup on the command line.
+            if program.ends_with("mesh-daemon") && cmdline.contains("sidelane-test-") {
+                found.push(format!(
+                    "process {}: {cmdline}",
+                    e.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
     if let Some(root) = setup::cgroup2_mount()
         && let Ok(rd) = std::fs::read_dir(&root)
     {

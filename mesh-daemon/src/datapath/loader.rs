@@ -338,3 +338,31 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), DatapathError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_program_is_named_with_the_verifiers_reason_and_the_kernel() {
+        let log: String = (0..30).map(|i| format!("insn {i}\n")).collect::<String>()
+            + "dereference of modified ctx ptr R6 off=48 disallowed\n";
+        let e = rejected(
+            "sl_sockops",
+            ProgramError::LoadError {
+                io_error: std::io::Error::from_raw_os_error(libc::EACCES),
+                verifier_log: aya_obj::VerifierLog::new(log),
+            },
+        );
+        let text = e.to_string();
+        assert!(text.contains("refused eBPF program sl_sockops"), "{text}");
+        assert!(
+            text.contains(&format!("Linux {}", kernel_release())),
+            "{text}"
+        );
+        assert!(text.contains("Permission denied"), "{text}");
+        assert!(text.contains("dereference of modified ctx ptr"), "{text}");
+        // Only the tail of a long log: the reason is at the end.
+        assert!(!text.contains("insn 0\n"), "{text}");
+    }
+}
