@@ -1,4 +1,5 @@
 //! Configuration sources. Each source produces [`objects::Objects`]; what happens after
 //! (compiling a [`crate::state::Snapshot`]) does not depend on the source.
+pub mod istio;
 pub mod manifest_dir;
 pub mod objects;

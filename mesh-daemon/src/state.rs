@@ -65,9 +65,19 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn compile(objects: &Objects, cluster_domain: &str, generation: u64) -> Self {
+        // Istio resources are validated and typed, but the proxy does not act on them yet.
+        let mut unhandled = objects.unhandled.clone();
+        unhandled.extend(objects.istio_resources().into_iter().map(
+            |(kind, key, api_version, origin, _)| Unhandled {
+                api_version: api_version.into(),
+                kind: kind.into(),
+                key: key.into(),
+                origin: origin.into(),
+            },
+        ));
         let mut snap = Snapshot {
             generation,
-            unhandled: objects.unhandled.clone(),
+            unhandled,
             errors: objects.errors.clone(),
             ..Default::default()
         };

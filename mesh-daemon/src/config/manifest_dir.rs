@@ -49,6 +49,7 @@ pub fn load(dir: &Path) -> Result<Objects, ManifestDirError> {
             Err(e) => objects.errors.push(super::objects::ObjectError {
                 origin,
                 message: format!("cannot read: {e}"),
+                ..Default::default()
             }),
         }
     }

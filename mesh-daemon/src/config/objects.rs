@@ -7,6 +7,12 @@ use k8s_openapi::api::{
 };
 use serde::Serialize;
 
+use super::istio::{
+    self, Resource,
+    networking::{DestinationRuleSpec, GatewaySpec, ServiceEntrySpec, VirtualServiceSpec},
+    security::{AuthorizationPolicySpec, PeerAuthenticationSpec},
+};
+
 /// `namespace/name`, or just `name` for cluster-scoped objects.
 pub type ObjectKey = String;
 
@@ -20,16 +26,31 @@ pub struct Unhandled {
 }
 
 /// One document that could not be used, and why.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
 pub struct ObjectError {
     /// File (and document index) the object came from.
     pub origin: String,
+    /// Kind and `namespace/name` of the object, when it got that far.
+    pub kind: Option<String>,
+    pub name: Option<String>,
+    /// Field path, e.g. `spec.http[0].timeout`.
+    pub field: Option<String>,
     pub message: String,
 }
 
 impl std::fmt::Display for ObjectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.origin, self.message)
+        write!(f, "{}: ", self.origin)?;
+        if let Some(k) = &self.kind {
+            write!(f, "{k} ")?;
+        }
+        if let Some(n) = &self.name {
+            write!(f, "{n}: ")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        f.write_str(&self.message)
     }
 }
 
@@ -39,20 +60,17 @@ pub struct Objects {
     pub pods: BTreeMap<ObjectKey, Pod>,
     pub services: BTreeMap<ObjectKey, Service>,
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    pub virtual_services: BTreeMap<ObjectKey, Resource<VirtualServiceSpec>>,
+    pub destination_rules: BTreeMap<ObjectKey, Resource<DestinationRuleSpec>>,
+    pub gateways: BTreeMap<ObjectKey, Resource<GatewaySpec>>,
+    pub service_entries: BTreeMap<ObjectKey, Resource<ServiceEntrySpec>>,
+    pub peer_authentications: BTreeMap<ObjectKey, Resource<PeerAuthenticationSpec>>,
+    pub authorization_policies: BTreeMap<ObjectKey, Resource<AuthorizationPolicySpec>>,
     pub unhandled: Vec<Unhandled>,
     pub errors: Vec<ObjectError>,
 }
 
-const KINDS_NOT_YET_ACTED_ON: &[&str] = &[
-    "VirtualService",
-    "DestinationRule",
-    "Gateway",
-    "ServiceEntry",
-    "PeerAuthentication",
-    "AuthorizationPolicy",
-    "Secret",
-    "Node",
-];
+const KINDS_NOT_YET_READ: &[&str] = &["Secret", "Node"];
 
 impl Objects {
     /// Parses every document of one file's text. Bad documents are recorded in `errors` and
@@ -67,6 +85,7 @@ impl Objects {
                     self.errors.push(ObjectError {
                         origin,
                         message: yaml_error(&e),
+                        ..Default::default()
                     });
                     // A syntax error ends the stream: later documents cannot be trusted.
                     break;
@@ -81,6 +100,7 @@ impl Objects {
             self.errors.push(ObjectError {
                 origin: origin.into(),
                 message: "not a Kubernetes object: apiVersion and kind are required".into(),
+                ..Default::default()
             });
             return;
         };
@@ -100,7 +120,11 @@ impl Objects {
             "Pod" => insert(&mut self.pods, value, true),
             "Service" => insert(&mut self.services, value, true),
             "EndpointSlice" => insert(&mut self.endpoint_slices, value, true),
-            k if KINDS_NOT_YET_ACTED_ON.contains(&k) => {
+            k if let Some(istio_kind) = istio::Kind::from_name(k) => {
+                self.add_istio(istio_kind, api_version, &value, origin);
+                Ok(())
+            }
+            k if KINDS_NOT_YET_READ.contains(&k) => {
                 let meta = |f: &str| {
                     value
                         .get("metadata")
@@ -122,9 +146,143 @@ impl Objects {
         if let Err(message) = result {
             self.errors.push(ObjectError {
                 origin: origin.into(),
-                message: format!("{kind}: {message}"),
+                kind: Some(kind),
+                message,
+                ..Default::default()
             });
         }
+    }
+
+    /// Parses and validates one Istio object; a rejected one is recorded with every reason
+    /// and left out, so the rest of the configuration still applies.
+    fn add_istio(
+        &mut self,
+        kind: istio::Kind,
+        api_version: String,
+        value: &serde_yaml::Value,
+        origin: &str,
+    ) {
+        let meta = |f: &str| {
+            value
+                .get("metadata")
+                .and_then(|m| m.get(f))
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        };
+        let name = meta("name").unwrap_or_default();
+        let namespace = meta("namespace").unwrap_or_else(|| "default".into());
+        let key = join_key(&namespace, &name);
+        let error = |field: Option<String>, message: String| ObjectError {
+            origin: origin.into(),
+            kind: Some(kind.name().into()),
+            name: Some(key.clone()),
+            field,
+            message,
+        };
+        if !kind.versions().contains(&api_version.as_str()) {
+            let msg = format!(
+                "apiVersion {api_version:?} does not serve {}; use one of {}",
+                kind.name(),
+                kind.versions().join(", ")
+            );
+            self.errors.push(error(Some("apiVersion".into()), msg));
+            return;
+        }
+        if name.is_empty() {
+            self.errors.push(error(
+                Some("metadata.name".into()),
+                "metadata.name is required".into(),
+            ));
+            return;
+        }
+        macro_rules! accept {
+            ($map:ident, $spec:ty, $validate:path) => {{
+                match istio::parse::<$spec>(api_version, value, origin) {
+                    Err(e) => {
+                        let (field, msg) = split_field(&e);
+                        self.errors.push(error(field, msg));
+                    }
+                    Ok(res) => {
+                        let violations = $validate(&res.spec);
+                        if violations.is_empty() {
+                            self.$map.insert(key.clone(), res);
+                        } else {
+                            for v in violations {
+                                self.errors.push(error(Some(v.field), v.message));
+                            }
+                        }
+                    }
+                }
+            }};
+        }
+        use istio::{Kind, validate};
+        match kind {
+            Kind::VirtualService => accept!(
+                virtual_services,
+                VirtualServiceSpec,
+                validate::virtual_service
+            ),
+            Kind::DestinationRule => accept!(
+                destination_rules,
+                DestinationRuleSpec,
+                validate::destination_rule
+            ),
+            Kind::Gateway => accept!(gateways, GatewaySpec, validate::gateway),
+            Kind::ServiceEntry => {
+                accept!(service_entries, ServiceEntrySpec, validate::service_entry)
+            }
+            Kind::PeerAuthentication => {
+                accept!(
+                    peer_authentications,
+                    PeerAuthenticationSpec,
+                    validate::peer_authentication
+                )
+            }
+            Kind::AuthorizationPolicy => {
+                accept!(
+                    authorization_policies,
+                    AuthorizationPolicySpec,
+                    validate::authorization_policy
+                )
+            }
+        }
+    }
+}
+
+impl Objects {
+    /// Every Istio resource accepted, as (kind, key, apiVersion, origin, unknown fields).
+    pub fn istio_resources(&self) -> Vec<(&'static str, &str, &str, &str, &[String])> {
+        fn rows<'a, S>(
+            kind: &'static str,
+            m: &'a BTreeMap<ObjectKey, Resource<S>>,
+        ) -> impl Iterator<Item = (&'static str, &'a str, &'a str, &'a str, &'a [String])> {
+            m.iter().map(move |(k, r)| {
+                (
+                    kind,
+                    k.as_str(),
+                    r.api_version.as_str(),
+                    r.origin.as_str(),
+                    r.unknown_fields.as_slice(),
+                )
+            })
+        }
+        rows("VirtualService", &self.virtual_services)
+            .chain(rows("DestinationRule", &self.destination_rules))
+            .chain(rows("Gateway", &self.gateways))
+            .chain(rows("ServiceEntry", &self.service_entries))
+            .chain(rows("PeerAuthentication", &self.peer_authentications))
+            .chain(rows("AuthorizationPolicy", &self.authorization_policies))
+            .collect()
+    }
+}
+
+/// "spec.http[0].timeout: message" -> (Some(field), message).
+fn split_field(e: &str) -> (Option<String>, String) {
+    match e.split_once(": ") {
+        Some((field, msg)) if field.starts_with("spec") && !field.contains(' ') => {
+            (Some(field.to_owned()), msg.to_owned())
+        }
+        _ => (None, e.to_owned()),
     }
 }
 
@@ -186,15 +344,16 @@ mod tests {
             "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: production\n  labels:\n    istio-injection: enabled\n\
              ---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: production\nspec:\n  containers: 7\n\
              ---\napiVersion: v1\nkind: Service\nmetadata:\n  name: s\n  namespace: production\n\
-             ---\napiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata:\n  name: vs\n  namespace: production\n",
+             ---\napiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata:\n  name: vs\n  namespace: production\n\
+             spec:\n  hosts: [s]\n  http:\n  - route:\n    - destination:\n        host: s\n",
         );
         assert!(o.namespaces.contains_key("production"));
         assert!(o.services.contains_key("production/s"));
         assert!(o.pods.is_empty());
         assert_eq!(o.errors.len(), 1, "{:?}", o.errors);
         assert!(o.errors[0].origin == "a.yaml#1", "{:?}", o.errors);
-        assert!(o.errors[0].message.starts_with("Pod: "), "{:?}", o.errors);
-        assert_eq!(o.unhandled[0].kind, "VirtualService");
+        assert_eq!(o.errors[0].kind.as_deref(), Some("Pod"), "{:?}", o.errors);
+        assert!(o.virtual_services.contains_key("production/vs"));
     }
 
     #[test]
