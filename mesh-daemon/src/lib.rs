@@ -7,6 +7,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
+pub mod analyze;
 pub mod cgroup;
 pub mod config;
 pub mod datapath;

@@ -11,7 +11,11 @@ use anyhow::{Context as _, bail};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use clap::{Parser, Subcommand};
 use mesh_common::{PodPolicy, map_names, stats};
-use mesh_daemon::settings::{DEFAULT_ADMIN_ADDR, DEFAULT_PIN_DIR};
+use mesh_daemon::{
+    analyze::{Level, Options},
+    config::{manifest_dir, objects::Objects},
+    settings::{DEFAULT_ADMIN_ADDR, DEFAULT_PIN_DIR},
+};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -30,6 +34,21 @@ enum Cmd {
     ProxyStatus,
     /// The daemon's compiled configuration snapshot, as JSON.
     ConfigDump,
+    /// Validate Istio and Kubernetes YAML and report what istioctl analyze would, plus what
+    /// Sidelane does not enforce yet. Exits 79 when an error is found (as istioctl does).
+    Analyze {
+        /// Files or directories of manifests.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Only report on this namespace.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Output format: text or json.
+        #[arg(short = 'o', long, default_value = "text")]
+        output: String,
+        #[arg(long, default_value = "cluster.local")]
+        cluster_domain: String,
+    },
     /// The kernel side, read from the pinned maps.
     Bpf {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -55,11 +74,67 @@ fn main() -> anyhow::Result<()> {
             println!("{}", get(cli.admin, "/config_dump")?);
             Ok(())
         }
+        Cmd::Analyze {
+            files,
+            namespace,
+            output,
+            cluster_domain,
+        } => {
+            let errors = analyze(&files, namespace.as_deref(), &output, &cluster_domain)?;
+            if errors {
+                // istioctl's exit code for "analyzers found issues".
+                std::process::exit(79);
+            }
+            Ok(())
+        }
         Cmd::Bpf { pin_dir, what } => match what {
             BpfCmd::Pods => bpf_pods(&pin_dir),
             BpfCmd::Stats => bpf_stats(&pin_dir),
         },
     }
+}
+
+/// Prints the analysis; returns whether any error was found.
+fn analyze(
+    files: &[PathBuf],
+    namespace: Option<&str>,
+    output: &str,
+    cluster_domain: &str,
+) -> anyhow::Result<bool> {
+    let mut objects = Objects::default();
+    for f in files {
+        if f.is_dir() {
+            let dir = manifest_dir::load(f)?;
+            objects.merge(dir);
+        } else {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+            objects.add_text(&f.display().to_string(), &text);
+        }
+    }
+    let messages = mesh_daemon::analyze::analyze(
+        &objects,
+        &Options {
+            namespace,
+            cluster_domain,
+        },
+    );
+    match output {
+        "json" => println!("{}", serde_json::to_string_pretty(&messages)?),
+        "text" | "" => {
+            if messages.is_empty() {
+                println!(
+                    "\u{2714} No validation issues found when analyzing {}.",
+                    namespace.unwrap_or("all namespaces")
+                );
+            }
+            for m in &messages {
+                println!("{m}");
+            }
+        }
+        other => bail!("unknown output format {other:?} (text or json)"),
+    }
+    Ok(messages.iter().any(|m| m.level == Level::Error))
 }
 
 fn get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {

@@ -80,6 +80,19 @@ impl<S> Resource<S> {
     }
 }
 
+/// `.http[0].retires`, in the same notation as serde_path_to_error's paths.
+fn field_path(p: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match p {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => format!("{}.{key}", field_path(parent)),
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => field_path(parent),
+    }
+}
+
 /// Parses `spec` of an Istio object. Errors name the field path ("spec.http[0].timeout").
 pub fn parse<S: DeserializeOwned + Default>(
     api_version: String,
@@ -95,7 +108,7 @@ pub fn parse<S: DeserializeOwned + Default>(
         None | Some(serde_yaml::Value::Null) => S::default(),
         Some(spec) => {
             let mut on_unknown = |path: serde_ignored::Path<'_>| {
-                unknown_fields.push(format!("spec.{path}"));
+                unknown_fields.push(format!("spec{}", field_path(&path)));
             };
             let de = serde_ignored::Deserializer::new(spec.clone(), &mut on_unknown);
             serde_path_to_error::deserialize(de).map_err(|e| {

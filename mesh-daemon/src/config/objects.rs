@@ -250,6 +250,23 @@ impl Objects {
 }
 
 impl Objects {
+    /// Adds everything from `other` (a later source wins on the same key).
+    pub fn merge(&mut self, other: Objects) {
+        self.namespaces.extend(other.namespaces);
+        self.pods.extend(other.pods);
+        self.services.extend(other.services);
+        self.endpoint_slices.extend(other.endpoint_slices);
+        self.virtual_services.extend(other.virtual_services);
+        self.destination_rules.extend(other.destination_rules);
+        self.gateways.extend(other.gateways);
+        self.service_entries.extend(other.service_entries);
+        self.peer_authentications.extend(other.peer_authentications);
+        self.authorization_policies
+            .extend(other.authorization_policies);
+        self.unhandled.extend(other.unhandled);
+        self.errors.extend(other.errors);
+    }
+
     /// Every Istio resource accepted, as (kind, key, apiVersion, origin, unknown fields).
     pub fn istio_resources(&self) -> Vec<(&'static str, &str, &str, &str, &[String])> {
         fn rows<'a, S>(

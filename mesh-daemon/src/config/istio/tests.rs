@@ -265,5 +265,5 @@ fn unknown_fields_are_kept_and_reported_not_rejected() {
     ));
     assert!(o.errors.is_empty(), "{:?}", o.errors);
     let vs = &o.virtual_services["production/api-server"];
-    assert_eq!(vs.unknown_fields, ["spec.http.0.retires"]);
+    assert_eq!(vs.unknown_fields, ["spec.http[0].retires"]);
 }
