@@ -99,6 +99,32 @@ impl ServicePortSpec {
     }
 }
 
+/// A client still running in a pod; its output is read line by line.
+pub struct RunningClient {
+    child: Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl RunningClient {
+    /// The next JSON line the client prints (blocks until it does or exits).
+    pub fn next_json(&mut self) -> Result<Value> {
+        let line = self
+            .lines
+            .next()
+            .ok_or_else(|| HarnessError::Other("client exited without output".into()))?
+            .map_err(io_err("reading client output"))?;
+        serde_json::from_str(&line)
+            .map_err(|e| HarnessError::Other(format!("client output {line:?}: {e}")))
+    }
+}
+
+impl Drop for RunningClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 struct Node {
     name: String,
     netns: String,
@@ -672,6 +698,22 @@ impl Cluster {
             )));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts `sidelane-workload <args>` in a pod without waiting for it.
+    pub fn spawn_exec(&self, pod: PodRef, args: &[&str]) -> Result<RunningClient> {
+        let p = self.pod(pod);
+        let mut cmd = Command::new(self.bin_dir.join("sidelane-workload"));
+        cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
+        let mut child = sys::spawn_in(&p.netns, &p.cgroup, &mut cmd)?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| HarnessError::Other("client stdout not piped".into()))?;
+        Ok(RunningClient {
+            child,
+            lines: std::io::BufRead::lines(std::io::BufReader::new(stdout)),
+        })
     }
 
     /// HTTP requests from a pod; one JSON object per request.

@@ -7,5 +7,5 @@ pub mod cluster;
 pub mod manifests;
 pub mod sys;
 
-pub use cluster::{Cluster, PodRef, PodSpec, ServicePortSpec, ServiceRef};
+pub use cluster::{Cluster, PodRef, PodSpec, RunningClient, ServicePortSpec, ServiceRef};
 pub use sys::{HarnessError, leftovers};

@@ -335,11 +335,50 @@ fn unlabelling_the_namespace_stops_redirection_of_new_connections() {
     assert_eq!(ok_from(&r, "api-server-v1"), 1);
     assert_eq!(proxied(&c, 1), before, "still redirected after unlabelling");
 
+    // A connection established through the daemon survives the namespace leaving the mesh.
+    c.namespace("production", &[("istio-injection", "enabled")])
+        .expect("relabel");
+    c.wait_enrolled(s.client, true)
+        .expect("client back in the mesh");
+    let before = proxied(&c, 1);
+    let vip_tcp = format!("{}:9000", c.service(s.svc).vip4);
+    let mut held = c
+        .spawn_exec(
+            s.client,
+            &[
+                "tcp",
+                "--addr",
+                &vip_tcp,
+                "--send",
+                "still here\\n",
+                "--hold-ms",
+                "1500",
+            ],
+        )
+        .expect("client");
+    let connected = held.next_json().expect("connected");
+    assert_eq!(connected["event"], "connected", "{connected}");
+    assert_eq!(
+        proxied(&c, 1),
+        before + 1,
+        "the held connection goes through the daemon"
+    );
+    c.namespace("production", &[]).expect("unlabel");
+    c.wait_enrolled(s.client, false)
+        .expect("client leaves the mesh");
+    let done = held.next_json().expect("result");
+    assert_eq!(
+        done["received"].as_str(),
+        Some("pod=api-server-v1 version=v1\necho:still here\nbye\n"),
+        "an established connection was dropped by a configuration change: {done}"
+    );
+
     // And back, with the Istio label this time.
     c.namespace("production", &[("istio-injection", "enabled")])
         .expect("relabel");
     c.wait_enrolled(s.client, true)
         .expect("client back in the mesh");
+    let before = proxied(&c, 1);
     assert_eq!(
         ok_from(
             &c.http(s.client, &format!("http://{vip}/"), &[])

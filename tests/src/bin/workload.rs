@@ -71,6 +71,10 @@ enum Cmd {
         /// Then send a line of this many bytes (too large for an argument).
         #[arg(long, default_value_t = 0)]
         bulk: usize,
+        /// Once connected, print a "connected" line and wait this long before sending, so a
+        /// test can change the mesh under an established connection.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
@@ -126,6 +130,7 @@ fn main() -> anyhow::Result<()> {
                 addr,
                 send,
                 bulk,
+                hold_ms,
                 timeout_ms,
             } => {
                 let mut send = send.replace("\\n", "\n");
@@ -135,7 +140,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 let r = tokio::time::timeout(
                     Duration::from_millis(timeout_ms),
-                    tcp_client(addr, &send),
+                    tcp_client(addr, &send, Duration::from_millis(hold_ms)),
                 )
                 .await
                 .unwrap_or_else(|_| json!({"error": "timeout"}));
@@ -269,12 +274,18 @@ async fn tcp_conn(id: Arc<Identity>, s: TcpStream) {
     }
 }
 
-async fn tcp_client(addr: SocketAddr, send: &str) -> serde_json::Value {
+async fn tcp_client(addr: SocketAddr, send: &str, hold: Duration) -> serde_json::Value {
     let mut s = match TcpStream::connect(addr).await {
         Ok(s) => s,
         Err(e) => return json!({"error": error_kind(&e)}),
     };
     let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    if !hold.is_zero() {
+        use std::io::Write as _;
+        println!("{}", json!({"event": "connected", "local": local}));
+        let _ = std::io::stdout().flush();
+        tokio::time::sleep(hold).await;
+    }
     if !send.is_empty()
         && let Err(e) = s.write_all(send.as_bytes()).await
     {
