@@ -91,8 +91,17 @@ impl Exposure {
     }
 }
 
+/// Binds `addr`; the dual-stack wildcard `[::]` falls back to `0.0.0.0` on nodes where IPv6
+/// is disabled, rather than keeping the daemon from starting.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    match TcpListener::bind(addr).await {
+        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            tracing::info!(%addr, error = %e, "IPv6 unavailable; listening on {v4}");
+            TcpListener::bind(v4).await
+        }
+        other => other,
+    }
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, exposure: Exposure) {
