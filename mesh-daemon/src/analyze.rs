@@ -164,6 +164,17 @@ pub fn analyze(o: &Objects, opts: &Options<'_>) -> Vec<Message> {
     for (key, vs) in &o.virtual_services {
         let ns = vs.namespace();
         let resource = format!("VirtualService {key}");
+        let mut not_found = |message: String| {
+            push(
+                "IST0101",
+                "ReferencedResourceNotFound",
+                Level::Error,
+                resource.clone(),
+                ns,
+                &vs.origin,
+                message,
+            )
+        };
         let mesh = vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
         if mesh {
             for h in &vs.spec.hosts {
@@ -176,15 +187,7 @@ pub fn analyze(o: &Objects, opts: &Options<'_>) -> Vec<Message> {
         for g in vs.spec.gateways.iter().filter(|g| *g != "mesh") {
             let (gns, gname) = g.split_once('/').unwrap_or((ns, g));
             if !o.gateways.contains_key(&format!("{gns}/{gname}")) {
-                push(
-                    "IST0101",
-                    "ReferencedResourceNotFound",
-                    Level::Error,
-                    resource.clone(),
-                    ns,
-                    &vs.origin,
-                    format!("Referenced gateway not found: {g:?}"),
-                );
+                not_found(format!("Referenced gateway not found: {g:?}"));
             }
         }
         let destinations = vs
@@ -213,36 +216,20 @@ pub fn analyze(o: &Objects, opts: &Options<'_>) -> Vec<Message> {
         for d in destinations {
             let fqdn = hosts::fqdn(&d.host, ns, opts.cluster_domain);
             if !host_known(&fqdn) {
-                push(
-                    "IST0101",
-                    "ReferencedResourceNotFound",
-                    Level::Error,
-                    resource.clone(),
-                    ns,
-                    &vs.origin,
-                    format!(
-                        "Referenced host not found: {:?} (no Service or ServiceEntry {fqdn})",
-                        d.host
-                    ),
-                );
+                not_found(format!(
+                    "Referenced host not found: {:?} (no Service or ServiceEntry {fqdn})",
+                    d.host
+                ));
             }
             if let Some(subset) = &d.subset
                 && !subsets
                     .get(&fqdn)
                     .is_some_and(|s| s.contains(subset.as_str()))
             {
-                push(
-                    "IST0101",
-                    "ReferencedResourceNotFound",
-                    Level::Error,
-                    resource.clone(),
-                    ns,
-                    &vs.origin,
-                    format!(
-                        "Referenced host+subset in destinationrule not found: \"{}+{subset}\" (requests routed there get 503 NR)",
-                        d.host
-                    ),
-                );
+                not_found(format!(
+                    "Referenced host+subset in destinationrule not found: \"{}+{subset}\" (requests routed there get 503 NR)",
+                    d.host
+                ));
             }
         }
     }
