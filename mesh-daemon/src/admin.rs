@@ -39,6 +39,8 @@ impl AdminState {
             }
             "/metrics" | "/stats/prometheus" => {
                 let m = &self.metrics;
+                m.access_log_dropped
+                    .set(crate::proxy::access_log::dropped() as i64);
                 for (decision, n) in self.stats.read() {
                     m.bpf_decisions
                         .get_or_create(&crate::metrics::DecisionLabels { decision })

@@ -54,6 +54,7 @@ pub struct Metrics {
     pub bpf_decisions: Family<DecisionLabels, Gauge>,
     pub outbound_connections: Counter,
     pub outbound_failures: Counter,
+    pub access_log_dropped: Gauge,
 }
 
 impl Default for Metrics {
@@ -127,7 +128,14 @@ impl Metrics {
             "Redirected connections the proxy could not deliver",
             outbound_failures.clone(),
         );
+        let access_log_dropped = Gauge::default();
+        own.register(
+            "access_log_dropped",
+            "Access-log lines dropped because stdout could not keep up",
+            access_log_dropped.clone(),
+        );
         Self {
+            access_log_dropped,
             registry,
             tcp_opened,
             tcp_closed,

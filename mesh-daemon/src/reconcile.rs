@@ -181,9 +181,10 @@ impl Reconciler {
                 .collect();
             let task = tokio::spawn(outbound.run());
             // Listener first, map entry second: a connect redirected here always finds us.
-            self.pods_map
-                .set(netns.cookie(), &policy)
-                .map_err(|e| format!("writing sl_pods: {e}"))?;
+            if let Err(e) = self.pods_map.set(netns.cookie(), &policy) {
+                task.abort();
+                return Err(format!("writing sl_pods: {e}"));
+            }
             tracing::info!(pod = %uid, cookie = netns.cookie(), "pod enrolled");
             active.insert(
                 uid.to_owned(),

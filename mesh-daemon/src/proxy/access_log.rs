@@ -2,7 +2,64 @@
 //! pipelines parse it:
 //! `[START] "- - -" 0 FLAGS - "-" RECEIVED SENT DURATION - "-" "-" "-" "-" "UPSTREAM_HOST"
 //!  CLUSTER UPSTREAM_LOCAL DOWNSTREAM_LOCAL DOWNSTREAM_PEER - -`
-use std::{net::SocketAddr, time::SystemTime};
+use std::{
+    io::Write as _,
+    net::SocketAddr,
+    sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
+    },
+    time::SystemTime,
+};
+
+/// Lines waiting for the writer thread. A proxy task never blocks on stdout: when the
+/// writer falls this far behind, lines are dropped and counted instead.
+const QUEUE: usize = 8192;
+
+static SINK: OnceLock<SyncSender<String>> = OnceLock::new();
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Access-log lines dropped because stdout could not keep up.
+pub fn dropped() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+fn sink() -> &'static SyncSender<String> {
+    SINK.get_or_init(|| {
+        let (tx, rx) = sync_channel(QUEUE);
+        let spawned = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(&rx));
+        if spawned.is_err() {
+            // No writer: every line will count as dropped rather than block.
+            tracing::error!("cannot start the access-log writer thread");
+        }
+        tx
+    })
+}
+
+fn write_lines(rx: &Receiver<String>) {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    while let Ok(line) = rx.recv() {
+        let _ = writeln!(out, "{line}");
+        // Flush once the queue is drained, so a quiet daemon's log is never stale.
+        while let Ok(line) = rx.try_recv() {
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = out.flush();
+    }
+}
+
+fn emit(line: String) {
+    match sink().try_send(line) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
 
 pub struct TcpEntry<'a> {
     pub start: SystemTime,
@@ -32,10 +89,10 @@ pub fn log_tcp(e: &TcpEntry<'_>) {
     } else {
         e.response_flags
     };
-    println!(
+    emit(format!(
         "[{start}] \"- - -\" 0 {flags} - \"-\" {} {} {} - \"-\" \"-\" \"-\" \"-\" \"{upstream}\" {} {upstream_local} {} {} - -",
         e.received, e.sent, e.duration_ms, e.cluster, e.original_dst, e.downstream_peer
-    );
+    ));
 }
 
 /// RFC 3339 UTC with milliseconds, computed without a time-zone database.
