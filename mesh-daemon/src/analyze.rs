@@ -40,11 +40,11 @@ pub struct Message {
 
 impl std::fmt::Display for Message {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} [{}] ({} {}) {}",
-            self.level, self.code, self.resource, self.origin, self.message
-        )
+        write!(f, "{} [{}] ({}", self.level, self.code, self.resource)?;
+        if !self.origin.is_empty() {
+            write!(f, " {}", self.origin)?;
+        }
+        write!(f, ") {}", self.message)
     }
 }
 

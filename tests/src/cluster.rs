@@ -550,6 +550,11 @@ impl Cluster {
         self.write_file("cluster.yaml", &manifests::to_yaml(&objects))
     }
 
+    /// The manifest directory every daemon reads (the cluster's "API server").
+    pub fn config_dir(&self) -> &Path {
+        &self.config_dir
+    }
+
     /// Adds (or replaces) a manifest file of the test's own, e.g. Istio resources.
     pub fn write_file(&self, name: &str, text: &str) -> Result<()> {
         let tmp = self.config_dir.join(format!(".{name}.tmp"));

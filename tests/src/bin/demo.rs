@@ -172,18 +172,23 @@ fn main() -> anyhow::Result<()> {
         c.id
     );
 
-    step(6, "Istio resources read from the tutorial");
-    let dump = c.admin_json(1, "/config_dump")?;
-    for u in dump["unhandled"].as_array().into_iter().flatten() {
-        println!(
-            "   {} {} ({}): loaded, not yet enforced by this build",
-            u["kind"].as_str().unwrap_or(""),
-            u["key"].as_str().unwrap_or(""),
-            u["api_version"].as_str().unwrap_or("")
-        );
+    step(
+        6,
+        "The tutorial's Istio resources (meshctl analyze on the cluster's manifests)",
+    );
+    let meshctl = std::env::current_exe()?.with_file_name("meshctl");
+    let out = std::process::Command::new(&meshctl)
+        .arg("analyze")
+        .arg("-f")
+        .arg(c.config_dir())
+        .output()
+        .with_context(|| format!("running {}", meshctl.display()))?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("   {line}");
     }
+    let dump = c.admin_json(1, "/config_dump")?;
     let errors = dump["errors"].as_array().map(Vec::len).unwrap_or(0);
-    println!("   configuration errors: {errors}");
+    println!("   objects the daemon rejected: {errors}");
 
     println!("\nTearing the cluster down (namespaces, cgroups, pins, processes).");
     drop(c);
