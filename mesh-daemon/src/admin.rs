@@ -9,7 +9,9 @@ use hyper::{Request, body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{datapath::StatsMap, metrics::Metrics, reconcile::WorkloadStatus, state::Snapshot};
+use crate::{
+    datapath::StatsMap, metrics::Metrics, reconcile::WorkloadStatus, routing::view, state::Snapshot,
+};
 
 /// Everything the endpoints read.
 pub struct AdminState {
@@ -22,7 +24,7 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    fn respond(&self, path: &str) -> (StatusCode, &'static str, String) {
+    fn respond(&self, path: &str, query: Option<&str>) -> (StatusCode, &'static str, String) {
         const JSON: &str = "application/json";
         const TEXT: &str = "text/plain; charset=utf-8";
         let json = |v: serde_json::Result<String>| match v {
@@ -53,6 +55,35 @@ impl AdminState {
                 )
             }
             "/config_dump" => json(serde_json::to_string_pretty(&*self.snapshot.load_full())),
+            "/proxy_config/routes" | "/proxy_config/clusters" | "/proxy_config/endpoints" => {
+                let snap = self.snapshot.load_full();
+                let pod = query
+                    .into_iter()
+                    .flat_map(|q| q.split('&'))
+                    .find_map(|kv| kv.strip_prefix("pod="))
+                    .unwrap_or_default();
+                let (name, ns) = pod.split_once('.').unwrap_or((pod, "default"));
+                let Some(info) = snap
+                    .pods_by_uid
+                    .values()
+                    .find(|p| p.name == name && p.namespace == ns)
+                else {
+                    return (
+                        StatusCode::NOT_FOUND,
+                        TEXT,
+                        format!("pod {name}.{ns} is not in this daemon's configuration\n"),
+                    );
+                };
+                let r = &snap.routing;
+                let ns = info.namespace.as_str();
+                json(match path {
+                    "/proxy_config/routes" => serde_json::to_string_pretty(&view::routes(r, ns)),
+                    "/proxy_config/clusters" => {
+                        serde_json::to_string_pretty(&view::clusters(r, ns))
+                    }
+                    _ => serde_json::to_string_pretty(&view::endpoints(r, ns)),
+                })
+            }
             "/workloads" => json(serde_json::to_string_pretty(&*self.workloads.load_full())),
             "/bpf/stats" => json(serde_json::to_string_pretty(
                 &self
@@ -65,7 +96,8 @@ impl AdminState {
                 StatusCode::OK,
                 TEXT,
                 format!(
-                    "sidelane node daemon on {}\nendpoints: /healthz/ready /metrics /config_dump /workloads /bpf/stats\n",
+                    "sidelane node daemon on {}\nendpoints: /healthz/ready /metrics /config_dump /workloads /bpf/stats \
+                     /proxy_config/{{routes,clusters,endpoints}}?pod=NAME.NAMESPACE\n",
                     self.node_name
                 ),
             ),
@@ -118,7 +150,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, exposure: Expo
                 async move {
                     let path = req.uri().path();
                     let (status, ctype, body) = if exposure.allows(path) {
-                        state.respond(path)
+                        state.respond(path, req.uri().query())
                     } else {
                         (StatusCode::NOT_FOUND, "text/plain", "not found\n".into())
                     };

@@ -17,5 +17,6 @@ pub mod metrics;
 pub mod netns;
 pub mod proxy;
 pub mod reconcile;
+pub mod routing;
 pub mod settings;
 pub mod state;

@@ -107,7 +107,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .context("the manifest watcher stopped before the first load")?;
     let mut generation = 1;
     let apply = |objects: &mesh_daemon::config::objects::Objects, generation: u64| {
-        let snap = Snapshot::compile(objects, &settings.cluster_domain, generation);
+        let snap = Snapshot::compile(
+            objects,
+            &settings.cluster_domain,
+            &settings.root_namespace,
+            generation,
+        );
         for e in &snap.errors {
             tracing::warn!(object = %e.origin, error = %e.message, "configuration object rejected");
         }

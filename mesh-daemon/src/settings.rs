@@ -16,6 +16,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sidelane";
 /// How often the pod scan runs when nothing else triggers it: a new pod is enrolled within
 /// this long after its first process starts.
 pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_millis(300);
+/// Istio's default root (mesh config) namespace.
+pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 /// Envoy's and Istio's default upstream connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -58,6 +60,10 @@ pub struct Settings {
     /// Kubernetes cluster domain, for Service host names.
     #[arg(long, env = "SIDELANE_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
+
+    /// Namespace whose DestinationRules and PeerAuthentications apply mesh-wide.
+    #[arg(long, env = "SIDELANE_ROOT_NAMESPACE", default_value = DEFAULT_ROOT_NAMESPACE)]
+    pub root_namespace: String,
 
     /// Log format: "text" or "json".
     #[arg(long, env = "SIDELANE_LOG_FORMAT", default_value = "text")]

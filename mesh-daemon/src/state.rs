@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::{
     config::objects::{ObjectError, Objects, Unhandled},
     enrollment::{self, Enrollment},
+    routing::Routing,
 };
 
 #[derive(Debug, Clone, Serialize)]
@@ -59,12 +60,19 @@ pub struct Snapshot {
     pub pods_by_uid: HashMap<String, Arc<PodInfo>>,
     pub pods_by_ip: HashMap<IpAddr, Arc<PodInfo>>,
     pub services_by_vip: HashMap<SocketAddr, Arc<ServicePort>>,
+    /// VirtualServices, DestinationRules and clusters, compiled.
+    pub routing: Routing,
     pub unhandled: Vec<Unhandled>,
     pub errors: Vec<ObjectError>,
 }
 
 impl Snapshot {
-    pub fn compile(objects: &Objects, cluster_domain: &str, generation: u64) -> Self {
+    pub fn compile(
+        objects: &Objects,
+        cluster_domain: &str,
+        root_namespace: &str,
+        generation: u64,
+    ) -> Self {
         // Istio resources are validated and typed, but the proxy does not act on them yet.
         let mut unhandled = objects.unhandled.clone();
         unhandled.extend(objects.istio_resources().into_iter().map(
@@ -77,6 +85,7 @@ impl Snapshot {
         ));
         let mut snap = Snapshot {
             generation,
+            routing: crate::routing::compile(objects, cluster_domain, root_namespace),
             unhandled,
             errors: objects.errors.clone(),
             ..Default::default()
@@ -173,20 +182,6 @@ fn compile_service(
         .collect();
     vips.sort();
     vips.dedup();
-    let slices: Vec<_> = objects
-        .endpoint_slices
-        .iter()
-        .filter(|(k, s)| {
-            k.starts_with(&format!("{namespace}/"))
-                && s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get("kubernetes.io/service-name"))
-                    .map(String::as_str)
-                    == Some(name)
-        })
-        .map(|(_, s)| s)
-        .collect();
     for port in spec.ports.iter().flatten() {
         if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
             continue;
@@ -195,41 +190,7 @@ fn compile_service(
             continue;
         };
         let port_name = port.name.clone().unwrap_or_default();
-        let mut endpoints = Vec::new();
-        for slice in &slices {
-            let Some(target) = slice.ports.iter().flatten().find_map(|p| {
-                (p.name.clone().unwrap_or_default() == port_name)
-                    .then_some(p.port)
-                    .flatten()
-            }) else {
-                continue;
-            };
-            let Ok(target) = u16::try_from(target) else {
-                continue;
-            };
-            for ep in &slice.endpoints {
-                // Kubernetes: a nil `ready` means ready.
-                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                if !ready {
-                    continue;
-                }
-                let pod = ep
-                    .target_ref
-                    .as_ref()
-                    .filter(|r| r.kind.as_deref() == Some("Pod"))
-                    .and_then(|r| r.uid.clone());
-                for a in &ep.addresses {
-                    if let Ok(ip) = a.parse::<IpAddr>() {
-                        endpoints.push(Endpoint {
-                            addr: SocketAddr::new(ip, target),
-                            pod: pod.clone(),
-                        });
-                    }
-                }
-            }
-        }
-        endpoints.sort_by_key(|e| e.addr);
-        endpoints.dedup_by_key(|e| e.addr);
+        let endpoints = service_endpoints(objects, namespace, name, &port_name);
         for vip in &vips {
             let same_family: Vec<Endpoint> = endpoints
                 .iter()
@@ -255,6 +216,62 @@ fn compile_service(
             );
         }
     }
+}
+
+/// Ready endpoints of one Service port (by port name, as EndpointSlices name them), sorted
+/// and without duplicates.
+pub fn service_endpoints(
+    objects: &Objects,
+    namespace: &str,
+    name: &str,
+    port_name: &str,
+) -> Vec<Endpoint> {
+    let prefix = format!("{namespace}/");
+    let mut endpoints = Vec::new();
+    let slices = objects.endpoint_slices.iter().filter(|(k, s)| {
+        k.starts_with(&prefix)
+            && s.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+                .map(String::as_str)
+                == Some(name)
+    });
+    for (_, slice) in slices {
+        let Some(target) = slice.ports.iter().flatten().find_map(|p| {
+            (p.name.as_deref().unwrap_or_default() == port_name)
+                .then_some(p.port)
+                .flatten()
+        }) else {
+            continue;
+        };
+        let Ok(target) = u16::try_from(target) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            // Kubernetes: a nil `ready` means ready.
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if !ready {
+                continue;
+            }
+            let pod = ep
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| r.uid.clone());
+            for a in &ep.addresses {
+                if let Ok(ip) = a.parse::<IpAddr>() {
+                    endpoints.push(Endpoint {
+                        addr: SocketAddr::new(ip, target),
+                        pod: pod.clone(),
+                    });
+                }
+            }
+        }
+    }
+    endpoints.sort_by_key(|e| e.addr);
+    endpoints.dedup_by_key(|e| e.addr);
+    endpoints
 }
 
 #[cfg(test)]
@@ -305,7 +322,7 @@ endpoints:
         let mut o = Objects::default();
         o.add_text("t.yaml", OBJECTS);
         assert!(o.errors.is_empty(), "{:?}", o.errors);
-        let s = Snapshot::compile(&o, "cluster.local", 1);
+        let s = Snapshot::compile(&o, "cluster.local", "istio-system", 1);
         let v4 = s
             .service(&"10.96.0.10:80".parse().expect("addr"))
             .expect("v4 vip");

@@ -34,6 +34,14 @@ enum Cmd {
     ProxyStatus,
     /// The daemon's compiled configuration snapshot, as JSON.
     ConfigDump,
+    /// What the proxy uses for one pod: routes, clusters or endpoints (POD is name.namespace).
+    ProxyConfig {
+        #[arg(value_parser = ["routes", "clusters", "endpoints"])]
+        what: String,
+        pod: String,
+        #[arg(short = 'o', long, default_value = "text")]
+        output: String,
+    },
     /// Validate Istio and Kubernetes YAML and report what istioctl analyze would, plus what
     /// Sidelane does not enforce yet. Exits 79 when an error is found (as istioctl does).
     Analyze {
@@ -74,6 +82,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", get(cli.admin, "/config_dump")?);
             Ok(())
         }
+        Cmd::ProxyConfig { what, pod, output } => proxy_config(cli.admin, &what, &pod, &output),
         Cmd::Analyze {
             files,
             namespace,
@@ -150,6 +159,66 @@ fn get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
         bail!("{path}: {}", head.lines().next().unwrap_or("no response"));
     }
     Ok(body.to_owned())
+}
+
+fn proxy_config(admin: SocketAddr, what: &str, pod: &str, output: &str) -> anyhow::Result<()> {
+    let body = get(admin, &format!("/proxy_config/{what}?pod={pod}"))?;
+    if output == "json" {
+        println!("{body}");
+        return Ok(());
+    }
+    let rows: Vec<Value> = serde_json::from_str(&body)?;
+    let s = |v: &Value, k: &str| match &v[k] {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    match what {
+        "routes" => {
+            println!(
+                "{:<6} {:<45} {:<24} {:<50} VIRTUAL SERVICE",
+                "PORT", "HOST", "MATCH", "DESTINATIONS"
+            );
+            for r in &rows {
+                println!(
+                    "{:<6} {:<45} {:<24} {:<50} {}",
+                    s(r, "port"),
+                    s(r, "host"),
+                    s(r, "matches"),
+                    s(r, "action"),
+                    s(r, "virtual_service")
+                );
+            }
+        }
+        "clusters" => {
+            println!(
+                "{:<45} {:<6} {:<8} {:<10} DESTINATION RULE",
+                "SERVICE FQDN", "PORT", "SUBSET", "ENDPOINTS"
+            );
+            for r in &rows {
+                println!(
+                    "{:<45} {:<6} {:<8} {:<10} {}",
+                    s(r, "host"),
+                    s(r, "port"),
+                    s(r, "subset"),
+                    s(r, "endpoints"),
+                    s(r, "destination_rule")
+                );
+            }
+        }
+        _ => {
+            println!("{:<28} {:<9} CLUSTER", "ENDPOINT", "STATUS");
+            for r in &rows {
+                println!(
+                    "{:<28} {:<9} {}",
+                    s(r, "endpoint"),
+                    s(r, "status"),
+                    s(r, "cluster")
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn proxy_status(admin: SocketAddr) -> anyhow::Result<()> {

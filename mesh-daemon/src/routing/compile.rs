@@ -1,0 +1,364 @@
+//! Objects -> [`Routing`].
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
+
+use super::table::*;
+use crate::{
+    config::{
+        hosts,
+        istio::{
+            Resource,
+            networking::{self, Destination, VirtualServiceSpec},
+        },
+        objects::Objects,
+    },
+    state,
+};
+
+/// Istio's order among resources claiming the same thing: oldest first, then by name and
+/// namespace (manifest files carry no creation time, so name decides there).
+fn precedence<S>(
+    r: &Resource<S>,
+) -> (
+    Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    String,
+    String,
+) {
+    (
+        r.metadata.creation_timestamp.clone(),
+        r.name().to_owned(),
+        r.namespace().to_owned(),
+    )
+}
+
+pub fn compile(o: &Objects, cluster_domain: &str, root_namespace: &str) -> Routing {
+    let mut routing = Routing {
+        root_namespace: root_namespace.to_owned(),
+        ..Default::default()
+    };
+    let pod_labels: HashMap<&str, &BTreeMap<String, String>> = o
+        .pods
+        .values()
+        .filter_map(|p| Some((p.metadata.uid.as_deref()?, p.metadata.labels.as_ref()?)))
+        .collect();
+    for (key, svc) in &o.services {
+        let (ns, name) = key.split_once('/').unwrap_or(("default", key));
+        let host = format!("{name}.{ns}.svc.{cluster_domain}");
+        let mut info = ServiceInfo {
+            host: host.clone(),
+            namespace: ns.to_owned(),
+            ports: Vec::new(),
+            endpoints: BTreeMap::new(),
+        };
+        for port in svc.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
+            let Ok(number) = u16::try_from(port.port) else {
+                continue;
+            };
+            if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+                continue;
+            }
+            info.ports.push(number);
+            let eps = state::service_endpoints(o, ns, name, port.name.as_deref().unwrap_or(""))
+                .into_iter()
+                .map(|e| {
+                    let labels = e
+                        .pod
+                        .as_deref()
+                        .and_then(|uid| pod_labels.get(uid))
+                        .map(|l| (*l).clone())
+                        .unwrap_or_default();
+                    (e, labels)
+                })
+                .collect();
+            info.endpoints.insert(number, eps);
+        }
+        routing.services.insert(host, Arc::new(info));
+    }
+
+    // DestinationRules, grouped by host and namespace, merged in precedence order.
+    let mut drs: Vec<&Resource<networking::DestinationRuleSpec>> =
+        o.destination_rules.values().collect();
+    drs.sort_by_key(|r| precedence(r));
+    let mut by_host_ns: BTreeMap<(String, String), DestinationPolicy> = BTreeMap::new();
+    for dr in drs {
+        let ns = dr.namespace();
+        let host = hosts::fqdn(&dr.spec.host, ns, cluster_domain);
+        let entry = by_host_ns
+            .entry((host, ns.to_owned()))
+            .or_insert_with(|| DestinationPolicy {
+                rules: Vec::new(),
+                namespace: ns.to_owned(),
+                visibility: Visibility::from_export_to(&dr.spec.export_to, ns),
+                traffic_policy: dr.spec.traffic_policy.clone(),
+                subsets: BTreeMap::new(),
+            });
+        entry.rules.push(format!("{ns}/{}", dr.name()));
+        for s in &dr.spec.subsets {
+            entry
+                .subsets
+                .entry(s.name.clone())
+                .or_insert_with(|| (s.labels.clone(), s.traffic_policy.clone()));
+        }
+    }
+    for ((host, _), policy) in by_host_ns {
+        routing
+            .destination_rules
+            .entry(host)
+            .or_default()
+            .push(Arc::new(policy));
+    }
+
+    // VirtualServices bound to the mesh, oldest first.
+    let mut vss: Vec<&Resource<VirtualServiceSpec>> = o
+        .virtual_services
+        .values()
+        .filter(|v| !v.spec.hosts.is_empty())
+        .filter(|v| v.spec.gateways.is_empty() || v.spec.gateways.iter().any(|g| g == "mesh"))
+        .collect();
+    vss.sort_by_key(|r| precedence(r));
+    for vs in vss {
+        let ns = vs.namespace();
+        let visibility = Visibility::from_export_to(&vs.spec.export_to, ns);
+        for pattern in &vs.spec.hosts {
+            let pattern = hosts::fqdn(pattern, ns, cluster_domain);
+            let mut targets: Vec<(String, u16)> = routing
+                .services
+                .values()
+                .filter(|s| hosts::matches(&pattern, &s.host))
+                .flat_map(|s| s.ports.iter().map(|p| (s.host.clone(), *p)))
+                .collect();
+            targets.sort();
+            for (host, port) in targets {
+                let routes = vs
+                    .spec
+                    .http
+                    .iter()
+                    .flat_map(|r| expand_delegate(o, r, ns))
+                    .filter_map(|(r, route_ns)| {
+                        compile_route(&r, &route_ns, port, cluster_domain, &routing)
+                    })
+                    .collect();
+                routing
+                    .virtual_hosts
+                    .entry((host, port))
+                    .or_default()
+                    .push(Arc::new(VirtualHost {
+                        virtual_service: Some(format!("{ns}/{}", vs.name())),
+                        visibility: visibility.clone(),
+                        routes,
+                    }));
+            }
+        }
+    }
+    routing
+}
+
+/// A route of a root VirtualService that delegates is replaced by the delegate's routes,
+/// each narrowed by the root's match; everything else stays as it is.
+fn expand_delegate(
+    o: &Objects,
+    r: &networking::HttpRoute,
+    ns: &str,
+) -> Vec<(networking::HttpRoute, String)> {
+    let Some(d) = &r.delegate else {
+        return vec![(r.clone(), ns.to_owned())];
+    };
+    let dns = d.namespace.clone().unwrap_or_else(|| ns.to_owned());
+    let Some(delegate) = o.virtual_services.get(&format!("{dns}/{}", d.name)) else {
+        // Istio drops a route whose delegate does not exist.
+        return vec![];
+    };
+    delegate
+        .spec
+        .http
+        .iter()
+        .map(|child| {
+            let mut merged = child.clone();
+            merged.matches = merge_matches(&r.matches, &child.matches);
+            (merged, dns.clone())
+        })
+        .collect()
+}
+
+/// Every (root, child) pair, the child's conditions added to the root's.
+fn merge_matches(
+    root: &[networking::HttpMatchRequest],
+    child: &[networking::HttpMatchRequest],
+) -> Vec<networking::HttpMatchRequest> {
+    match (root.is_empty(), child.is_empty()) {
+        (true, _) => child.to_vec(),
+        (false, true) => root.to_vec(),
+        (false, false) => root
+            .iter()
+            .flat_map(|r| {
+                child.iter().map(move |c| {
+                    let mut m = r.clone();
+                    if c.uri.is_some() {
+                        m.uri = c.uri.clone();
+                    }
+                    if c.method.is_some() {
+                        m.method = c.method.clone();
+                    }
+                    if c.authority.is_some() {
+                        m.authority = c.authority.clone();
+                    }
+                    if c.scheme.is_some() {
+                        m.scheme = c.scheme.clone();
+                    }
+                    m.headers.extend(c.headers.clone());
+                    m.without_headers.extend(c.without_headers.clone());
+                    m.query_params.extend(c.query_params.clone());
+                    m.source_labels.extend(c.source_labels.clone());
+                    m.port = c.port.or(m.port);
+                    m.source_namespace = c.source_namespace.clone().or(m.source_namespace);
+                    m.name = c.name.clone().or(m.name);
+                    m
+                })
+            })
+            .collect(),
+    }
+}
+
+fn compile_match(m: &networking::HttpMatchRequest) -> RequestMatch {
+    let headers = |h: &BTreeMap<String, crate::config::istio::types::StringMatch>| {
+        h.iter()
+            .map(|(k, v)| {
+                // `regex: "*"` in withoutHeaders and an empty match both mean "present".
+                let presence = v.regex.as_deref() == Some("*")
+                    || (v.exact.is_none() && v.prefix.is_none() && v.regex.is_none());
+                let matcher = if presence {
+                    None
+                } else {
+                    Matcher::compile(v, false)
+                };
+                (k.to_ascii_lowercase(), matcher)
+            })
+            .collect()
+    };
+    RequestMatch {
+        name: m.name.clone(),
+        uri: m
+            .uri
+            .as_ref()
+            .and_then(|u| Matcher::compile(u, m.ignore_uri_case)),
+        ignore_uri_case: m.ignore_uri_case,
+        scheme: m.scheme.as_ref().and_then(|s| Matcher::compile(s, false)),
+        method: m.method.as_ref().and_then(|s| Matcher::compile(s, false)),
+        authority: m
+            .authority
+            .as_ref()
+            .and_then(|s| Matcher::compile(s, false)),
+        headers: headers(&m.headers),
+        without_headers: headers(&m.without_headers),
+        query_params: m
+            .query_params
+            .iter()
+            .map(|(k, v)| {
+                let presence = v.exact.is_none() && v.prefix.is_none() && v.regex.is_none();
+                (
+                    k.clone(),
+                    if presence {
+                        None
+                    } else {
+                        Matcher::compile(v, false)
+                    },
+                )
+            })
+            .collect(),
+        port: m.port.and_then(|p| u16::try_from(p).ok()),
+        source_labels: m.source_labels.clone(),
+        source_namespace: m.source_namespace.clone(),
+    }
+}
+
+/// The route as it applies on `port`; `None` when every match block names another port.
+fn compile_route(
+    r: &networking::HttpRoute,
+    ns: &str,
+    port: u16,
+    cluster_domain: &str,
+    routing: &Routing,
+) -> Option<HttpRoute> {
+    let matches: Vec<RequestMatch> = r
+        .matches
+        .iter()
+        .filter(|m| m.port.is_none_or(|p| p == u32::from(port)))
+        .map(compile_match)
+        .collect();
+    if !r.matches.is_empty() && matches.is_empty() {
+        return None;
+    }
+    let target = |d: &Destination, weight: u32, headers| {
+        let host = hosts::fqdn(&d.host, ns, cluster_domain);
+        let dport = d
+            .port
+            .as_ref()
+            .and_then(|p| p.number)
+            .and_then(|p| u16::try_from(p).ok())
+            .or_else(|| {
+                let ports = &routing.services.get(&host)?.ports;
+                (ports.len() == 1).then(|| ports[0])
+            })
+            .unwrap_or(port);
+        WeightedCluster {
+            cluster: cluster_name(dport, d.subset.as_deref(), &host),
+            host,
+            port: dport,
+            subset: d.subset.clone(),
+            weight,
+            headers,
+        }
+    };
+    let action = if let Some(rd) = &r.redirect {
+        RouteAction::Redirect(rd.clone())
+    } else if let Some(dr) = &r.direct_response {
+        RouteAction::DirectResponse(dr.clone())
+    } else {
+        let single = r.route.len() == 1;
+        RouteAction::Route(
+            r.route
+                .iter()
+                .map(|d| {
+                    // A lone destination without a weight takes all traffic; among several,
+                    // a missing weight is 0.
+                    let w = d.weight.unwrap_or(if single { 100 } else { 0 }).max(0) as u32;
+                    target(&d.destination, w, d.headers.clone())
+                })
+                .collect(),
+        )
+    };
+    let mut mirrors: Vec<_> = r
+        .mirror
+        .iter()
+        .map(|m| {
+            let pct = r.mirror_percentage.or(r.mirror_percent.map(|p| {
+                crate::config::istio::types::Percent {
+                    value: f64::from(p),
+                }
+            }));
+            (target(m, 100, None), pct)
+        })
+        .collect();
+    mirrors.extend(
+        r.mirrors
+            .iter()
+            .map(|m| (target(&m.destination, 100, None), m.percentage)),
+    );
+    Some(HttpRoute {
+        name: r.name.clone(),
+        matches,
+        action,
+        timeout: r.timeout,
+        retries: r.retries.clone(),
+        fault: r.fault.clone(),
+        mirrors,
+        rewrite: r.rewrite.clone(),
+        cors: r.cors_policy.clone(),
+        headers: r.headers.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,302 @@
+//! The compiled forms, ready for per-request evaluation.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+};
+
+use serde::Serialize;
+
+use crate::{
+    config::istio::{
+        networking::{
+            CorsPolicy, Headers, HttpDirectResponse, HttpFaultInjection, HttpRedirect, HttpRetry,
+            HttpRewrite, TrafficPolicy,
+        },
+        types::{Duration, Percent, StringMatch},
+    },
+    state::Endpoint,
+};
+
+/// Who may see a resource (`exportTo`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum Visibility {
+    All,
+    Namespaces(BTreeSet<String>),
+}
+
+impl Visibility {
+    pub fn from_export_to(export_to: &[String], own_namespace: &str) -> Self {
+        if export_to.is_empty() || export_to.iter().any(|e| e == "*") {
+            return Visibility::All;
+        }
+        Visibility::Namespaces(
+            export_to
+                .iter()
+                .map(|e| {
+                    if e == "." {
+                        own_namespace.to_owned()
+                    } else {
+                        e.clone()
+                    }
+                })
+                .collect(),
+        )
+    }
+
+    pub fn allows(&self, namespace: &str) -> bool {
+        match self {
+            Visibility::All => true,
+            Visibility::Namespaces(ns) => ns.contains(namespace),
+        }
+    }
+}
+
+/// A compiled string match.
+#[derive(Clone, Debug, Serialize)]
+pub enum Matcher {
+    Exact(String),
+    Prefix(String),
+    Regex(#[serde(serialize_with = "regex_str")] regex::Regex),
+}
+
+fn regex_str<S: serde::Serializer>(r: &regex::Regex, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(r.as_str())
+}
+
+impl Matcher {
+    /// `None` for an empty `StringMatch` (which matches anything in Istio).
+    pub fn compile(m: &StringMatch, ignore_case: bool) -> Option<Self> {
+        let lower = |s: &String| {
+            if ignore_case {
+                s.to_lowercase()
+            } else {
+                s.clone()
+            }
+        };
+        if let Some(e) = &m.exact {
+            Some(Matcher::Exact(lower(e)))
+        } else if let Some(p) = &m.prefix {
+            Some(Matcher::Prefix(lower(p)))
+        } else {
+            // Envoy matches the whole value against the regex (RE2 full match).
+            let re = m.regex.as_ref()?;
+            let re = if ignore_case {
+                format!("(?i)^(?:{re})$")
+            } else {
+                format!("^(?:{re})$")
+            };
+            regex::Regex::new(&re).ok().map(Matcher::Regex)
+        }
+    }
+
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            Matcher::Exact(e) => value == e,
+            Matcher::Prefix(p) => value.starts_with(p.as_str()),
+            Matcher::Regex(r) => r.is_match(value),
+        }
+    }
+}
+
+/// One `match` block: every condition must hold.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RequestMatch {
+    pub name: Option<String>,
+    pub uri: Option<Matcher>,
+    pub ignore_uri_case: bool,
+    pub scheme: Option<Matcher>,
+    pub method: Option<Matcher>,
+    pub authority: Option<Matcher>,
+    /// Header name (lower case) and matcher; `None` means "present".
+    pub headers: Vec<(String, Option<Matcher>)>,
+    /// Headers that must not match (or, with `None`, must be absent).
+    pub without_headers: Vec<(String, Option<Matcher>)>,
+    pub query_params: Vec<(String, Option<Matcher>)>,
+    pub port: Option<u16>,
+    pub source_labels: BTreeMap<String, String>,
+    pub source_namespace: Option<String>,
+}
+
+/// A weighted destination, already resolved to its cluster.
+#[derive(Clone, Debug, Serialize)]
+pub struct WeightedCluster {
+    pub cluster: String,
+    pub host: String,
+    pub port: u16,
+    pub subset: Option<String>,
+    pub weight: u32,
+    pub headers: Option<Headers>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub enum RouteAction {
+    Route(Vec<WeightedCluster>),
+    Redirect(HttpRedirect),
+    DirectResponse(HttpDirectResponse),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct HttpRoute {
+    pub name: Option<String>,
+    /// Empty: matches every request. Several: any one may match.
+    pub matches: Vec<RequestMatch>,
+    pub action: RouteAction,
+    pub timeout: Option<Duration>,
+    pub retries: Option<HttpRetry>,
+    pub fault: Option<HttpFaultInjection>,
+    pub mirrors: Vec<(WeightedCluster, Option<Percent>)>,
+    pub rewrite: Option<HttpRewrite>,
+    pub cors: Option<CorsPolicy>,
+    pub headers: Option<Headers>,
+}
+
+/// The routes of one VirtualService for one host and port.
+#[derive(Clone, Debug, Serialize)]
+pub struct VirtualHost {
+    /// `namespace/name` of the VirtualService, or `None` for the default route.
+    pub virtual_service: Option<String>,
+    pub visibility: Visibility,
+    pub routes: Vec<HttpRoute>,
+}
+
+/// One DestinationRule as it applies to one host (several merged when they share a host
+/// and a namespace).
+#[derive(Clone, Debug, Serialize)]
+pub struct DestinationPolicy {
+    pub rules: Vec<String>,
+    pub namespace: String,
+    pub visibility: Visibility,
+    pub traffic_policy: Option<TrafficPolicy>,
+    /// Subset name -> (labels, subset traffic policy).
+    pub subsets: BTreeMap<String, (BTreeMap<String, String>, Option<TrafficPolicy>)>,
+}
+
+/// An upstream cluster: a service port, optionally narrowed to a subset.
+#[derive(Clone, Debug, Serialize)]
+pub struct Cluster {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub subset: Option<String>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// An endpoint and the labels of the pod behind it (what subsets select on).
+pub type LabelledEndpoint = (Endpoint, BTreeMap<String, String>);
+
+/// A Service as routing sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceInfo {
+    pub host: String,
+    pub namespace: String,
+    pub ports: Vec<u16>,
+    /// Endpoints by service port, with the labels of the pod behind each.
+    pub endpoints: BTreeMap<u16, Vec<LabelledEndpoint>>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Routing {
+    pub root_namespace: String,
+    pub services: HashMap<String, Arc<ServiceInfo>>,
+    /// (host, port) -> candidate VirtualServices, most precedent first.
+    pub virtual_hosts: HashMap<(String, u16), Vec<Arc<VirtualHost>>>,
+    /// host -> DestinationRules by namespace.
+    pub destination_rules: HashMap<String, Vec<Arc<DestinationPolicy>>>,
+}
+
+pub fn cluster_name(port: u16, subset: Option<&str>, host: &str) -> String {
+    format!("outbound|{port}|{}|{host}", subset.unwrap_or(""))
+}
+
+impl Routing {
+    /// The routes a client in `namespace` gets for `host:port` (the default route when no
+    /// VirtualService applies).
+    pub fn virtual_host(&self, namespace: &str, host: &str, port: u16) -> Option<Arc<VirtualHost>> {
+        if let Some(vh) = self
+            .virtual_hosts
+            .get(&(host.to_owned(), port))
+            .and_then(|c| c.iter().find(|v| v.visibility.allows(namespace)))
+        {
+            return Some(vh.clone());
+        }
+        self.services
+            .get(host)
+            .filter(|s| s.ports.contains(&port))
+            .map(|_| {
+                Arc::new(VirtualHost {
+                    virtual_service: None,
+                    visibility: Visibility::All,
+                    routes: vec![HttpRoute {
+                        name: Some("default".into()),
+                        matches: vec![],
+                        action: RouteAction::Route(vec![WeightedCluster {
+                            cluster: cluster_name(port, None, host),
+                            host: host.to_owned(),
+                            port,
+                            subset: None,
+                            weight: 100,
+                            headers: None,
+                        }]),
+                        timeout: None,
+                        retries: None,
+                        fault: None,
+                        mirrors: vec![],
+                        rewrite: None,
+                        cors: None,
+                        headers: None,
+                    }],
+                })
+            })
+    }
+
+    /// The DestinationRule a client in `namespace` gets for `host`: its own namespace's,
+    /// else the service's namespace's, else the root namespace's.
+    pub fn destination_rule(&self, namespace: &str, host: &str) -> Option<&Arc<DestinationPolicy>> {
+        let candidates = self.destination_rules.get(host)?;
+        let service_ns = self.services.get(host).map(|s| s.namespace.as_str());
+        [
+            Some(namespace),
+            service_ns,
+            Some(self.root_namespace.as_str()),
+        ]
+        .into_iter()
+        .flatten()
+        .find_map(|ns| {
+            candidates
+                .iter()
+                .find(|d| d.namespace == ns && d.visibility.allows(namespace))
+        })
+    }
+
+    /// The cluster a client in `namespace` reaches for `host:port`, narrowed to `subset`.
+    /// `None` when the subset is not defined for this client: Envoy answers such routes
+    /// with 503 (no cluster).
+    pub fn cluster(
+        &self,
+        namespace: &str,
+        host: &str,
+        port: u16,
+        subset: Option<&str>,
+    ) -> Option<Cluster> {
+        let svc = self.services.get(host)?;
+        let all = svc.endpoints.get(&port)?;
+        let labels = match subset {
+            None => None,
+            Some(s) => Some(&self.destination_rule(namespace, host)?.subsets.get(s)?.0),
+        };
+        let endpoints = all
+            .iter()
+            .filter(|(_, pod_labels)| {
+                labels.is_none_or(|want| want.iter().all(|(k, v)| pod_labels.get(k) == Some(v)))
+            })
+            .map(|(e, _)| e.clone())
+            .collect();
+        Some(Cluster {
+            name: cluster_name(port, subset, host),
+            host: host.to_owned(),
+            port,
+            subset: subset.map(str::to_owned),
+            endpoints,
+        })
+    }
+}

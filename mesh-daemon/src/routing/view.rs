@@ -1,0 +1,179 @@
+//! What `meshctl proxy-config` shows for one client namespace: the routes, clusters and
+//! endpoints the proxy would use for that pod.
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use super::table::{Matcher, RequestMatch, RouteAction, Routing};
+
+#[derive(Debug, Serialize)]
+pub struct RouteView {
+    pub port: u16,
+    pub host: String,
+    pub route: String,
+    pub matches: String,
+    pub action: String,
+    pub virtual_service: String,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ClusterView {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub subset: String,
+    pub destination_rule: String,
+    pub endpoints: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndpointView {
+    pub endpoint: String,
+    pub status: &'static str,
+    pub cluster: String,
+}
+
+fn matcher(m: &Matcher) -> String {
+    match m {
+        Matcher::Exact(e) => e.clone(),
+        Matcher::Prefix(p) => format!("{p}*"),
+        Matcher::Regex(r) => format!("~{}", r.as_str()),
+    }
+}
+
+fn request_match(m: &RequestMatch) -> String {
+    let mut parts = Vec::new();
+    if let Some(u) = &m.uri {
+        parts.push(matcher(u));
+    }
+    if let Some(x) = &m.method {
+        parts.push(format!("method={}", matcher(x)));
+    }
+    if let Some(x) = &m.authority {
+        parts.push(format!("authority={}", matcher(x)));
+    }
+    for (k, v) in &m.headers {
+        parts.push(
+            v.as_ref()
+                .map_or(k.clone(), |v| format!("{k}={}", matcher(v))),
+        );
+    }
+    for (k, v) in &m.without_headers {
+        parts.push(
+            v.as_ref()
+                .map_or(format!("!{k}"), |v| format!("{k}!={}", matcher(v))),
+        );
+    }
+    for (k, v) in &m.query_params {
+        parts.push(
+            v.as_ref()
+                .map_or(format!("?{k}"), |v| format!("?{k}={}", matcher(v))),
+        );
+    }
+    if let Some(ns) = &m.source_namespace {
+        parts.push(format!("from-ns={ns}"));
+    }
+    if !m.source_labels.is_empty() {
+        let l: Vec<String> = m
+            .source_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        parts.push(format!("from={}", l.join(",")));
+    }
+    if parts.is_empty() {
+        "/*".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+pub fn routes(r: &Routing, namespace: &str) -> Vec<RouteView> {
+    let mut keys: Vec<(String, u16)> = r
+        .services
+        .values()
+        .flat_map(|s| s.ports.iter().map(|p| (s.host.clone(), *p)))
+        .collect();
+    keys.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+    let mut out = Vec::new();
+    for (host, port) in keys {
+        let Some(vh) = r.virtual_host(namespace, &host, port) else {
+            continue;
+        };
+        for (i, route) in vh.routes.iter().enumerate() {
+            let matches = if route.matches.is_empty() {
+                "/*".to_owned()
+            } else {
+                route
+                    .matches
+                    .iter()
+                    .map(request_match)
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            };
+            let action = match &route.action {
+                RouteAction::Route(w) => w
+                    .iter()
+                    .map(|w| format!("{} {}%", w.cluster, w.weight))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                RouteAction::Redirect(rd) => {
+                    format!("redirect {}", serde_json::to_string(rd).unwrap_or_default())
+                }
+                RouteAction::DirectResponse(d) => format!("direct response {}", d.status),
+            };
+            out.push(RouteView {
+                port,
+                host: host.clone(),
+                route: route.name.clone().unwrap_or_else(|| format!("#{i}")),
+                matches,
+                action,
+                virtual_service: vh.virtual_service.clone().unwrap_or_else(|| "-".into()),
+            });
+        }
+    }
+    out
+}
+
+pub fn clusters(r: &Routing, namespace: &str) -> Vec<ClusterView> {
+    let mut out = BTreeSet::new();
+    for svc in r.services.values() {
+        let dr = r.destination_rule(namespace, &svc.host);
+        let subsets: Vec<Option<&str>> = std::iter::once(None)
+            .chain(
+                dr.iter()
+                    .flat_map(|d| d.subsets.keys().map(|s| Some(s.as_str()))),
+            )
+            .collect();
+        for port in &svc.ports {
+            for subset in &subsets {
+                if let Some(c) = r.cluster(namespace, &svc.host, *port, *subset) {
+                    out.insert(ClusterView {
+                        name: c.name,
+                        host: c.host,
+                        port: c.port,
+                        subset: c.subset.unwrap_or_default(),
+                        destination_rule: dr.map_or("-".into(), |d| d.rules.join(",")),
+                        endpoints: c.endpoints.len(),
+                    });
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
+pub fn endpoints(r: &Routing, namespace: &str) -> Vec<EndpointView> {
+    let mut out = Vec::new();
+    for c in clusters(r, namespace) {
+        let subset = (!c.subset.is_empty()).then_some(c.subset.as_str());
+        if let Some(cl) = r.cluster(namespace, &c.host, c.port, subset) {
+            out.extend(cl.endpoints.into_iter().map(|e| EndpointView {
+                endpoint: e.addr.to_string(),
+                status: "HEALTHY",
+                cluster: cl.name.clone(),
+            }));
+        }
+    }
+    out
+}
