@@ -8,7 +8,7 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::{core::v1::Pod, discovery::v1::EndpointSlice};
 use serde::Serialize;
 
 use crate::{
@@ -73,6 +73,7 @@ impl Snapshot {
         root_namespace: &str,
         generation: u64,
     ) -> Self {
+        let slices = SliceIndex::new(objects);
         // Istio resources are validated and typed, but the proxy does not act on them yet.
         let mut unhandled = objects.unhandled.clone();
         unhandled.extend(objects.istio_resources().into_iter().map(
@@ -85,7 +86,7 @@ impl Snapshot {
         ));
         let mut snap = Snapshot {
             generation,
-            routing: crate::routing::compile(objects, cluster_domain, root_namespace),
+            routing: crate::routing::compile(objects, &slices, cluster_domain, root_namespace),
             unhandled,
             errors: objects.errors.clone(),
             ..Default::default()
@@ -101,7 +102,7 @@ impl Snapshot {
             snap.pods_by_uid.insert(info.uid.clone(), info);
         }
         for (key, svc) in &objects.services {
-            compile_service(objects, key, svc, cluster_domain, &mut snap);
+            compile_service(&slices, key, svc, cluster_domain, &mut snap);
         }
         snap
     }
@@ -163,7 +164,7 @@ fn pod_info(objects: &Objects, pod: &Pod) -> Option<PodInfo> {
 }
 
 fn compile_service(
-    objects: &Objects,
+    slices: &SliceIndex<'_>,
     key: &str,
     svc: &k8s_openapi::api::core::v1::Service,
     cluster_domain: &str,
@@ -190,7 +191,7 @@ fn compile_service(
             continue;
         };
         let port_name = port.name.clone().unwrap_or_default();
-        let endpoints = service_endpoints(objects, namespace, name, &port_name);
+        let endpoints = service_endpoints(slices, namespace, name, &port_name);
         for vip in &vips {
             let same_family: Vec<Endpoint> = endpoints
                 .iter()
@@ -218,26 +219,38 @@ fn compile_service(
     }
 }
 
+/// EndpointSlices by (namespace, service name), built once per compilation so looking up a
+/// Service's endpoints does not scan every slice in the cluster.
+pub struct SliceIndex<'a>(HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>);
+
+impl<'a> SliceIndex<'a> {
+    pub fn new(objects: &'a Objects) -> Self {
+        let mut m: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for (key, slice) in &objects.endpoint_slices {
+            let ns = key.split_once('/').map_or("default", |(ns, _)| ns);
+            if let Some(svc) = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+            {
+                m.entry((ns, svc.as_str())).or_default().push(slice);
+            }
+        }
+        Self(m)
+    }
+}
+
 /// Ready endpoints of one Service port (by port name, as EndpointSlices name them), sorted
 /// and without duplicates.
 pub fn service_endpoints(
-    objects: &Objects,
+    index: &SliceIndex<'_>,
     namespace: &str,
     name: &str,
     port_name: &str,
 ) -> Vec<Endpoint> {
-    let prefix = format!("{namespace}/");
     let mut endpoints = Vec::new();
-    let slices = objects.endpoint_slices.iter().filter(|(k, s)| {
-        k.starts_with(&prefix)
-            && s.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get("kubernetes.io/service-name"))
-                .map(String::as_str)
-                == Some(name)
-    });
-    for (_, slice) in slices {
+    for slice in index.0.get(&(namespace, name)).into_iter().flatten() {
         let Some(target) = slice.ports.iter().flatten().find_map(|p| {
             (p.name.as_deref().unwrap_or_default() == port_name)
                 .then_some(p.port)

@@ -33,7 +33,12 @@ fn precedence<S>(
     )
 }
 
-pub fn compile(o: &Objects, cluster_domain: &str, root_namespace: &str) -> Routing {
+pub fn compile(
+    o: &Objects,
+    slices: &state::SliceIndex<'_>,
+    cluster_domain: &str,
+    root_namespace: &str,
+) -> Routing {
     let mut routing = Routing {
         root_namespace: root_namespace.to_owned(),
         ..Default::default()
@@ -60,18 +65,19 @@ pub fn compile(o: &Objects, cluster_domain: &str, root_namespace: &str) -> Routi
                 continue;
             }
             info.ports.push(number);
-            let eps = state::service_endpoints(o, ns, name, port.name.as_deref().unwrap_or(""))
-                .into_iter()
-                .map(|e| {
-                    let labels = e
-                        .pod
-                        .as_deref()
-                        .and_then(|uid| pod_labels.get(uid))
-                        .map(|l| (*l).clone())
-                        .unwrap_or_default();
-                    (e, labels)
-                })
-                .collect();
+            let eps =
+                state::service_endpoints(slices, ns, name, port.name.as_deref().unwrap_or(""))
+                    .into_iter()
+                    .map(|e| {
+                        let labels = e
+                            .pod
+                            .as_deref()
+                            .and_then(|uid| pod_labels.get(uid))
+                            .map(|l| (*l).clone())
+                            .unwrap_or_default();
+                        (e, labels)
+                    })
+                    .collect();
             info.endpoints.insert(number, eps);
         }
         routing.services.insert(host, Arc::new(info));
@@ -123,10 +129,18 @@ pub fn compile(o: &Objects, cluster_domain: &str, root_namespace: &str) -> Routi
         let visibility = Visibility::from_export_to(&vs.spec.export_to, ns);
         for pattern in &vs.spec.hosts {
             let pattern = hosts::fqdn(pattern, ns, cluster_domain);
-            let mut targets: Vec<(String, u16)> = routing
-                .services
-                .values()
-                .filter(|s| hosts::matches(&pattern, &s.host))
+            // Exact hosts are a lookup; only wildcards scan the services.
+            let matching: Vec<&Arc<ServiceInfo>> = if pattern.contains('*') {
+                routing
+                    .services
+                    .values()
+                    .filter(|s| hosts::matches(&pattern, &s.host))
+                    .collect()
+            } else {
+                routing.services.get(&pattern).into_iter().collect()
+            };
+            let mut targets: Vec<(String, u16)> = matching
+                .iter()
                 .flat_map(|s| s.ports.iter().map(|p| (s.host.clone(), *p)))
                 .collect();
             targets.sort();

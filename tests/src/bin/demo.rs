@@ -189,8 +189,13 @@ fn main() -> anyhow::Result<()> {
     let dump = c.admin_json(1, "/config_dump")?;
     let errors = dump["errors"].as_array().map(Vec::len).unwrap_or(0);
     println!("   objects the daemon rejected: {errors}");
-    println!("   what they compile to for the sleep pod (meshctl proxy-config routes sleep.production):");
-    for line in c.meshctl(1, &["proxy-config", "routes", "sleep.production"])?.lines() {
+    println!(
+        "   what they compile to for the sleep pod (meshctl proxy-config routes sleep.production):"
+    );
+    for line in c
+        .meshctl(1, &["proxy-config", "routes", "sleep.production"])?
+        .lines()
+    {
         println!("     {line}");
     }
 

@@ -43,7 +43,12 @@ fn routing(extra: &[&str]) -> Routing {
         o.add_text(&format!("extra{i}.yaml"), t);
     }
     assert!(o.errors.is_empty(), "{:#?}", o.errors);
-    compile(&o, "cluster.local", "istio-system")
+    compile(
+        &o,
+        &crate::state::SliceIndex::new(&o),
+        "cluster.local",
+        "istio-system",
+    )
 }
 
 fn tutorial(f: &str) -> String {
