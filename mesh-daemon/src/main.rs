@@ -7,13 +7,13 @@ use clap::Parser as _;
 use mesh_daemon::{
     admin::{self, AdminState, Exposure},
     cgroup,
-    config::manifest_dir,
+    config::{kube_source, manifest_dir},
     datapath::Datapath,
     metrics::{Metrics, ReloadLabels},
     netns::HostNetns,
     proxy::ProxyInputs,
     reconcile::Reconciler,
-    settings::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCAN_INTERVAL, Settings},
+    settings::{ConfigSource, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCAN_INTERVAL, Settings},
     state::Snapshot,
 };
 use tokio::sync::{mpsc, watch};
@@ -100,7 +100,17 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 
     // Configuration: every batch of objects becomes a new snapshot, swapped in whole.
     let (obj_tx, mut obj_rx) = mpsc::channel(4);
-    let _watch = manifest_dir::watch(settings.config_dir.clone(), obj_tx)?;
+    // Held for the daemon's life: dropping it stops the source.
+    let _source: Box<dyn std::any::Any> = match (settings.config_source, &settings.config_dir) {
+        (ConfigSource::Dir, Some(dir)) => Box::new(manifest_dir::watch(dir.clone(), obj_tx)?),
+        (ConfigSource::Dir, None) => anyhow::bail!("--config-source dir needs --config-dir"),
+        (ConfigSource::Kubernetes, _) => {
+            let client = kube::Client::try_default().await.context(
+                "connecting to the Kubernetes API (in-cluster service account, or KUBECONFIG)",
+            )?;
+            Box::new(kube_source::watch(client, obj_tx))
+        }
+    };
     let first = obj_rx
         .recv()
         .await

@@ -21,6 +21,12 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 /// Envoy's and Istio's default upstream connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigSource {
+    Dir,
+    Kubernetes,
+}
+
 #[derive(Parser, Debug, Clone)]
 #[command(name = "mesh-daemon", version, about = "Sidelane node daemon")]
 pub struct Settings {
@@ -28,9 +34,23 @@ pub struct Settings {
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
 
-    /// Directory of Kubernetes YAML manifests to read (and watch) for configuration.
-    #[arg(long, env = "SIDELANE_CONFIG_DIR")]
-    pub config_dir: PathBuf,
+    /// Where configuration comes from: `dir` (a directory of manifests, watched) or
+    /// `kubernetes` (the API server, in-cluster or from KUBECONFIG).
+    #[arg(
+        long,
+        env = "SIDELANE_CONFIG_SOURCE",
+        value_enum,
+        default_value = "dir"
+    )]
+    pub config_source: ConfigSource,
+
+    /// Directory of Kubernetes YAML manifests (with `--config-source dir`).
+    #[arg(
+        long,
+        env = "SIDELANE_CONFIG_DIR",
+        required_if_eq("config_source", "dir")
+    )]
+    pub config_dir: Option<PathBuf>,
 
     /// cgroup (v2) whose sockets the programs see: the node's pods must be below it. Absolute
     /// inside the cgroup2 mount ("/kubepods.slice") or "/" for all of the node.

@@ -94,6 +94,18 @@ impl Objects {
         }
     }
 
+    /// Adds one object as the Kubernetes API returns it.
+    pub fn add_json(&mut self, origin: &str, value: serde_json::Value) {
+        match serde_yaml::to_value(value) {
+            Ok(v) => self.add_value(origin, v),
+            Err(e) => self.errors.push(ObjectError {
+                origin: origin.into(),
+                message: format!("cannot read object: {e}"),
+                ..Default::default()
+            }),
+        }
+    }
+
     fn add_value(&mut self, origin: &str, value: serde_yaml::Value) {
         let field = |name: &str| value.get(name).and_then(|v| v.as_str()).map(str::to_owned);
         let (Some(api_version), Some(kind)) = (field("apiVersion"), field("kind")) else {
