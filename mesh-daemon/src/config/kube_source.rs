@@ -26,6 +26,14 @@ use super::objects::Objects;
 /// Changes usually come in bursts (a rollout touches many pods): rebuild once they settle.
 const DEBOUNCE: Duration = Duration::from_millis(50);
 
+/// The core kinds: (API group, version, kind, plural). All must be listed before serving.
+pub const CORE_KINDS: [(&str, &str, &str, &str); 4] = [
+    ("", "v1", "Namespace", "namespaces"),
+    ("", "v1", "Pod", "pods"),
+    ("", "v1", "Service", "services"),
+    ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
+];
+
 /// The Istio kinds, at the apiVersion Sidelane watches (all served versions share a schema).
 pub const ISTIO_KINDS: &[(&str, &str, &str, &str)] = &[
     (
@@ -239,16 +247,12 @@ fn watch_istio(
 /// every core kind has been listed.
 pub fn watch(client: Client, tx: mpsc::Sender<Objects>) -> tokio::task::JoinHandle<()> {
     let changed = Arc::new(Notify::new());
+    let [ns, pod, svc, eps] = CORE_KINDS;
     let mut watched = vec![
-        watch_typed::<Namespace>(&client, &changed, "Namespace", "namespaces"),
-        watch_typed::<Pod>(&client, &changed, "Pod", "pods"),
-        watch_typed::<Service>(&client, &changed, "Service", "services"),
-        watch_typed::<EndpointSlice>(
-            &client,
-            &changed,
-            "EndpointSlice",
-            "endpointslices.discovery.k8s.io",
-        ),
+        watch_typed::<Namespace>(&client, &changed, ns.2, ns.3),
+        watch_typed::<Pod>(&client, &changed, pod.2, pod.3),
+        watch_typed::<Service>(&client, &changed, svc.2, svc.3),
+        watch_typed::<EndpointSlice>(&client, &changed, eps.2, eps.3),
     ];
     for (group, version, kind, plural) in ISTIO_KINDS {
         watched.push(watch_istio(&client, &changed, group, version, kind, plural));
