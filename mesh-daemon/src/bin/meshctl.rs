@@ -57,6 +57,9 @@ enum Cmd {
         #[arg(long, default_value = "cluster.local")]
         cluster_domain: String,
     },
+    /// Print CustomResourceDefinitions for Istio's resources, for clusters without Istio
+    /// (`meshctl crds | kubectl apply -f -`).
+    Crds,
     /// The kernel side, read from the pinned maps.
     Bpf {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
@@ -80,6 +83,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::ProxyStatus => proxy_status(cli.admin),
         Cmd::ConfigDump => {
             println!("{}", get(cli.admin, "/config_dump")?);
+            Ok(())
+        }
+        Cmd::Crds => {
+            print!("{}", mesh_daemon::config::istio::crds::render());
             Ok(())
         }
         Cmd::ProxyConfig { what, pod, output } => proxy_config(cli.admin, &what, &pod, &output),

@@ -1,5 +1,6 @@
 //! Istio's resources: typed models, parsing with field paths, and validation on Istio's
 //! first level (what `istioctl validate` and the admission webhook reject).
+pub mod crds;
 pub mod networking;
 pub mod security;
 pub mod types;

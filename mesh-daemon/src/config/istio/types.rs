@@ -81,7 +81,7 @@ impl Serialize for Duration {
 }
 
 /// Istio's `StringMatch`: exactly one of exact, prefix, regex.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StringMatch {
     pub exact: Option<String>,
@@ -90,12 +90,12 @@ pub struct StringMatch {
 }
 
 /// A percentage, 0 to 100, fractions allowed.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 pub struct Percent {
     pub value: f64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PortSelector {
     pub number: Option<u32>,
@@ -131,7 +131,7 @@ impl<'de> Deserialize<'de> for PortKey {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadSelector {
     #[serde(default)]
@@ -159,5 +159,26 @@ mod tests {
             Duration(StdDuration::from_millis(1500)).to_string(),
             "1500ms"
         );
+    }
+}
+
+impl schemars::JsonSchema for Duration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration such as \"30s\", \"250ms\" or \"1m30s\"."
+        })
+    }
+}
+
+impl schemars::JsonSchema for PortKey {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PortKey".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string"})
     }
 }
