@@ -138,6 +138,27 @@ pub struct WorkloadSelector {
     pub match_labels: BTreeMap<String, String>,
 }
 
+impl schemars::JsonSchema for Duration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration such as \"30s\", \"250ms\" or \"1m30s\"."
+        })
+    }
+}
+
+impl schemars::JsonSchema for PortKey {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PortKey".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string"})
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,26 +180,5 @@ mod tests {
             Duration(StdDuration::from_millis(1500)).to_string(),
             "1500ms"
         );
-    }
-}
-
-impl schemars::JsonSchema for Duration {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "Duration".into()
-    }
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "description": "A duration such as \"30s\", \"250ms\" or \"1m30s\"."
-        })
-    }
-}
-
-impl schemars::JsonSchema for PortKey {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "PortKey".into()
-    }
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({"type": "string"})
     }
 }
