@@ -124,7 +124,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             generation,
         );
         for e in &snap.errors {
-            tracing::warn!(object = %e.origin, error = %e.message, "configuration object rejected");
+            tracing::warn!(error = %e, "configuration object rejected");
         }
         metrics.config_errors.set(snap.errors.len() as i64);
         metrics

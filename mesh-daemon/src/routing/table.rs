@@ -199,9 +199,22 @@ pub struct Routing {
     pub root_namespace: String,
     pub services: HashMap<String, Arc<ServiceInfo>>,
     /// (host, port) -> candidate VirtualServices, most precedent first.
+    #[serde(serialize_with = "host_port_keys")]
     pub virtual_hosts: HashMap<(String, u16), Vec<Arc<VirtualHost>>>,
     /// host -> DestinationRules by namespace.
     pub destination_rules: HashMap<String, Vec<Arc<DestinationPolicy>>>,
+}
+
+/// JSON object keys must be strings: `(host, port)` is written `host:port`, sorted.
+fn host_port_keys<S: serde::Serializer, V: Serialize>(
+    m: &HashMap<(String, u16), V>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let sorted: BTreeMap<String, &V> = m
+        .iter()
+        .map(|((h, p), v)| (format!("{h}:{p}"), v))
+        .collect();
+    sorted.serialize(s)
 }
 
 pub fn cluster_name(port: u16, subset: Option<&str>, host: &str) -> String {
