@@ -14,6 +14,7 @@
 //! * A destination without a port goes to the Service's only port, or to the port the
 //!   client dialled.
 pub mod compile;
+pub mod eval;
 pub mod table;
 pub mod view;
 

@@ -1,0 +1,170 @@
+//! Per-request route selection: the first route with a matching block wins, then a
+//! destination is drawn by weight.
+use std::collections::BTreeMap;
+
+use super::table::{HttpRoute, Matcher, RequestMatch, VirtualHost, WeightedCluster};
+
+/// What route matching may look at in a request.
+pub struct RequestView<'a> {
+    /// Path without the query string.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub method: &'a str,
+    pub scheme: &'a str,
+    pub authority: &'a str,
+    pub headers: &'a http::HeaderMap,
+    pub port: u16,
+    pub source_labels: &'a BTreeMap<String, String>,
+    pub source_namespace: &'a str,
+}
+
+fn header<'a>(req: &'a RequestView<'_>, name: &str) -> Option<&'a str> {
+    req.headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
+fn opt(m: Option<&Matcher>, value: &str) -> bool {
+    m.is_none_or(|m| m.matches(value))
+}
+
+impl RequestMatch {
+    pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        let path_ok = match (&self.uri, self.ignore_uri_case) {
+            (None, _) => true,
+            (Some(m), true) => m.matches(&req.path.to_lowercase()),
+            (Some(m), false) => m.matches(req.path),
+        };
+        path_ok
+            && opt(self.method.as_ref(), req.method)
+            && opt(self.scheme.as_ref(), req.scheme)
+            && opt(self.authority.as_ref(), req.authority)
+            && self.port.is_none_or(|p| p == req.port)
+            && self.source_namespace.as_deref().is_none_or(|ns| ns == req.source_namespace)
+            && self
+                .source_labels
+                .iter()
+                .all(|(k, v)| req.source_labels.get(k) == Some(v))
+            && self.headers.iter().all(|(name, m)| match (header(req, name), m) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(v), Some(m)) => m.matches(v),
+            })
+            && self.without_headers.iter().all(|(name, m)| match (header(req, name), m) {
+                (None, _) => true,
+                (Some(_), None) => false,
+                (Some(v), Some(m)) => !m.matches(v),
+            })
+            && self.query_params.iter().all(|(name, m)| match (query_param(req.query, name), m) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(v), Some(m)) => m.matches(v),
+            })
+    }
+}
+
+impl VirtualHost {
+    /// The first route whose match blocks (any of them) accept the request.
+    pub fn select(&self, req: &RequestView<'_>) -> Option<&HttpRoute> {
+        self.routes
+            .iter()
+            .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(req)))
+    }
+}
+
+/// Draws a destination with probability proportional to its weight; `roll` is uniform in
+/// `0..u32::MAX`. `None` when every weight is zero.
+pub fn pick_weighted(clusters: &[WeightedCluster], roll: u32) -> Option<&WeightedCluster> {
+    let total: u64 = clusters.iter().map(|c| u64::from(c.weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut point = u64::from(roll) * total / (u64::from(u32::MAX) + 1);
+    for c in clusters {
+        let w = u64::from(c.weight);
+        if point < w {
+            return Some(c);
+        }
+        point -= w;
+    }
+    clusters.last()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wc(name: &str, weight: u32) -> WeightedCluster {
+        WeightedCluster {
+            cluster: name.into(),
+            host: "h".into(),
+            port: 80,
+            subset: None,
+            weight,
+            headers: None,
+        }
+    }
+
+    #[test]
+    fn weighted_choice_follows_relative_weights() {
+        let c = [wc("v1", 9), wc("v2", 1)];
+        let mut v1 = 0;
+        let n = 10_000u32;
+        for i in 0..n {
+            // The middle of the i-th of n equal slices of the roll's range.
+            let roll = ((2 * u64::from(i) + 1) * (u64::from(u32::MAX) + 1) / (2 * u64::from(n))) as u32;
+            if pick_weighted(&c, roll).map(|c| c.cluster.as_str()) == Some("v1") {
+                v1 += 1;
+            }
+        }
+        assert_eq!(v1, 9_000);
+        assert!(pick_weighted(&[wc("a", 0), wc("b", 0)], 5).is_none());
+        assert_eq!(pick_weighted(&[wc("a", 0), wc("b", 3)], 0).map(|c| c.cluster.as_str()), Some("b"));
+    }
+
+    #[test]
+    fn match_blocks_and_presence() {
+        let headers = {
+            let mut h = http::HeaderMap::new();
+            h.insert("x-canary", "true".parse().expect("value"));
+            h
+        };
+        let labels = BTreeMap::from([("app".to_owned(), "web".to_owned())]);
+        let req = RequestView {
+            path: "/API/users",
+            query: Some("debug=1&v=2"),
+            method: "GET",
+            scheme: "http",
+            authority: "api-server:8080",
+            headers: &headers,
+            port: 8080,
+            source_labels: &labels,
+            source_namespace: "production",
+        };
+        let m = |f: &dyn Fn(&mut RequestMatch)| {
+            let mut m = RequestMatch::default();
+            f(&mut m);
+            m.matches(&req)
+        };
+        assert!(!m(&|m| m.uri = Some(Matcher::Prefix("/api".into()))));
+        assert!(m(&|m| {
+            m.uri = Some(Matcher::Prefix("/api".into()));
+            m.ignore_uri_case = true;
+        }));
+        assert!(m(&|m| m.headers = vec![("x-canary".into(), Some(Matcher::Exact("true".into())))]));
+        assert!(m(&|m| m.headers = vec![("x-canary".into(), None)]));
+        assert!(!m(&|m| m.headers = vec![("x-other".into(), None)]));
+        assert!(!m(&|m| m.without_headers = vec![("x-canary".into(), None)]));
+        assert!(m(&|m| m.without_headers = vec![("x-canary".into(), Some(Matcher::Exact("false".into())))]));
+        assert!(m(&|m| m.query_params = vec![("v".into(), Some(Matcher::Exact("2".into())))]));
+        assert!(!m(&|m| m.query_params = vec![("v".into(), Some(Matcher::Exact("3".into())))]));
+        assert!(m(&|m| m.source_labels = labels.clone()));
+        assert!(!m(&|m| m.source_namespace = Some("staging".into())));
+        assert!(!m(&|m| m.port = Some(9090)));
+    }
+}
