@@ -63,6 +63,71 @@ const SYSTEM_NAMESPACES: &[&str] = &[
     "local-path-storage",
 ];
 
+/// The parts of one Istio resource this build parses but does not act on, so that users
+/// never mistake a setting for one in force. Keep in step with what the proxy applies.
+fn not_enforced(o: &Objects, kind: &str, key: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    match kind {
+        "VirtualService" => {
+            let Some(vs) = o.virtual_services.get(key) else {
+                return out;
+            };
+            if vs.spec.gateways.iter().any(|g| g != "mesh") {
+                out.push(
+                    "spec.gateways (routes bound to gateways are not served: no gateway yet)"
+                        .into(),
+                );
+            }
+            for (i, r) in vs.spec.http.iter().enumerate() {
+                let set = [
+                    ("timeout", r.timeout.is_some()),
+                    ("retries", r.retries.is_some()),
+                    ("fault", r.fault.is_some()),
+                    ("mirror", r.mirror.is_some() || !r.mirrors.is_empty()),
+                    ("rewrite", r.rewrite.is_some()),
+                    ("corsPolicy", r.cors_policy.is_some()),
+                    (
+                        "headers",
+                        r.headers.is_some() || r.route.iter().any(|d| d.headers.is_some()),
+                    ),
+                ];
+                out.extend(
+                    set.iter()
+                        .filter(|(_, on)| *on)
+                        .map(|(f, _)| format!("spec.http[{i}].{f}")),
+                );
+            }
+            if !vs.spec.tcp.is_empty() {
+                out.push("spec.tcp (TCP connections go to the Service's endpoints)".into());
+            }
+            if !vs.spec.tls.is_empty() {
+                out.push("spec.tls".into());
+            }
+        }
+        "DestinationRule" => {
+            let Some(dr) = o.destination_rules.get(key) else {
+                return out;
+            };
+            if dr.spec.traffic_policy.is_some() {
+                out.push(
+                    "spec.trafficPolicy (load balancing, connection pools, outlier detection, TLS)"
+                        .into(),
+                );
+            }
+            for (i, s) in dr.spec.subsets.iter().enumerate() {
+                if s.traffic_policy.is_some() {
+                    out.push(format!("spec.subsets[{i}].trafficPolicy"));
+                }
+            }
+            if dr.spec.workload_selector.is_some() {
+                out.push("spec.workloadSelector".into());
+            }
+        }
+        _ => out.push(format!("{kind} (the whole resource)")),
+    }
+    out
+}
+
 pub fn analyze(o: &Objects, opts: &Options<'_>) -> Vec<Message> {
     let mut out = Vec::new();
     let mut push =
@@ -120,15 +185,17 @@ pub fn analyze(o: &Objects, opts: &Options<'_>) -> Vec<Message> {
                 ),
             );
         }
-        push(
-            "SL0002",
-            "NotEnforced",
-            Level::Info,
-            format!("{kind} {key}"),
-            ns,
-            origin,
-            format!("{kind} is validated, but this Sidelane build does not enforce it yet"),
-        );
+        for what in not_enforced(o, kind, key) {
+            push(
+                "SL0002",
+                "NotEnforced",
+                Level::Warning,
+                format!("{kind} {key}"),
+                ns,
+                origin,
+                format!("{what}: validated, but this Sidelane build does not apply it yet"),
+            );
+        }
     }
 
     // Every host a VirtualService may send to: Services and ServiceEntry hosts.

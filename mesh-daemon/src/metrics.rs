@@ -1,10 +1,14 @@
 //! Prometheus metrics: Istio's standard TCP metrics (so Kiali and the Istio dashboards work
 //! unchanged) and the daemon's own health under `sidelane_*`.
+use std::{net::SocketAddr, sync::Arc};
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+
+use crate::state::{PodInfo, ServicePort, Snapshot};
 
 /// Istio's label set for TCP metrics, reported by the source side.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,6 +36,59 @@ pub struct TcpLabels {
     pub connection_security_policy: &'static str,
 }
 
+impl TcpLabels {
+    /// Istio's labels for traffic from the pod `source_uid` to `upstream`, sent to `svc`.
+    pub fn new(
+        snap: &Snapshot,
+        source_uid: &str,
+        svc: Option<&ServicePort>,
+        upstream: SocketAddr,
+        request_protocol: &'static str,
+    ) -> Self {
+        let unknown = || "unknown".to_owned();
+        let src = snap.pods_by_uid.get(source_uid);
+        let dst = snap.pods_by_ip.get(&upstream.ip());
+        let app = |p: Option<&Arc<PodInfo>>| p.map_or_else(unknown, |p| p.workload.clone());
+        let version = |p: Option<&Arc<PodInfo>>| {
+            p.and_then(|p| p.version.clone())
+                .unwrap_or_else(|| "latest".into())
+        };
+        let ns = |p: Option<&Arc<PodInfo>>| p.map_or_else(unknown, |p| p.namespace.clone());
+        Self {
+            reporter: "source",
+            source_workload: app(src),
+            source_workload_namespace: ns(src),
+            source_principal: unknown(),
+            source_app: app(src),
+            source_version: version(src),
+            source_canonical_service: app(src),
+            source_canonical_revision: version(src),
+            destination_workload: app(dst),
+            destination_workload_namespace: ns(dst),
+            destination_principal: unknown(),
+            destination_app: app(dst),
+            destination_version: version(dst),
+            destination_service: svc
+                .map_or_else(|| upstream.ip().to_string(), |s| s.hostname.clone()),
+            destination_service_name: svc.map_or_else(unknown, |s| s.name.clone()),
+            destination_service_namespace: svc.map_or_else(unknown, |s| s.namespace.clone()),
+            destination_canonical_service: app(dst),
+            destination_canonical_revision: version(dst),
+            request_protocol,
+            response_flags: "-",
+            connection_security_policy: "unknown",
+        }
+    }
+}
+
+/// Istio's request metrics labels: the connection's plus the response code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub base: TcpLabels,
+    pub response_code: u16,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
     pub decision: &'static str,
@@ -48,6 +105,8 @@ pub struct Metrics {
     pub tcp_closed: Family<TcpLabels, Counter>,
     pub tcp_sent_bytes: Family<TcpLabels, Counter>,
     pub tcp_received_bytes: Family<TcpLabels, Counter>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RequestLabels, Histogram>,
     pub enrolled_pods: Gauge,
     pub config_errors: Gauge,
     pub config_reloads: Family<ReloadLabels, Counter>,
@@ -90,6 +149,20 @@ impl Metrics {
             "tcp_received_bytes",
             "Total bytes received during request in case of a TCP connection",
             tcp_received_bytes.clone(),
+        );
+        let requests = Family::<RequestLabels, Counter>::default();
+        istio.register("requests", "Total number of requests", requests.clone());
+        let request_duration = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            // Istio's default buckets, in milliseconds.
+            Histogram::new([
+                0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+                10000.0, 30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+            ])
+        });
+        istio.register(
+            "request_duration_milliseconds",
+            "Request duration in milliseconds",
+            request_duration.clone(),
         );
         let own = registry.sub_registry_with_prefix("sidelane");
         let enrolled_pods = Gauge::default();
@@ -135,6 +208,8 @@ impl Metrics {
             access_log_dropped.clone(),
         );
         Self {
+            requests,
+            request_duration,
             access_log_dropped,
             registry,
             tcp_opened,

@@ -1,7 +1,9 @@
 //! The data path in user space: per-pod outbound listeners and TCP forwarding.
 pub mod access_log;
 pub mod forward;
+pub mod http;
 pub mod outbound;
+pub mod protocol;
 pub mod sockets;
 
 use std::sync::Arc;

@@ -62,6 +62,9 @@ pub struct Snapshot {
     pub services_by_vip: HashMap<SocketAddr, Arc<ServicePort>>,
     /// VirtualServices, DestinationRules and clusters, compiled.
     pub routing: Routing,
+    /// Istio resources accepted (kind, `namespace/name`, apiVersion, origin).
+    pub istio: Vec<Unhandled>,
+    /// Objects of kinds Sidelane does not read yet (Secret, Node).
     pub unhandled: Vec<Unhandled>,
     pub errors: Vec<ObjectError>,
 }
@@ -74,20 +77,21 @@ impl Snapshot {
         generation: u64,
     ) -> Self {
         let slices = SliceIndex::new(objects);
-        // Istio resources are validated and typed, but the proxy does not act on them yet.
-        let mut unhandled = objects.unhandled.clone();
-        unhandled.extend(objects.istio_resources().into_iter().map(
-            |(kind, key, api_version, origin, _)| Unhandled {
+        let istio = objects
+            .istio_resources()
+            .into_iter()
+            .map(|(kind, key, api_version, origin, _)| Unhandled {
                 api_version: api_version.into(),
                 kind: kind.into(),
                 key: key.into(),
                 origin: origin.into(),
-            },
-        ));
+            })
+            .collect();
         let mut snap = Snapshot {
             generation,
             routing: crate::routing::compile(objects, &slices, cluster_domain, root_namespace),
-            unhandled,
+            istio,
+            unhandled: objects.unhandled.clone(),
             errors: objects.errors.clone(),
             ..Default::default()
         };

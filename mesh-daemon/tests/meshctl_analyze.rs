@@ -29,7 +29,8 @@ fn analyze_exits_79_on_errors_and_0_when_clean_with_json_output() {
          spec: {ports: [{name: http, port: 8080}]}\n",
     );
 
-    // The tutorial's canary routing plus its DestinationRule and the Service: consistent.
+    // The tutorial's canary routing plus its DestinationRule and the Service: consistent
+    // (only the DestinationRule's traffic policy is reported, as not applied yet).
     let (code, out) = meshctl(&[
         "analyze",
         "-f",
@@ -48,7 +49,7 @@ fn analyze_exits_79_on_errors_and_0_when_clean_with_json_output() {
             .as_array()
             .expect("array")
             .iter()
-            .all(|m| m["level"] == "Info"),
+            .all(|m| m["level"] != "Error"),
         "{out}"
     );
 

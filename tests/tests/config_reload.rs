@@ -69,9 +69,9 @@ fn a_rejected_object_is_reported_while_traffic_keeps_flowing() {
     assert_eq!(err["kind"], "VirtualService", "{dump}");
     assert_eq!(err["name"], "production/api-server");
     assert_eq!(err["field"], "spec.http[0].timeout");
-    let loaded: Vec<String> = dump["unhandled"]
+    let loaded: Vec<String> = dump["istio"]
         .as_array()
-        .expect("unhandled")
+        .expect("istio")
         .iter()
         .map(|u| {
             format!(
@@ -104,9 +104,9 @@ fn a_rejected_object_is_reported_while_traffic_keeps_flowing() {
     .expect("fixed");
     let dump = c.admin_json(1, "/config_dump").expect("config_dump");
     assert!(
-        dump["unhandled"]
+        dump["istio"]
             .as_array()
-            .expect("unhandled")
+            .expect("istio")
             .iter()
             .any(|u| u["kind"] == "VirtualService" && u["key"] == "production/api-server"),
         "{dump}"

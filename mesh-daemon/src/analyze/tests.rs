@@ -177,3 +177,44 @@ spec: {host: api-server, trafficPolicy: {loadBalancr: {simple: RANDOM}}}
         "{unknown}"
     );
 }
+
+#[test]
+fn settings_not_applied_yet_are_reported_field_by_field() {
+    let vs = "
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: api-server, namespace: production}
+spec:
+  hosts: [api-server]
+  http:
+  - route: [{destination: {host: api-server, subset: v1}}]
+    timeout: 5s
+    retries: {attempts: 3, retryOn: 5xx}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: production}
+spec: {mtls: {mode: STRICT}}
+";
+    let m = run(&format!("{CLUSTER}{vs}"), None);
+    let not_applied: Vec<&str> = m
+        .iter()
+        .filter(|m| m.code == "SL0002")
+        .map(|m| m.message.split(':').next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        not_applied,
+        [
+            "PeerAuthentication (the whole resource)",
+            "spec.http[0].retries",
+            "spec.http[0].timeout"
+        ],
+        "{m:#?}"
+    );
+    assert!(
+        m.iter()
+            .filter(|m| m.code == "SL0002")
+            .all(|m| m.level == Level::Warning)
+    );
+}

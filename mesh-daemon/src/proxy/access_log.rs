@@ -76,6 +76,50 @@ pub struct TcpEntry<'a> {
     pub downstream_peer: &'a str,
 }
 
+/// One HTTP request, in Envoy's default HTTP format (fields it has no value for are "-").
+pub struct HttpEntry {
+    pub start: SystemTime,
+    pub method: String,
+    pub path: String,
+    pub protocol: String,
+    pub status: u16,
+    pub response_flags: &'static str,
+    pub duration_ms: u128,
+    pub upstream_host: Option<SocketAddr>,
+    pub cluster: String,
+    pub authority: String,
+    pub original_dst: SocketAddr,
+    pub downstream_peer: SocketAddr,
+}
+
+pub fn log_http(e: &HttpEntry) {
+    let flags = if e.response_flags.is_empty() {
+        "-"
+    } else {
+        e.response_flags
+    };
+    let upstream = e
+        .upstream_host
+        .map_or_else(|| "-".to_owned(), |a| a.to_string());
+    let cluster = if e.cluster.is_empty() {
+        "-"
+    } else {
+        &e.cluster
+    };
+    emit(format!(
+        "[{}] \"{} {} {}\" {} {flags} - \"-\" - - {} - \"-\" \"-\" \"-\" \"{}\" \"{upstream}\" {cluster} - {} {} - -",
+        humantime(e.start),
+        e.method,
+        e.path,
+        e.protocol,
+        e.status,
+        e.duration_ms,
+        e.authority,
+        e.original_dst,
+        e.downstream_peer
+    ));
+}
+
 pub fn log_tcp(e: &TcpEntry<'_>) {
     let start = humantime(e.start);
     let upstream = e

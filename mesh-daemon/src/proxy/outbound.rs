@@ -16,13 +16,11 @@ use super::{
     ProxyInputs,
     access_log::{TcpEntry, log_tcp},
     forward::{abort, forward},
+    http::{self, Downstream, PodHttp},
+    protocol::Protocol,
     sockets::{SocketError, listen_in, socket_in},
 };
-use crate::{
-    metrics::TcpLabels,
-    netns::Netns,
-    state::{PodInfo, ServicePort, Snapshot},
-};
+use crate::{metrics::TcpLabels, netns::Netns, state::ServicePort};
 
 /// Envoy's response flags, as Istio reports them.
 mod flags {
@@ -82,6 +80,7 @@ impl Outbound {
     /// Accepts until the task is aborted (the pod left the mesh or the node).
     pub async fn run(self) {
         let this = Arc::new(Conn {
+            http: Arc::new(PodHttp::new(self.netns.clone(), self.inputs.clone())),
             pod_uid: self.pod_uid,
             netns: self.netns,
             inputs: self.inputs,
@@ -112,6 +111,8 @@ struct Conn {
     pod_uid: String,
     netns: Arc<Netns>,
     inputs: Arc<ProxyInputs>,
+    /// This pod's HTTP connection pools.
+    http: Arc<PodHttp>,
 }
 
 /// Round-robin position shared by all services; good enough until DestinationRule load
@@ -159,7 +160,29 @@ impl Conn {
             ),
             None => (Some(orig), "PassthroughCluster".to_owned()),
         };
-        let mut labels = self.labels(&snap, svc.as_deref(), upstream_addr.unwrap_or(orig));
+        if let Some(svc) = &svc
+            && let Some(protocol) = Protocol::declared(&svc.port_name, svc.app_protocol.as_deref())
+            && protocol.is_http()
+        {
+            let down = Arc::new(Downstream {
+                pod: self.http.clone(),
+                source_uid: self.pod_uid.clone(),
+                source: snap.pods_by_uid.get(&self.pod_uid).cloned(),
+                service: svc.clone(),
+                protocol,
+                original_dst: orig,
+                peer,
+            });
+            http::serve(down, client).await;
+            return;
+        }
+        let mut labels = TcpLabels::new(
+            &snap,
+            &self.pod_uid,
+            svc.as_deref(),
+            upstream_addr.unwrap_or(orig),
+            "tcp",
+        );
         let downstream = format!("{peer}");
 
         let upstream = match upstream_addr {
@@ -238,47 +261,6 @@ impl Conn {
                 tracing::debug!(pod = %self.pod_uid, %addr, "upstream connect timed out");
                 None
             }
-        }
-    }
-
-    fn labels(
-        &self,
-        snap: &Snapshot,
-        svc: Option<&ServicePort>,
-        upstream: SocketAddr,
-    ) -> TcpLabels {
-        let unknown = || "unknown".to_owned();
-        let src = snap.pods_by_uid.get(&self.pod_uid);
-        let dst = snap.pods_by_ip.get(&upstream.ip());
-        let app = |p: Option<&Arc<PodInfo>>| p.map_or_else(unknown, |p| p.workload.clone());
-        let version = |p: Option<&Arc<PodInfo>>| {
-            p.and_then(|p| p.version.clone())
-                .unwrap_or_else(|| "latest".into())
-        };
-        let ns = |p: Option<&Arc<PodInfo>>| p.map_or_else(unknown, |p| p.namespace.clone());
-        TcpLabels {
-            reporter: "source",
-            source_workload: app(src),
-            source_workload_namespace: ns(src),
-            source_principal: unknown(),
-            source_app: app(src),
-            source_version: version(src),
-            source_canonical_service: app(src),
-            source_canonical_revision: version(src),
-            destination_workload: app(dst),
-            destination_workload_namespace: ns(dst),
-            destination_principal: unknown(),
-            destination_app: app(dst),
-            destination_version: version(dst),
-            destination_service: svc
-                .map_or_else(|| upstream.ip().to_string(), |s| s.hostname.clone()),
-            destination_service_name: svc.map_or_else(unknown, |s| s.name.clone()),
-            destination_service_namespace: svc.map_or_else(unknown, |s| s.namespace.clone()),
-            destination_canonical_service: app(dst),
-            destination_canonical_revision: version(dst),
-            request_protocol: "tcp",
-            response_flags: "-",
-            connection_security_policy: "unknown",
         }
     }
 }

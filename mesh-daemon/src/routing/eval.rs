@@ -45,26 +45,38 @@ impl RequestMatch {
             && opt(self.scheme.as_ref(), req.scheme)
             && opt(self.authority.as_ref(), req.authority)
             && self.port.is_none_or(|p| p == req.port)
-            && self.source_namespace.as_deref().is_none_or(|ns| ns == req.source_namespace)
+            && self
+                .source_namespace
+                .as_deref()
+                .is_none_or(|ns| ns == req.source_namespace)
             && self
                 .source_labels
                 .iter()
                 .all(|(k, v)| req.source_labels.get(k) == Some(v))
-            && self.headers.iter().all(|(name, m)| match (header(req, name), m) {
-                (None, _) => false,
-                (Some(_), None) => true,
-                (Some(v), Some(m)) => m.matches(v),
-            })
-            && self.without_headers.iter().all(|(name, m)| match (header(req, name), m) {
-                (None, _) => true,
-                (Some(_), None) => false,
-                (Some(v), Some(m)) => !m.matches(v),
-            })
-            && self.query_params.iter().all(|(name, m)| match (query_param(req.query, name), m) {
-                (None, _) => false,
-                (Some(_), None) => true,
-                (Some(v), Some(m)) => m.matches(v),
-            })
+            && self
+                .headers
+                .iter()
+                .all(|(name, m)| match (header(req, name), m) {
+                    (None, _) => false,
+                    (Some(_), None) => true,
+                    (Some(v), Some(m)) => m.matches(v),
+                })
+            && self
+                .without_headers
+                .iter()
+                .all(|(name, m)| match (header(req, name), m) {
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                    (Some(v), Some(m)) => !m.matches(v),
+                })
+            && self
+                .query_params
+                .iter()
+                .all(|(name, m)| match (query_param(req.query, name), m) {
+                    (None, _) => false,
+                    (Some(_), None) => true,
+                    (Some(v), Some(m)) => m.matches(v),
+                })
     }
 }
 
@@ -117,14 +129,18 @@ mod tests {
         let n = 10_000u32;
         for i in 0..n {
             // The middle of the i-th of n equal slices of the roll's range.
-            let roll = ((2 * u64::from(i) + 1) * (u64::from(u32::MAX) + 1) / (2 * u64::from(n))) as u32;
+            let roll =
+                ((2 * u64::from(i) + 1) * (u64::from(u32::MAX) + 1) / (2 * u64::from(n))) as u32;
             if pick_weighted(&c, roll).map(|c| c.cluster.as_str()) == Some("v1") {
                 v1 += 1;
             }
         }
         assert_eq!(v1, 9_000);
         assert!(pick_weighted(&[wc("a", 0), wc("b", 0)], 5).is_none());
-        assert_eq!(pick_weighted(&[wc("a", 0), wc("b", 3)], 0).map(|c| c.cluster.as_str()), Some("b"));
+        assert_eq!(
+            pick_weighted(&[wc("a", 0), wc("b", 3)], 0).map(|c| c.cluster.as_str()),
+            Some("b")
+        );
     }
 
     #[test]
@@ -156,13 +172,20 @@ mod tests {
             m.uri = Some(Matcher::Prefix("/api".into()));
             m.ignore_uri_case = true;
         }));
-        assert!(m(&|m| m.headers = vec![("x-canary".into(), Some(Matcher::Exact("true".into())))]));
+        assert!(m(
+            &|m| m.headers = vec![("x-canary".into(), Some(Matcher::Exact("true".into())))]
+        ));
         assert!(m(&|m| m.headers = vec![("x-canary".into(), None)]));
         assert!(!m(&|m| m.headers = vec![("x-other".into(), None)]));
         assert!(!m(&|m| m.without_headers = vec![("x-canary".into(), None)]));
-        assert!(m(&|m| m.without_headers = vec![("x-canary".into(), Some(Matcher::Exact("false".into())))]));
-        assert!(m(&|m| m.query_params = vec![("v".into(), Some(Matcher::Exact("2".into())))]));
-        assert!(!m(&|m| m.query_params = vec![("v".into(), Some(Matcher::Exact("3".into())))]));
+        assert!(m(&|m| m.without_headers =
+            vec![("x-canary".into(), Some(Matcher::Exact("false".into())))]));
+        assert!(m(
+            &|m| m.query_params = vec![("v".into(), Some(Matcher::Exact("2".into())))]
+        ));
+        assert!(!m(
+            &|m| m.query_params = vec![("v".into(), Some(Matcher::Exact("3".into())))]
+        ));
         assert!(m(&|m| m.source_labels = labels.clone()));
         assert!(!m(&|m| m.source_namespace = Some("staging".into())));
         assert!(!m(&|m| m.port = Some(9090)));

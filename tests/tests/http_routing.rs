@@ -1,0 +1,173 @@
+//! End-to-end: the tutorial's VirtualService, exactly as written there, routes requests
+//! through real eBPF redirection and the source node's daemon.
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use sidelane_tests::{Cluster, PodRef, PodSpec, ServicePortSpec};
+
+fn tutorial(f: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/../demo/tutorial/{f}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("tutorial file")
+}
+
+struct Setup {
+    c: Cluster,
+    client: PodRef,
+    url: String,
+}
+
+/// api-server v1 and v2 on node 2, a client on node 1, the tutorial's Service port 8080.
+fn setup() -> Setup {
+    let mut c = Cluster::new(2).expect("cluster");
+    c.namespace("production", &[("istio-injection", "enabled")])
+        .expect("ns");
+    for (name, version) in [("api-server-v1", "v1"), ("api-server-v2", "v2")] {
+        c.add_pod(
+            PodSpec::new("production", name, 2)
+                .label("app", "api-server")
+                .label("version", version)
+                .serving(),
+        )
+        .expect("pod");
+    }
+    let client = c
+        .add_pod(PodSpec::new("production", "sleep", 1).label("app", "sleep"))
+        .expect("client");
+    let svc = c
+        .add_service(
+            "production",
+            "api-server",
+            &[("app", "api-server")],
+            &[ServicePortSpec::new("http", 8080, 8080)],
+        )
+        .expect("service");
+    c.write_file("destinationrule.yaml", &tutorial("destinationrule.yaml"))
+        .expect("dr");
+    c.start().expect("daemons");
+    c.wait_enrolled(client, true).expect("enrolled");
+    let url = format!("http://{}:8080", c.service(svc).vip4);
+    Setup { c, client, url }
+}
+
+/// Status or version of each response, counted.
+fn tally(responses: &[Value]) -> BTreeMap<String, usize> {
+    let mut t = BTreeMap::new();
+    for r in responses {
+        let key = match (r["status"].as_u64(), r["version"].as_str()) {
+            (Some(200), Some(v)) => v.to_owned(),
+            (Some(s), _) => s.to_string(),
+            _ => format!("error {}", r["error"]),
+        };
+        *t.entry(key).or_default() += 1;
+    }
+    t
+}
+
+/// Applies a VirtualService file and waits until ten probe requests all see its effect.
+fn apply(s: &Setup, name: &str, yaml: &str, probe: &[&str], expect: &str) {
+    s.c.write_file(name, yaml).expect("write");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut args = vec!["--count", "10"];
+    args.extend_from_slice(&probe[1..]);
+    loop {
+        let r =
+            s.c.http(s.client, &format!("{}{}", s.url, probe[0]), &args)
+                .expect("probe");
+        if tally(&r) == BTreeMap::from([(expect.to_owned(), 10)]) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} never took effect: {r:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_tutorial_canary_routes_by_prefix_header_and_default() {
+    let s = setup();
+    let c = &s.c;
+    // Before any VirtualService: both versions answer.
+    let before = tally(
+        &c.http(s.client, &format!("{}/", s.url), &["--count", "40"])
+            .expect("http"),
+    );
+    assert!(
+        before.contains_key("v1") && before.contains_key("v2"),
+        "{before:?}"
+    );
+
+    apply(
+        &s,
+        "virtualservice.yaml",
+        &tutorial("virtualservice.yaml"),
+        &["/", "--header", "x-canary: true"],
+        "v2",
+    );
+    // `x-canary: "true"` goes to v2, every time.
+    let canary = tally(
+        &c.http(
+            s.client,
+            &format!("{}/orders", s.url),
+            &["--count", "30", "--header", "x-canary: true"],
+        )
+        .expect("http"),
+    );
+    assert_eq!(canary, BTreeMap::from([("v2".to_owned(), 30)]));
+    // Anything else outside /api is the default route: v1.
+    let default = tally(
+        &c.http(s.client, &format!("{}/orders", s.url), &["--count", "30"])
+            .expect("http"),
+    );
+    assert_eq!(default, BTreeMap::from([("v1".to_owned(), 30)]));
+    // /api is the 90/10 canary (the first rule wins even with the header). 400 requests:
+    // v2 expects 40, standard deviation 6; four of them either way.
+    let api = tally(
+        &c.http(
+            s.client,
+            &format!("{}/api/users", s.url),
+            &["--count", "400", "--header", "x-canary: true"],
+        )
+        .expect("http"),
+    );
+    let v2 = api.get("v2").copied().unwrap_or(0);
+    assert_eq!(api.get("v1").copied().unwrap_or(0) + v2, 400, "{api:?}");
+    assert!((16..=64).contains(&v2), "90/10 split gave {api:?}");
+}
+
+#[test]
+fn dangling_references_behave_as_in_istio() {
+    let s = setup();
+    let c = &s.c;
+    // A subset no DestinationRule defines: accepted, and requests get 503 (no cluster).
+    let missing_subset = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api-server, namespace: production}
+spec:
+  hosts: [api-server]
+  http:
+  - match: [{uri: {prefix: /only}}]
+    route: [{destination: {host: api-server, subset: v3}}]
+";
+    apply(&s, "vs.yaml", missing_subset, &["/only"], "503");
+    // A path no route matches: 404, as Envoy answers NR.
+    let r = tally(
+        &c.http(s.client, &format!("{}/elsewhere", s.url), &[])
+            .expect("http"),
+    );
+    assert_eq!(r, BTreeMap::from([("404".to_owned(), 1)]));
+    let log = c.daemon_log(1);
+    assert!(log.contains("\"GET /only HTTP/1.1\" 503 NC"), "{log}");
+    assert!(log.contains("\"GET /elsewhere HTTP/1.1\" 404 NR"), "{log}");
+    let m = c.metrics(1).expect("metrics");
+    assert!(
+        m.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("response_code=\"404\"")
+            && l.contains("response_flags=\"NR\"")),
+        "{m}"
+    );
+}
