@@ -47,6 +47,7 @@ const SERVED: &[&str] = &[
     "/api/v1/namespaces",
     "/api/v1/pods",
     "/api/v1/services",
+    "/api/v1/nodes",
     "/apis/discovery.k8s.io/v1/endpointslices",
     "/apis/networking.istio.io/v1/virtualservices",
     "/apis/networking.istio.io/v1/destinationrules",
@@ -59,6 +60,7 @@ fn collection(kind: &str) -> &'static str {
         "Namespace" => "/api/v1/namespaces",
         "Pod" => "/api/v1/pods",
         "Service" => "/api/v1/services",
+        "Node" => "/api/v1/nodes",
         "EndpointSlice" => "/apis/discovery.k8s.io/v1/endpointslices",
         "VirtualService" => "/apis/networking.istio.io/v1/virtualservices",
         _ => "/apis/networking.istio.io/v1/destinationrules",
@@ -318,6 +320,7 @@ async fn next_where(
 }
 
 fn seed(api: &FakeApiServer) {
+    api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}}));
     api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "production", "labels": {"istio-injection": "enabled"}}}));
     api.apply(json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "api-server", "namespace": "production"},
                      "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 8080}]}}));
@@ -343,6 +346,7 @@ async fn lists_then_watches_adds_and_deletes() {
     assert!(o.errors.is_empty(), "{:?}", o.errors);
     assert!(o.namespaces.contains_key("production"));
     assert!(o.services.contains_key("production/api-server"));
+    assert!(o.nodes.contains_key("node-1"));
 
     api.apply(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "api-v2", "namespace": "production", "uid": "00000000-0000-4000-8000-000000000002"},
                      "spec": {"containers": [{"name": "api", "image": "x"}]}}));

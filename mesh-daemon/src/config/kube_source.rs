@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service},
+    core::v1::{Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -27,11 +27,12 @@ use super::objects::Objects;
 const DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// The core kinds: (API group, version, kind, plural). All must be listed before serving.
-pub const CORE_KINDS: [(&str, &str, &str, &str); 4] = [
+pub const CORE_KINDS: [(&str, &str, &str, &str); 5] = [
     ("", "v1", "Namespace", "namespaces"),
     ("", "v1", "Pod", "pods"),
     ("", "v1", "Service", "services"),
     ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
+    ("", "v1", "Node", "nodes"),
 ];
 
 /// The Istio kinds, at the apiVersion Sidelane watches (all served versions share a schema).
@@ -247,12 +248,13 @@ fn watch_istio(
 /// every core kind has been listed.
 pub fn watch(client: Client, tx: mpsc::Sender<Objects>) -> tokio::task::JoinHandle<()> {
     let changed = Arc::new(Notify::new());
-    let [ns, pod, svc, eps] = CORE_KINDS;
+    let [ns, pod, svc, eps, node] = CORE_KINDS;
     let mut watched = vec![
         watch_typed::<Namespace>(&client, &changed, ns.2, ns.3),
         watch_typed::<Pod>(&client, &changed, pod.2, pod.3),
         watch_typed::<Service>(&client, &changed, svc.2, svc.3),
         watch_typed::<EndpointSlice>(&client, &changed, eps.2, eps.3),
+        watch_typed::<Node>(&client, &changed, node.2, node.3),
     ];
     for (group, version, kind, plural) in ISTIO_KINDS {
         watched.push(watch_istio(&client, &changed, group, version, kind, plural));

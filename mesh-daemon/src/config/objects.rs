@@ -2,7 +2,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, Service},
+    core::v1::{Namespace, Node, Pod, Secret, Service},
     discovery::v1::EndpointSlice,
 };
 use serde::Serialize;
@@ -60,6 +60,10 @@ pub struct Objects {
     pub pods: BTreeMap<ObjectKey, Pod>,
     pub services: BTreeMap<ObjectKey, Service>,
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    pub nodes: BTreeMap<ObjectKey, Node>,
+    /// Read from manifests only: the Kubernetes source does not watch Secrets, so that the
+    /// daemon holds no cluster-wide secret access before a feature needs it.
+    pub secrets: BTreeMap<ObjectKey, Secret>,
     pub virtual_services: BTreeMap<ObjectKey, Resource<VirtualServiceSpec>>,
     pub destination_rules: BTreeMap<ObjectKey, Resource<DestinationRuleSpec>>,
     pub gateways: BTreeMap<ObjectKey, Resource<GatewaySpec>>,
@@ -70,7 +74,8 @@ pub struct Objects {
     pub errors: Vec<ObjectError>,
 }
 
-const KINDS_NOT_YET_READ: &[&str] = &["Secret", "Node"];
+/// Kinds Sidelane recognises but has no use for yet (recorded, so nothing is silently lost).
+const KINDS_NOT_YET_READ: &[&str] = &["WorkloadEntry", "Sidecar", "Telemetry", "EnvoyFilter"];
 
 impl Objects {
     /// Parses every document of one file's text. Bad documents are recorded in `errors` and
@@ -132,6 +137,8 @@ impl Objects {
             "Pod" => insert(&mut self.pods, value, true),
             "Service" => insert(&mut self.services, value, true),
             "EndpointSlice" => insert(&mut self.endpoint_slices, value, true),
+            "Node" => insert(&mut self.nodes, value, false),
+            "Secret" => insert(&mut self.secrets, value, true),
             k if let Some(istio_kind) = istio::Kind::from_name(k) => {
                 self.add_istio(istio_kind, api_version, &value, origin);
                 Ok(())
@@ -268,6 +275,8 @@ impl Objects {
         self.pods.extend(other.pods);
         self.services.extend(other.services);
         self.endpoint_slices.extend(other.endpoint_slices);
+        self.nodes.extend(other.nodes);
+        self.secrets.extend(other.secrets);
         self.virtual_services.extend(other.virtual_services);
         self.destination_rules.extend(other.destination_rules);
         self.gateways.extend(other.gateways);
@@ -331,7 +340,7 @@ macro_rules! has_meta {
         fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta { &self.metadata }
     })*};
 }
-has_meta!(Namespace, Pod, Service, EndpointSlice);
+has_meta!(Namespace, Pod, Service, EndpointSlice, Node, Secret);
 
 fn insert<T: serde::de::DeserializeOwned + HasMeta>(
     map: &mut BTreeMap<ObjectKey, T>,
@@ -383,6 +392,25 @@ mod tests {
         assert!(o.errors[0].origin == "a.yaml#1", "{:?}", o.errors);
         assert_eq!(o.errors[0].kind.as_deref(), Some("Pod"), "{:?}", o.errors);
         assert!(o.virtual_services.contains_key("production/vs"));
+    }
+
+    #[test]
+    fn nodes_and_secrets_are_read() {
+        let mut o = Objects::default();
+        o.add_text(
+            "n.yaml",
+            "apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n---\n\
+             apiVersion: v1\nkind: Secret\nmetadata: {name: api-tls-cert, namespace: istio-system}\n\
+             type: kubernetes.io/tls\ndata: {tls.crt: Y2VydA==, tls.key: a2V5}\n",
+        );
+        assert!(o.errors.is_empty(), "{:?}", o.errors);
+        assert!(o.nodes.contains_key("node-1"));
+        let secret = &o.secrets["istio-system/api-tls-cert"];
+        assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+        assert_eq!(
+            secret.data.as_ref().map(|d| d["tls.crt"].0.clone()),
+            Some(b"cert".to_vec())
+        );
     }
 
     #[test]
