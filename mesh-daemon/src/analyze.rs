@@ -79,17 +79,13 @@ fn not_enforced(o: &Objects, kind: &str, key: &str) -> Vec<String> {
                 );
             }
             for (i, r) in vs.spec.http.iter().enumerate() {
+                // Applied already: matches, weights, subsets, redirect, directResponse,
+                // rewrite, timeout, header operations.
                 let set = [
-                    ("timeout", r.timeout.is_some()),
                     ("retries", r.retries.is_some()),
                     ("fault", r.fault.is_some()),
                     ("mirror", r.mirror.is_some() || !r.mirrors.is_empty()),
-                    ("rewrite", r.rewrite.is_some()),
                     ("corsPolicy", r.cors_policy.is_some()),
-                    (
-                        "headers",
-                        r.headers.is_some() || r.route.iter().any(|d| d.headers.is_some()),
-                    ),
                 ];
                 out.extend(
                     set.iter()

@@ -171,3 +171,50 @@ spec:
         "{m}"
     );
 }
+
+#[test]
+fn rewrites_header_operations_and_timeouts_apply() {
+    let s = setup();
+    let c = &s.c;
+    let vs = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api-server, namespace: production}
+spec:
+  hosts: [api-server]
+  http:
+  - match: [{uri: {prefix: /legacy/}}]
+    rewrite: {uri: /v2/, authority: api.internal}
+    headers:
+      request: {set: {x-route: legacy}, remove: [x-drop]}
+      response: {add: {x-served-by: sidelane}}
+    route: [{destination: {host: api-server, subset: v1}}]
+  - match: [{uri: {prefix: /delay/}}]
+    timeout: 300ms
+    route: [{destination: {host: api-server, subset: v1}}]
+  - route: [{destination: {host: api-server, subset: v1}}]
+";
+    apply(&s, "vs.yaml", vs, &["/plain"], "v1");
+    let r = c
+        .http(
+            s.client,
+            &format!("{}/legacy/orders?id=7", s.url),
+            &["--header", "x-drop: yes"],
+        )
+        .expect("http");
+    let body = &r[0]["body"];
+    // The matched prefix is replaced, the rest and the query kept.
+    assert_eq!(body["path"], "/v2/orders", "{r:?}");
+    assert_eq!(body["headers"]["host"], "api.internal", "{r:?}");
+    assert_eq!(body["headers"]["x-route"], "legacy", "{r:?}");
+    assert!(body["headers"].get("x-drop").is_none(), "{r:?}");
+
+    // A backend slower than the route's timeout: 504 after the timeout, not after the delay.
+    let r = c
+        .http(s.client, &format!("{}/delay/2", s.url), &[])
+        .expect("http");
+    assert_eq!(r[0]["status"], 504, "{r:?}");
+    let ms = r[0]["ms"].as_u64().unwrap_or(u64::MAX);
+    assert!((300..1500).contains(&ms), "the timeout fired after {ms} ms");
+    let log = c.daemon_log(1);
+    assert!(log.contains("\"GET /delay/2 HTTP/1.1\" 504 UT"), "{log}");
+}

@@ -191,6 +191,7 @@ spec:
   - route: [{destination: {host: api-server, subset: v1}}]
     timeout: 5s
     retries: {attempts: 3, retryOn: 5xx}
+    fault: {abort: {httpStatus: 503, percentage: {value: 1}}}
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -207,8 +208,8 @@ spec: {mtls: {mode: STRICT}}
         not_applied,
         [
             "PeerAuthentication (the whole resource)",
-            "spec.http[0].retries",
-            "spec.http[0].timeout"
+            "spec.http[0].fault",
+            "spec.http[0].retries"
         ],
         "{m:#?}"
     );

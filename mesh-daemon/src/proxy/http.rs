@@ -23,11 +23,12 @@ use tokio::net::TcpStream;
 
 use super::{ProxyInputs, access_log, protocol::Protocol, sockets::socket_in};
 use crate::{
+    config::istio::networking::HeaderOperations,
     metrics::{RequestLabels, TcpLabels},
     netns::Netns,
     routing::{
-        RouteAction,
-        eval::{RequestView, pick_weighted},
+        HttpRoute, RequestMatch, RouteAction, WeightedCluster,
+        eval::{RequestView, pick_weighted, rewrite_path},
     },
     state::{PodInfo, ServicePort},
 };
@@ -40,6 +41,7 @@ mod flags {
     pub const NO_CLUSTER: &str = "NC";
     pub const NO_HEALTHY_UPSTREAM: &str = "UH";
     pub const UPSTREAM_CONNECT_FAILURE: &str = "UF";
+    pub const UPSTREAM_TIMEOUT: &str = "UT";
 }
 
 /// Opens upstream connections from inside the pod's network namespace.
@@ -133,7 +135,7 @@ fn local(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
-async fn handle(conn: &Downstream, mut req: Request<Incoming>) -> Response<Body> {
+async fn handle(conn: &Downstream, req: Request<Incoming>) -> Response<Body> {
     let start = (SystemTime::now(), Instant::now());
     let snap = conn.pod.inputs.snapshot.load_full();
     let no_labels = Default::default();
@@ -178,25 +180,44 @@ async fn handle(conn: &Downstream, mut req: Request<Incoming>) -> Response<Body>
         original_dst: conn.original_dst,
         downstream_peer: conn.peer,
     };
-    let route = snap
+    let vh = snap
         .routing
-        .virtual_host(source_ns, &svc.hostname, svc.port)
-        .and_then(|vh| vh.select(&view).cloned());
-    let response = match route.map(|r| r.action) {
+        .virtual_host(source_ns, &svc.hostname, svc.port);
+    let selected = vh
+        .as_deref()
+        .and_then(|vh| vh.select(&view))
+        .map(|(r, m)| (r.clone(), m.cloned()));
+    let response = match selected.as_ref().map(|(r, m)| (r, m.as_ref())) {
         None => {
             log.response_flags = flags::NO_ROUTE;
             local(StatusCode::NOT_FOUND, "")
         }
-        Some(RouteAction::DirectResponse(d)) => {
-            let body = d.body.and_then(|b| b.string).unwrap_or_default();
+        Some((
+            HttpRoute {
+                action: RouteAction::DirectResponse(d),
+                ..
+            },
+            _,
+        )) => {
+            let body = d
+                .body
+                .as_ref()
+                .and_then(|b| b.string.clone())
+                .unwrap_or_default();
             let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
             *r.status_mut() = StatusCode::from_u16(d.status as u16).unwrap_or(StatusCode::OK);
             r
         }
-        Some(RouteAction::Redirect(rd)) => {
+        Some((
+            HttpRoute {
+                action: RouteAction::Redirect(rd),
+                ..
+            },
+            _,
+        )) => {
             let scheme = rd.scheme.as_deref().unwrap_or("http");
-            let host = rd.authority.unwrap_or_else(|| authority.clone());
-            let path = rd.uri.unwrap_or(path_and_query.clone());
+            let host = rd.authority.clone().unwrap_or_else(|| authority.clone());
+            let path = rd.uri.clone().unwrap_or(path_and_query.clone());
             let mut r = local(
                 StatusCode::from_u16(rd.redirect_code.unwrap_or(301) as u16)
                     .unwrap_or(StatusCode::MOVED_PERMANENTLY),
@@ -207,67 +228,24 @@ async fn handle(conn: &Downstream, mut req: Request<Incoming>) -> Response<Body>
             }
             r
         }
-        Some(RouteAction::Route(clusters)) => {
-            let dest = pick_weighted(&clusters, fastrand::u32(..)).cloned();
-            let cluster = dest.as_ref().and_then(|d| {
-                snap.routing
-                    .cluster(source_ns, &d.host, d.port, d.subset.as_deref())
-            });
-            match cluster {
-                None => {
-                    log.response_flags = flags::NO_CLUSTER;
-                    local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
-                }
-                Some(c) => {
-                    log.cluster = c.name.clone();
-                    // Prefer the address family the client used for the VIP.
-                    let family: Vec<_> = c
-                        .endpoints
-                        .iter()
-                        .filter(|e| e.addr.is_ipv4() == conn.original_dst.is_ipv4())
-                        .collect();
-                    let candidates = if family.is_empty() {
-                        c.endpoints.iter().collect()
-                    } else {
-                        family
-                    };
-                    if candidates.is_empty() {
-                        log.response_flags = flags::NO_HEALTHY_UPSTREAM;
-                        local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
-                    } else {
-                        let ep = candidates[fastrand::usize(..candidates.len())].addr;
-                        log.upstream_host = Some(ep);
-                        if !req.headers().contains_key(header::HOST)
-                            && let Ok(v) = HeaderValue::from_str(&authority)
-                        {
-                            req.headers_mut().insert(header::HOST, v);
-                        }
-                        match format!("http://{ep}{path_and_query}").parse::<Uri>() {
-                            Err(_) => local(StatusCode::BAD_REQUEST, "bad request path"),
-                            Ok(uri) => {
-                                *req.uri_mut() = uri;
-                                *req.version_mut() = http::Version::HTTP_11;
-                                let client = match conn.protocol {
-                                    Protocol::Http2 => &conn.pod.h2,
-                                    _ => &conn.pod.h1,
-                                };
-                                match client.request(req).await {
-                                    Ok(resp) => resp.map(|b| b.map_err(Into::into).boxed()),
-                                    Err(e) => {
-                                        tracing::debug!(%ep, error = %e, "upstream request failed");
-                                        log.response_flags = flags::UPSTREAM_CONNECT_FAILURE;
-                                        local(
-                                            StatusCode::SERVICE_UNAVAILABLE,
-                                            "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-                                        )
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
+        Some((route, matched)) => match &route.action {
+            RouteAction::Route(clusters) => {
+                let upstream = Upstream {
+                    conn,
+                    snap: &snap,
+                    source_ns,
+                    route,
+                    matched,
+                    authority: &authority,
+                    path_and_query: &path_and_query,
+                };
+                upstream.forward(clusters, req, &mut log).await
             }
-        }
+            // Answered by the arms above.
+            RouteAction::DirectResponse(_) | RouteAction::Redirect(_) => {
+                local(StatusCode::INTERNAL_SERVER_ERROR, "")
+            }
+        },
     };
     log.status = response.status().as_u16();
     log.duration_ms = start.1.elapsed().as_millis();
@@ -298,4 +276,145 @@ async fn handle(conn: &Downstream, mut req: Request<Incoming>) -> Response<Body>
         .observe(start.1.elapsed().as_secs_f64() * 1000.0);
     access_log::log_http(&log);
     response
+}
+
+/// Everything forwarding one routed request needs.
+struct Upstream<'a> {
+    conn: &'a Downstream,
+    snap: &'a crate::state::Snapshot,
+    source_ns: &'a str,
+    route: &'a HttpRoute,
+    matched: Option<&'a RequestMatch>,
+    authority: &'a str,
+    path_and_query: &'a str,
+}
+
+impl Upstream<'_> {
+    async fn forward(
+        &self,
+        clusters: &[WeightedCluster],
+        mut req: Request<Incoming>,
+        log: &mut access_log::HttpEntry,
+    ) -> Response<Body> {
+        let Some(dest) = pick_weighted(clusters, fastrand::u32(..)) else {
+            log.response_flags = flags::NO_CLUSTER;
+            return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        };
+        let Some(cluster) = self.snap.routing.cluster(
+            self.source_ns,
+            &dest.host,
+            dest.port,
+            dest.subset.as_deref(),
+        ) else {
+            log.response_flags = flags::NO_CLUSTER;
+            return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        };
+        log.cluster = cluster.name.clone();
+        // Prefer the address family the client used for the VIP.
+        let v4 = self.conn.original_dst.is_ipv4();
+        let same: Vec<_> = cluster
+            .endpoints
+            .iter()
+            .filter(|e| e.addr.is_ipv4() == v4)
+            .collect();
+        let candidates = if same.is_empty() {
+            cluster.endpoints.iter().collect()
+        } else {
+            same
+        };
+        if candidates.is_empty() {
+            log.response_flags = flags::NO_HEALTHY_UPSTREAM;
+            return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        }
+        let ep = candidates[fastrand::usize(..candidates.len())].addr;
+        log.upstream_host = Some(ep);
+
+        let (path, authority) = self.rewritten();
+        if let Ok(v) = HeaderValue::from_str(&authority) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+        let Ok(uri) = format!("http://{ep}{path}").parse::<Uri>() else {
+            return local(StatusCode::BAD_REQUEST, "bad request path");
+        };
+        *req.uri_mut() = uri;
+        *req.version_mut() = http::Version::HTTP_11;
+        // Route-level operations first, then the chosen destination's, as Envoy applies them.
+        let ops = [self.route.headers.as_ref(), dest.headers.as_ref()];
+        for h in ops.iter().flatten() {
+            apply_ops(req.headers_mut(), h.request.as_ref());
+        }
+        let client = match self.conn.protocol {
+            Protocol::Http2 => &self.conn.pod.h2,
+            _ => &self.conn.pod.h1,
+        };
+        let sent = client.request(req);
+        let result = match self.route.timeout {
+            Some(t) => match tokio::time::timeout(t.0, sent).await {
+                Ok(r) => r,
+                Err(_) => {
+                    log.response_flags = flags::UPSTREAM_TIMEOUT;
+                    return local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
+                }
+            },
+            None => sent.await,
+        };
+        match result {
+            Ok(resp) => {
+                let mut resp = resp.map(|b| b.map_err(Into::into).boxed());
+                for h in ops.iter().flatten() {
+                    apply_ops(resp.headers_mut(), h.response.as_ref());
+                }
+                resp
+            }
+            Err(e) => {
+                tracing::debug!(%ep, error = %e, "upstream request failed");
+                log.response_flags = flags::UPSTREAM_CONNECT_FAILURE;
+                local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
+                )
+            }
+        }
+    }
+
+    /// The path and authority after the route's rewrite.
+    fn rewritten(&self) -> (String, String) {
+        match &self.route.rewrite {
+            None => (self.path_and_query.to_owned(), self.authority.to_owned()),
+            Some(rw) => (
+                rewrite_path(
+                    rw,
+                    self.matched.and_then(|m| m.uri.as_ref()),
+                    self.path_and_query,
+                ),
+                rw.authority
+                    .clone()
+                    .unwrap_or_else(|| self.authority.to_owned()),
+            ),
+        }
+    }
+}
+
+/// Istio's header operations: set replaces, add appends, remove deletes.
+fn apply_ops(headers: &mut http::HeaderMap, ops: Option<&HeaderOperations>) {
+    let Some(ops) = ops else { return };
+    for (k, v) in &ops.set {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            headers.insert(k, v);
+        }
+    }
+    for (k, v) in &ops.add {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            headers.append(k, v);
+        }
+    }
+    for k in &ops.remove {
+        headers.remove(k.as_str());
+    }
 }

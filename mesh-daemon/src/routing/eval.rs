@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::table::{HttpRoute, Matcher, RequestMatch, VirtualHost, WeightedCluster};
+use crate::config::istio::networking::HttpRewrite;
 
 /// What route matching may look at in a request.
 pub struct RequestView<'a> {
@@ -81,11 +82,62 @@ impl RequestMatch {
 }
 
 impl VirtualHost {
-    /// The first route whose match blocks (any of them) accept the request.
-    pub fn select(&self, req: &RequestView<'_>) -> Option<&HttpRoute> {
-        self.routes
-            .iter()
-            .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(req)))
+    /// The first route whose match blocks (any of them) accept the request, with the block
+    /// that matched (`None` for a route without conditions).
+    pub fn select(&self, req: &RequestView<'_>) -> Option<(&HttpRoute, Option<&RequestMatch>)> {
+        self.routes.iter().find_map(|r| {
+            if r.matches.is_empty() {
+                return Some((r, None));
+            }
+            r.matches
+                .iter()
+                .find(|m| m.matches(req))
+                .map(|m| (r, Some(m)))
+        })
+    }
+}
+
+/// The request path after `rewrite`: a URI rewrite replaces the prefix that matched (all of
+/// the path for exact and regex matches; a route without a URI condition matched the prefix
+/// "/"), as Istio documents it; a regex rewrite substitutes every match, with Istio's RE2
+/// style `\1` group references. The query string is kept.
+pub fn rewrite_path(
+    rw: &HttpRewrite,
+    matched_uri: Option<&Matcher>,
+    path_and_query: &str,
+) -> String {
+    let (p, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let new = if let Some(uri) = &rw.uri {
+        match matched_uri {
+            Some(Matcher::Prefix(prefix)) if p.len() >= prefix.len() => {
+                format!("{uri}{}", &p[prefix.len()..])
+            }
+            Some(Matcher::Exact(_) | Matcher::Regex(_)) => uri.clone(),
+            _ => format!("{uri}{}", p.strip_prefix('/').unwrap_or(p)),
+        }
+    } else if let Some(rr) = &rw.uri_regex_rewrite {
+        let replacement = rr.rewrite.chars().fold(String::new(), |mut out, c| {
+            if out.ends_with('\\') && c.is_ascii_digit() {
+                out.pop();
+                out.push_str(&format!("${{{c}}}"));
+            } else {
+                out.push(c);
+            }
+            out
+        });
+        match regex::Regex::new(&rr.pattern) {
+            Ok(re) => re.replace_all(p, replacement.as_str()).into_owned(),
+            Err(_) => p.to_owned(),
+        }
+    } else {
+        p.to_owned()
+    };
+    match query {
+        Some(q) => format!("{new}?{q}"),
+        None => new,
     }
 }
 
@@ -140,6 +192,37 @@ mod tests {
         assert_eq!(
             pick_weighted(&[wc("a", 0), wc("b", 3)], 0).map(|c| c.cluster.as_str()),
             Some("b")
+        );
+    }
+
+    #[test]
+    fn rewrites_follow_istio() {
+        use crate::config::istio::networking::RegexRewrite;
+        let uri = |u: &str| HttpRewrite {
+            uri: Some(u.into()),
+            ..Default::default()
+        };
+        let prefix = Matcher::Prefix("/legacy/".into());
+        assert_eq!(
+            rewrite_path(&uri("/v2/"), Some(&prefix), "/legacy/a/b?x=1"),
+            "/v2/a/b?x=1"
+        );
+        let exact = Matcher::Exact("/login".into());
+        assert_eq!(
+            rewrite_path(&uri("/auth/login"), Some(&exact), "/login?next=/"),
+            "/auth/login?next=/"
+        );
+        assert_eq!(rewrite_path(&uri("/base/"), None, "/x/y"), "/base/x/y");
+        let regex = HttpRewrite {
+            uri_regex_rewrite: Some(RegexRewrite {
+                pattern: "^/service/([^/]+)(/.*)$".into(),
+                rewrite: "\\2/instance/\\1".into(),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            rewrite_path(&regex, None, "/service/foo/v1/api?q"),
+            "/v1/api/instance/foo?q"
         );
     }
 
