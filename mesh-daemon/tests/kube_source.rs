@@ -465,3 +465,43 @@ fn watch_errors_are_explained_in_words_an_operator_can_act_on() {
     let msg = kube_source::explain("Gateway", "gateways", &missing);
     assert!(msg.contains("is the CRD installed"), "{msg}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshctl_analyze_reads_the_cluster_when_given_no_files() {
+    let api = FakeApiServer::new();
+    seed(&api);
+    // A route to a subset no DestinationRule defines: IST0101 from the cluster's objects.
+    api.apply(json!({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "canary", "namespace": "production"},
+                     "spec": {"hosts": ["api-server"], "http": [{"route": [{"destination": {"host": "api-server", "subset": "v2"}}]}]}}));
+    let url = api.clone().serve().await;
+    let dir = std::env::temp_dir().join(format!("sidelane-kubeconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kubeconfig = dir.join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"{url}\"}}}}]\n\
+             users: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\ncurrent-context: c\n"
+        ),
+    )
+    .expect("kubeconfig");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(["analyze", "-n", "production"])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .await
+        .expect("meshctl");
+    let _ = std::fs::remove_dir_all(&dir);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(79),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("Error [IST0101] (VirtualService production/canary")
+            && stdout.contains("\"api-server+v2\""),
+        "{stdout}"
+    );
+}

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use mesh_common::{PodPolicy, map_names, stats};
 use mesh_daemon::{
     analyze::{Level, Options},
-    config::{manifest_dir, objects::Objects},
+    config::{kube_source, manifest_dir, objects::Objects},
     settings::{DEFAULT_ADMIN_ADDR, DEFAULT_PIN_DIR},
 };
 use serde_json::Value;
@@ -45,8 +45,9 @@ enum Cmd {
     /// Validate Istio and Kubernetes YAML and report what istioctl analyze would, plus what
     /// Sidelane does not enforce yet. Exits 79 when an error is found (as istioctl does).
     Analyze {
-        /// Files or directories of manifests.
-        #[arg(short = 'f', long = "filename", required = true)]
+        /// Files or directories of manifests; without any, the cluster (KUBECONFIG or
+        /// in-cluster) is analyzed.
+        #[arg(short = 'f', long = "filename")]
         files: Vec<PathBuf>,
         /// Only report on this namespace.
         #[arg(short = 'n', long)]
@@ -79,6 +80,12 @@ enum BpfCmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Problems met while reading the cluster (RBAC, TLS) are logged as warnings.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::WARN)
+        .without_time()
+        .init();
     match cli.cmd {
         Cmd::ProxyStatus => proxy_status(cli.admin),
         Cmd::ConfigDump => {
@@ -110,6 +117,29 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// What the cluster holds, read once through the same source the daemon uses.
+fn from_cluster() -> anyhow::Result<Objects> {
+    const LIST_TIMEOUT: Duration = Duration::from_secs(30);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API (set KUBECONFIG, or pass -f FILE|DIR)")?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let task = kube_source::watch(client, tx);
+        let first = tokio::time::timeout(LIST_TIMEOUT, rx.recv()).await;
+        task.abort();
+        match first {
+            Ok(Some(objects)) => Ok(objects),
+            _ => bail!(
+                "could not list the cluster's objects within {LIST_TIMEOUT:?} (see the warnings above: RBAC? API server reachable?)"
+            ),
+        }
+    })
+}
+
 /// Prints the analysis; returns whether any error was found.
 fn analyze(
     files: &[PathBuf],
@@ -117,7 +147,11 @@ fn analyze(
     output: &str,
     cluster_domain: &str,
 ) -> anyhow::Result<bool> {
-    let mut objects = Objects::default();
+    let mut objects = if files.is_empty() {
+        from_cluster()?
+    } else {
+        Objects::default()
+    };
     for f in files {
         if f.is_dir() {
             let dir = manifest_dir::load(f)?;
