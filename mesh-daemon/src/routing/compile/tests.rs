@@ -268,3 +268,31 @@ fn regex_matches_the_whole_value_as_envoy_does() {
     assert!(m.matches("/api/v2"));
     assert!(!m.matches("/api/v2/users"));
 }
+
+#[test]
+fn the_tutorial_resilience_and_mirror_virtual_services_compile() {
+    let r = routing(&[&tutorial("virtualservice-resilience.yaml")]);
+    let vh = r.virtual_host("production", HOST, 8080).expect("vh");
+    let route = &vh.routes[0];
+    assert_eq!(clusters(&vh, 0), [(format!("outbound|8080||{HOST}"), 100)]);
+    assert_eq!(route.timeout.map(|t| t.0.as_secs()), Some(30));
+    let retries = route.retries.as_ref().expect("retries");
+    assert_eq!(retries.attempts, Some(3));
+    assert_eq!(
+        retries.retry_on.as_deref(),
+        Some("connect-failure,refused-stream,unavailable,cancelled,retriable-4xx")
+    );
+
+    let r = routing(&[
+        &tutorial("virtualservice-mirror.yaml"),
+        &tutorial("destinationrule.yaml"),
+    ]);
+    let vh = r.virtual_host("production", HOST, 8080).expect("vh");
+    assert_eq!(
+        clusters(&vh, 0),
+        [(format!("outbound|8080|v1|{HOST}"), 100)]
+    );
+    let (mirror, pct) = &vh.routes[0].mirrors[0];
+    assert_eq!(mirror.cluster, format!("outbound|8080|v2|{HOST}"));
+    assert_eq!(pct.map(|p| p.value), Some(100.0));
+}
