@@ -13,7 +13,7 @@ struct Args {
     #[arg(long)]
     tutorial: PathBuf,
     /// Requests to send through the mesh.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 200)]
     requests: u32,
 }
 
@@ -103,7 +103,7 @@ fn main() -> anyhow::Result<()> {
     step(
         3,
         &format!(
-            "The sleep pod sends {} HTTP requests to http://{vip}:8080/api",
+            "The sleep pod sends {} requests to http://{vip}:8080/api: the tutorial's VirtualService splits /api 90/10",
             args.requests
         ),
     );
@@ -111,34 +111,34 @@ fn main() -> anyhow::Result<()> {
     let out = c.http(
         client,
         &format!("http://{vip}:8080/api"),
-        &["--count", &args.requests.to_string(), "--new-conn"],
+        &["--count", &args.requests.to_string()],
     )?;
-    let mut by_pod: BTreeMap<String, u32> = BTreeMap::new();
-    for r in &out {
-        let key = match (
-            r["status"].as_u64(),
-            r["pod"].as_str(),
-            r["version"].as_str(),
-        ) {
-            (Some(200), Some(p), Some(v)) => format!("{p} ({v})"),
-            _ => format!("error: {}", r["error"]),
-        };
-        *by_pod.entry(key).or_default() += 1;
-    }
-    for (k, n) in &by_pod {
-        println!("   {n:>3} answered by {k}");
-    }
+    print_tally(&out);
     println!(
-        "   node-1's daemon carried {} of these connections: eBPF sent each connect() to it,",
+        "   node-1's daemon carried {} connection(s) for them: eBPF sent the connect() to it, and it",
         outbound(&c, 1) - before
     );
     println!(
-        "   it resolved the ClusterIP to a ready endpoint and connected from the pod's own address."
+        "   routed each request by the VirtualService to a DestinationRule subset, from the pod's own address."
     );
+    println!(
+        "   20 requests to /orders with the header x-canary: true (the tutorial's header route):"
+    );
+    print_tally(&c.http(
+        client,
+        &format!("http://{vip}:8080/orders"),
+        &["--count", "20", "--header", "x-canary: true"],
+    )?);
+    println!("   20 requests to /orders without it (the default route):");
+    print_tally(&c.http(
+        client,
+        &format!("http://{vip}:8080/orders"),
+        &["--count", "20"],
+    )?);
     if let Some(line) = c
         .daemon_log(1)
         .lines()
-        .rfind(|l| l.contains("outbound|8080||"))
+        .rfind(|l| l.contains("outbound|8080|v"))
     {
         println!("   last access-log line on node-1:\n     {line}");
     }
@@ -203,6 +203,26 @@ fn main() -> anyhow::Result<()> {
     drop(c);
     println!("Done.");
     Ok(())
+}
+
+/// Prints how many responses each pod (and version) gave.
+fn print_tally(out: &[serde_json::Value]) {
+    let mut by_pod: BTreeMap<String, u32> = BTreeMap::new();
+    for r in out {
+        let key = match (
+            r["status"].as_u64(),
+            r["pod"].as_str(),
+            r["version"].as_str(),
+        ) {
+            (Some(200), Some(p), Some(v)) => format!("{p} ({v})"),
+            (Some(status), _, _) => format!("HTTP {status}"),
+            _ => format!("error: {}", r["error"]),
+        };
+        *by_pod.entry(key).or_default() += 1;
+    }
+    for (k, n) in &by_pod {
+        println!("   {n:>4} answered by {k}");
+    }
 }
 
 fn outbound(c: &Cluster, node: usize) -> u64 {
