@@ -161,7 +161,15 @@ where
         kind,
         resource,
     );
-    let api_version = K::api_version(&()).into_owned();
+    watched(kind, K::api_version(&()).into_owned(), reader, true)
+}
+
+/// What the batch builder needs from one reflector store.
+fn watched<K>(kind: &'static str, api_version: String, reader: Store<K>, required: bool) -> Watched
+where
+    K: Resource + Serialize + Clone + Send + Sync + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
+{
     let av = api_version.clone();
     let r2 = reader.clone();
     Watched {
@@ -169,7 +177,7 @@ where
         api_version,
         to_values: Box::new(move || values(&reader, &av, kind)),
         ready: Box::new(move || r2.wait_until_ready().now_or_never_ready()),
-        required: true,
+        required,
     }
 }
 
@@ -232,16 +240,7 @@ fn watch_istio(
         kind,
         plural,
     );
-    let api_version = ar.api_version.clone();
-    let av = api_version.clone();
-    let r2 = reader.clone();
-    Watched {
-        kind,
-        api_version,
-        to_values: Box::new(move || values(&reader, &av, kind)),
-        ready: Box::new(move || r2.wait_until_ready().now_or_never_ready()),
-        required: false,
-    }
+    watched(kind, ar.api_version.clone(), reader, false)
 }
 
 /// Watches the cluster and sends a fresh [`Objects`] after every change, starting once
