@@ -218,3 +218,57 @@ spec:
     let log = c.daemon_log(1);
     assert!(log.contains("\"GET /delay/2 HTTP/1.1\" 504 UT"), "{log}");
 }
+
+#[test]
+fn faults_delay_and_abort_the_share_of_requests_istio_would() {
+    let s = setup();
+    let c = &s.c;
+    let vs = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api-server, namespace: production}
+spec:
+  hosts: [api-server]
+  http:
+  - match: [{uri: {prefix: /teapot}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: api-server, subset: v1}}]
+  - match: [{uri: {prefix: /half}}]
+    fault: {abort: {httpStatus: 503, percentage: {value: 50}}}
+    route: [{destination: {host: api-server, subset: v1}}]
+  - match: [{uri: {prefix: /slow}}]
+    fault: {delay: {fixedDelay: 400ms, percentage: {value: 100}}}
+    route: [{destination: {host: api-server, subset: v1}}]
+  - match: [{uri: {prefix: /unset}}]
+    fault: {abort: {httpStatus: 500}}
+    route: [{destination: {host: api-server, subset: v1}}]
+  - route: [{destination: {host: api-server, subset: v1}}]
+";
+    apply(&s, "vs.yaml", vs, &["/teapot"], "418");
+    // Half of 200 requests aborted: expect 100, standard deviation about 7.
+    let half = tally(
+        &c.http(s.client, &format!("{}/half", s.url), &["--count", "200"])
+            .expect("http"),
+    );
+    let aborted = half.get("503").copied().unwrap_or(0);
+    assert_eq!(
+        aborted + half.get("v1").copied().unwrap_or(0),
+        200,
+        "{half:?}"
+    );
+    assert!((70..=130).contains(&aborted), "{half:?}");
+    // A delay holds the request, then it goes through.
+    let r = c
+        .http(s.client, &format!("{}/slow", s.url), &[])
+        .expect("http");
+    assert_eq!(r[0]["version"], "v1", "{r:?}");
+    assert!(r[0]["ms"].as_u64().is_some_and(|ms| ms >= 400), "{r:?}");
+    // Without a percentage, Istio injects nothing.
+    let unset = tally(
+        &c.http(s.client, &format!("{}/unset", s.url), &["--count", "20"])
+            .expect("http"),
+    );
+    assert_eq!(unset, BTreeMap::from([("v1".to_owned(), 20)]));
+    let log = c.daemon_log(1);
+    assert!(log.contains("\"GET /teapot HTTP/1.1\" 418 FI"), "{log}");
+    assert!(log.contains("\"GET /slow HTTP/1.1\" 200 DI"), "{log}");
+}

@@ -42,6 +42,8 @@ mod flags {
     pub const NO_HEALTHY_UPSTREAM: &str = "UH";
     pub const UPSTREAM_CONNECT_FAILURE: &str = "UF";
     pub const UPSTREAM_TIMEOUT: &str = "UT";
+    pub const FAULT_INJECTED: &str = "FI";
+    pub const DELAY_INJECTED: &str = "DI";
 }
 
 /// Opens upstream connections from inside the pod's network namespace.
@@ -229,18 +231,21 @@ async fn handle(conn: &Downstream, req: Request<Incoming>) -> Response<Body> {
             r
         }
         Some((route, matched)) => match &route.action {
-            RouteAction::Route(clusters) => {
-                let upstream = Upstream {
-                    conn,
-                    snap: &snap,
-                    source_ns,
-                    route,
-                    matched,
-                    authority: &authority,
-                    path_and_query: &path_and_query,
-                };
-                upstream.forward(clusters, req, &mut log).await
-            }
+            RouteAction::Route(clusters) => match inject_fault(route, &mut log).await {
+                Some(aborted) => aborted,
+                None => {
+                    let upstream = Upstream {
+                        conn,
+                        snap: &snap,
+                        source_ns,
+                        route,
+                        matched,
+                        authority: &authority,
+                        path_and_query: &path_and_query,
+                    };
+                    upstream.forward(clusters, req, &mut log).await
+                }
+            },
             // Answered by the arms above.
             RouteAction::DirectResponse(_) | RouteAction::Redirect(_) => {
                 local(StatusCode::INTERNAL_SERVER_ERROR, "")
@@ -393,6 +398,74 @@ impl Upstream<'_> {
             ),
         }
     }
+}
+
+/// Whether a fault with this percentage hits this request. Istio leaves an unset percentage
+/// unset in Envoy's fault filter, where it means 0%: no request is delayed or aborted.
+fn fault_hits(p: Option<&crate::config::istio::types::Percent>) -> bool {
+    p.is_some_and(|p| fastrand::f64() * 100.0 < p.value)
+}
+
+/// gRPC status codes by name, for gRPC aborts.
+const GRPC_CODES: &[&str] = &[
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// The route's fault injection, as Envoy's fault filter applies it before routing: first the
+/// delay, then the abort. Returns the abort's response when the request is aborted.
+async fn inject_fault(
+    route: &HttpRoute,
+    log: &mut access_log::HttpEntry,
+) -> Option<Response<Body>> {
+    let fault = route.fault.as_ref()?;
+    if let Some(d) = &fault.delay
+        && let Some(delay) = d.fixed_delay
+        && fault_hits(d.percentage.as_ref())
+    {
+        tokio::time::sleep(delay.0).await;
+        log.response_flags = flags::DELAY_INJECTED;
+    }
+    let a = fault.abort.as_ref()?;
+    if !fault_hits(a.percentage.as_ref()) {
+        return None;
+    }
+    log.response_flags = flags::FAULT_INJECTED;
+    if let Some(code) = a.grpc_status.as_deref() {
+        let n = GRPC_CODES.iter().position(|c| *c == code).unwrap_or(2);
+        let mut r = local(StatusCode::OK, "");
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        r.headers_mut().insert("grpc-status", HeaderValue::from(n));
+        r.headers_mut().insert(
+            "grpc-message",
+            HeaderValue::from_static("fault filter abort"),
+        );
+        return Some(r);
+    }
+    let status = a
+        .http_status
+        .and_then(|s| u16::try_from(s).ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    Some(local(status, "fault filter abort"))
 }
 
 /// Istio's header operations: set replaces, add appends, remove deletes.
