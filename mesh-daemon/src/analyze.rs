@@ -80,10 +80,9 @@ fn not_enforced(o: &Objects, kind: &str, key: &str) -> Vec<String> {
             }
             for (i, r) in vs.spec.http.iter().enumerate() {
                 // Applied already: matches, weights, subsets, redirect, directResponse,
-                // rewrite, timeout, header operations, fault (delay and abort).
+                // rewrite, timeout, header operations, fault (delay and abort), mirror.
                 let set = [
                     ("retries", r.retries.is_some()),
-                    ("mirror", r.mirror.is_some() || !r.mirrors.is_empty()),
                     ("corsPolicy", r.cors_policy.is_some()),
                 ];
                 out.extend(

@@ -96,6 +96,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         host: host.try_clone()?,
         connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         outbound_port: settings.outbound_port,
+        mirror_shadow_host: settings.compat_before(1, 28),
     });
 
     // Configuration: every batch of objects becomes a new snapshot, swapped in whole.

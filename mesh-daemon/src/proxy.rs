@@ -20,4 +20,6 @@ pub struct ProxyInputs {
     pub host: HostNetns,
     pub connect_timeout: std::time::Duration,
     pub outbound_port: u16,
+    /// Istio before 1.28 appended "-shadow" to a mirrored request's host.
+    pub mirror_shadow_host: bool,
 }

@@ -21,6 +21,18 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 /// Envoy's and Istio's default upstream connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+impl Settings {
+    /// Whether `--compatibility-version` asks for a release older than `major.minor`.
+    pub fn compat_before(&self, major: u32, minor: u32) -> bool {
+        let Some(v) = &self.compatibility_version else {
+            return false;
+        };
+        let mut it = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        let (a, b) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+        (a, b) < (major, minor)
+    }
+}
+
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConfigSource {
     Dir,
@@ -85,7 +97,36 @@ pub struct Settings {
     #[arg(long, env = "SIDELANE_ROOT_NAMESPACE", default_value = DEFAULT_ROOT_NAMESPACE)]
     pub root_namespace: String,
 
+    /// Behave as this earlier Istio release did where a default has changed since
+    /// (like Istio's `compatibilityVersion`); e.g. "1.27" restores the "-shadow" host suffix
+    /// on mirrored requests.
+    #[arg(long, env = "SIDELANE_COMPATIBILITY_VERSION")]
+    pub compatibility_version: Option<String>,
+
     /// Log format: "text" or "json".
     #[arg(long, env = "SIDELANE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn compatibility_version_compares_releases() {
+        let s = |v: &[&str]| {
+            Settings::parse_from(
+                ["mesh-daemon", "--node-name", "n", "--config-dir", "/x"]
+                    .iter()
+                    .chain(v)
+                    .copied(),
+            )
+        };
+        assert!(!s(&[]).compat_before(1, 28));
+        assert!(s(&["--compatibility-version", "1.27"]).compat_before(1, 28));
+        assert!(!s(&["--compatibility-version", "1.28"]).compat_before(1, 28));
+        assert!(s(&["--compatibility-version", "1.9"]).compat_before(1, 28));
+    }
 }

@@ -272,3 +272,70 @@ spec:
     assert!(log.contains("\"GET /teapot HTTP/1.1\" 418 FI"), "{log}");
     assert!(log.contains("\"GET /slow HTTP/1.1\" 200 DI"), "{log}");
 }
+
+/// Requests the pod `name` has served, and the Host of the last one, asked of it directly.
+fn seen(s: &Setup, name: &str) -> (u64, String) {
+    let ip =
+        s.c.pods
+            .iter()
+            .find(|p| p.spec.name == name)
+            .map(|p| p.ip4.clone())
+            .expect("pod");
+    let r =
+        s.c.http(s.client, &format!("http://{ip}:8080/__stats"), &[])
+            .expect("stats");
+    let b = &r[0]["body"];
+    (
+        b["requests"].as_u64().unwrap_or(0),
+        b["last_host"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+#[test]
+fn the_tutorial_mirror_copies_traffic_to_v2_without_touching_the_responses() {
+    let s = setup();
+    let c = &s.c;
+    apply(
+        &s,
+        "virtualservice-mirror.yaml",
+        &tutorial("virtualservice-mirror.yaml"),
+        &["/warmup"],
+        "v1",
+    );
+    let (before, _) = seen(&s, "api-server-v2");
+    let r = tally(
+        &c.http(s.client, &format!("{}/mirrored", s.url), &["--count", "20"])
+            .expect("http"),
+    );
+    // Every answer comes from v1; v2 only receives copies.
+    assert_eq!(r, BTreeMap::from([("v1".to_owned(), 20)]));
+    let authority = s.url.trim_start_matches("http://").to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let (n, host) = seen(&s, "api-server-v2");
+        if n >= before + 20 {
+            // Istio 1.28: the mirrored request keeps its Host (no "-shadow").
+            assert_eq!(host, authority);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "v2 saw {} mirrored requests, not 20",
+            n - before
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // A mirror with nowhere to go (a subset nobody defines) never affects the primary.
+    let dead = tutorial("virtualservice-mirror.yaml").replace(
+        "host: api-server\n        subset: v2",
+        "host: api-server\n        subset: v9",
+    );
+    assert!(dead.contains("subset: v9"), "{dead}");
+    apply(&s, "virtualservice-mirror.yaml", &dead, &["/warmup"], "v1");
+    let r = tally(
+        &c.http(s.client, &format!("{}/after", s.url), &["--count", "20"])
+            .expect("http"),
+    );
+    assert_eq!(r, BTreeMap::from([("v1".to_owned(), 20)]));
+}

@@ -191,7 +191,7 @@ spec:
   - route: [{destination: {host: api-server, subset: v1}}]
     timeout: 5s
     retries: {attempts: 3, retryOn: 5xx}
-    mirror: {host: api-server, subset: v1}
+    corsPolicy: {allowOrigins: [{exact: 'https://example.com'}]}
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -208,7 +208,7 @@ spec: {mtls: {mode: STRICT}}
         not_applied,
         [
             "PeerAuthentication (the whole resource)",
-            "spec.http[0].mirror",
+            "spec.http[0].corsPolicy",
             "spec.http[0].retries"
         ],
         "{m:#?}"

@@ -35,6 +35,11 @@ use crate::{
 
 pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
+/// Largest request body (by Content-Length) that is buffered to be mirrored.
+const MIRROR_BODY_LIMIT: u64 = 1024 * 1024;
+/// How long a mirrored request may take before it is dropped.
+const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Envoy's response flags for requests the proxy answers itself.
 mod flags {
     pub const NO_ROUTE: &str = "NR";
@@ -85,8 +90,8 @@ impl tower_service::Service<Uri> for PodConnector {
 /// One pod's HTTP side: its upstream pools (HTTP/1.1 and HTTP/2).
 pub struct PodHttp {
     inputs: Arc<ProxyInputs>,
-    h1: Client<PodConnector, Incoming>,
-    h2: Client<PodConnector, Incoming>,
+    h1: Client<PodConnector, Body>,
+    h2: Client<PodConnector, Body>,
 }
 
 impl PodHttp {
@@ -315,23 +320,10 @@ impl Upstream<'_> {
             return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
         log.cluster = cluster.name.clone();
-        // Prefer the address family the client used for the VIP.
-        let v4 = self.conn.original_dst.is_ipv4();
-        let same: Vec<_> = cluster
-            .endpoints
-            .iter()
-            .filter(|e| e.addr.is_ipv4() == v4)
-            .collect();
-        let candidates = if same.is_empty() {
-            cluster.endpoints.iter().collect()
-        } else {
-            same
-        };
-        if candidates.is_empty() {
+        let Some(ep) = self.pick_endpoint(&cluster) else {
             log.response_flags = flags::NO_HEALTHY_UPSTREAM;
             return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
-        }
-        let ep = candidates[fastrand::usize(..candidates.len())].addr;
+        };
         log.upstream_host = Some(ep);
 
         let (path, authority) = self.rewritten();
@@ -348,11 +340,8 @@ impl Upstream<'_> {
         for h in ops.iter().flatten() {
             apply_ops(req.headers_mut(), h.request.as_ref());
         }
-        let client = match self.conn.protocol {
-            Protocol::Http2 => &self.conn.pod.h2,
-            _ => &self.conn.pod.h1,
-        };
-        let sent = client.request(req);
+        let req = self.mirror(req, &authority, &path).await;
+        let sent = self.client().request(req);
         let result = match self.route.timeout {
             Some(t) => match tokio::time::timeout(t.0, sent).await {
                 Ok(r) => r,
@@ -380,6 +369,102 @@ impl Upstream<'_> {
                 )
             }
         }
+    }
+
+    fn client(&self) -> &Client<PodConnector, Body> {
+        match self.conn.protocol {
+            Protocol::Http2 => &self.conn.pod.h2,
+            _ => &self.conn.pod.h1,
+        }
+    }
+
+    /// An endpoint of `cluster`, of the address family the client used for the VIP when
+    /// there is one.
+    fn pick_endpoint(&self, cluster: &crate::routing::Cluster) -> Option<SocketAddr> {
+        let v4 = self.conn.original_dst.is_ipv4();
+        let same: Vec<_> = cluster
+            .endpoints
+            .iter()
+            .filter(|e| e.addr.is_ipv4() == v4)
+            .collect();
+        let candidates = if same.is_empty() {
+            cluster.endpoints.iter().collect()
+        } else {
+            same
+        };
+        (!candidates.is_empty()).then(|| candidates[fastrand::usize(..candidates.len())].addr)
+    }
+
+    /// Sends fire-and-forget copies to the route's mirrors and returns the request to send
+    /// upstream. The body is buffered to be sent twice, up to [`MIRROR_BODY_LIMIT`] bytes of
+    /// declared length; a larger or unsized body is not mirrored.
+    async fn mirror(&self, req: Request<Incoming>, authority: &str, path: &str) -> Request<Body> {
+        let hits: Vec<&(
+            WeightedCluster,
+            Option<crate::config::istio::types::Percent>,
+        )> = self
+            .route
+            .mirrors
+            .iter()
+            // No percentage: all traffic is mirrored.
+            .filter(|(_, pct)| pct.is_none_or(|p| fastrand::f64() * 100.0 < p.value))
+            .collect();
+        let length = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let bodiless = length.is_none() && req.headers().get(header::TRANSFER_ENCODING).is_none();
+        let fits = bodiless || length.is_some_and(|l| l <= MIRROR_BODY_LIMIT);
+        if hits.is_empty() || !fits {
+            return req.map(|b| b.map_err(Into::into).boxed());
+        }
+        let (parts, body) = req.into_parts();
+        let bytes = match body.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                // The client broke off its own body; what reaches the upstream is cut short too.
+                tracing::debug!(error = %e, "request body ended early");
+                return Request::from_parts(
+                    parts,
+                    http_body_util::Empty::new().map_err(|e| match e {}).boxed(),
+                );
+            }
+        };
+        // Istio 1.28 leaves Host as it is; before, it appended "-shadow" to the host name.
+        let shadow_host = if self.conn.pod.inputs.mirror_shadow_host {
+            shadow_host(authority)
+        } else {
+            authority.to_owned()
+        };
+        for (wc, _) in hits {
+            let Some(cluster) =
+                self.snap
+                    .routing
+                    .cluster(self.source_ns, &wc.host, wc.port, wc.subset.as_deref())
+            else {
+                continue;
+            };
+            let Some(ep) = self.pick_endpoint(&cluster) else {
+                continue;
+            };
+            let Ok(uri) = format!("http://{ep}{path}").parse::<Uri>() else {
+                continue;
+            };
+            let mut copy = Request::new(Full::new(bytes.clone()).map_err(|e| match e {}).boxed());
+            *copy.method_mut() = parts.method.clone();
+            *copy.uri_mut() = uri;
+            *copy.headers_mut() = parts.headers.clone();
+            if let Ok(v) = HeaderValue::from_str(&shadow_host) {
+                copy.headers_mut().insert(header::HOST, v);
+            }
+            let client = self.client().clone();
+            // The copy's response is discarded and its failure or slowness never reaches the
+            // client; the time limit only keeps stuck mirrors from piling up.
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(MIRROR_TIMEOUT, client.request(copy)).await;
+            });
+        }
+        Request::from_parts(parts, Full::new(bytes).map_err(|e| match e {}).boxed())
     }
 
     /// The path and authority after the route's rewrite.
@@ -489,5 +574,28 @@ fn apply_ops(headers: &mut http::HeaderMap, ops: Option<&HeaderOperations>) {
     }
     for k in &ops.remove {
         headers.remove(k.as_str());
+    }
+}
+
+/// The Host Istio before 1.28 gave mirrored requests: "-shadow" after the host name, before
+/// any port.
+fn shadow_host(authority: &str) -> String {
+    match authority.rsplit_once(':') {
+        Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{h}-shadow:{port}")
+        }
+        _ => format!("{authority}-shadow"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_host_goes_before_the_port() {
+        assert_eq!(shadow_host("api-server:8080"), "api-server-shadow:8080");
+        assert_eq!(shadow_host("api-server"), "api-server-shadow");
+        assert_eq!(shadow_host("10.96.0.10:8080"), "10.96.0.10-shadow:8080");
     }
 }

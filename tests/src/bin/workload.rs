@@ -99,6 +99,7 @@ fn main() -> anyhow::Result<()> {
                         pod,
                         namespace,
                         version,
+                        seen: std::sync::Mutex::new((0, String::new(), String::new())),
                     }),
                     http_port,
                     tcp_port,
@@ -155,6 +156,9 @@ struct Identity {
     pod: String,
     namespace: String,
     version: String,
+    /// Requests served (other than /__stats), and the last one's Host and path: how a test
+    /// sees traffic that never reaches a client, such as mirrored requests.
+    seen: std::sync::Mutex<(u64, String, String)>,
 }
 
 fn dual_stack_listener(port: u16) -> anyhow::Result<TcpListener> {
@@ -202,6 +206,20 @@ async fn respond(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::io::Error> {
     let path = req.uri().path().to_owned();
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    if path == "/__stats" {
+        let (n, last_host, last_path) = id.seen.lock().map(|s| s.clone()).unwrap_or_default();
+        let body = json!({"requests": n, "last_host": last_host, "last_path": last_path});
+        return Ok(Response::new(Full::new(Bytes::from(body.to_string()))));
+    }
+    if let Ok(mut s) = id.seen.lock() {
+        *s = (s.0 + 1, host, path.clone());
+    }
     let mut status = 200u16;
     if let Some(code) = path.strip_prefix("/status/") {
         status = code.parse().unwrap_or(400);
