@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 
 use super::{ProxyInputs, access_log, protocol::Protocol, sockets::socket_in};
 use crate::{
-    config::istio::networking::HeaderOperations,
+    config::istio::{networking::HeaderOperations, validate::GRPC_STATUS},
     metrics::{RequestLabels, TcpLabels},
     netns::Netns,
     routing::{
@@ -491,27 +491,6 @@ fn fault_hits(p: Option<&crate::config::istio::types::Percent>) -> bool {
     p.is_some_and(|p| fastrand::f64() * 100.0 < p.value)
 }
 
-/// gRPC status codes by name, for gRPC aborts.
-const GRPC_CODES: &[&str] = &[
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
-
 /// The route's fault injection, as Envoy's fault filter applies it before routing: first the
 /// delay, then the abort. Returns the abort's response when the request is aborted.
 async fn inject_fault(
@@ -532,7 +511,7 @@ async fn inject_fault(
     }
     log.response_flags = flags::FAULT_INJECTED;
     if let Some(code) = a.grpc_status.as_deref() {
-        let n = GRPC_CODES.iter().position(|c| *c == code).unwrap_or(2);
+        let n = GRPC_STATUS.iter().position(|c| *c == code).unwrap_or(2);
         let mut r = local(StatusCode::OK, "");
         r.headers_mut().insert(
             header::CONTENT_TYPE,

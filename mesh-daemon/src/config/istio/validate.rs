@@ -50,7 +50,8 @@ pub const RETRY_ON: &[&str] = &[
     "unavailable",
 ];
 
-const GRPC_STATUS: &[&str] = &[
+/// gRPC status names; a name's index is its code.
+pub const GRPC_STATUS: &[&str] = &[
     "OK",
     "CANCELLED",
     "UNKNOWN",
