@@ -579,6 +579,16 @@ impl Cluster {
         .unwrap_or_default()
     }
 
+    /// The daemon's log once it holds every one of `needles`, or as it is after 5 s. Access-log
+    /// lines are written by a background thread, so a line can trail its response a little.
+    pub fn daemon_log_with(&self, node: usize, needles: &[&str]) -> String {
+        sys::wait_for("access-log lines", Duration::from_secs(5), || {
+            let log = self.daemon_log(node);
+            needles.iter().all(|n| log.contains(n)).then_some(log)
+        })
+        .unwrap_or_else(|_| self.daemon_log(node))
+    }
+
     /// Starts every node's daemon and waits until each is ready.
     pub fn start(&mut self) -> Result<()> {
         for i in 1..=self.nodes.len() {

@@ -160,7 +160,13 @@ spec:
             .expect("http"),
     );
     assert_eq!(r, BTreeMap::from([("404".to_owned(), 1)]));
-    let log = c.daemon_log(1);
+    let log = c.daemon_log_with(
+        1,
+        &[
+            "\"GET /only HTTP/1.1\" 503 NC",
+            "\"GET /elsewhere HTTP/1.1\" 404 NR",
+        ],
+    );
     assert!(log.contains("\"GET /only HTTP/1.1\" 503 NC"), "{log}");
     assert!(log.contains("\"GET /elsewhere HTTP/1.1\" 404 NR"), "{log}");
     let m = c.metrics(1).expect("metrics");
@@ -215,7 +221,7 @@ spec:
     assert_eq!(r[0]["status"], 504, "{r:?}");
     let ms = r[0]["ms"].as_u64().unwrap_or(u64::MAX);
     assert!((300..1500).contains(&ms), "the timeout fired after {ms} ms");
-    let log = c.daemon_log(1);
+    let log = c.daemon_log_with(1, &["\"GET /delay/2 HTTP/1.1\" 504 UT"]);
     assert!(log.contains("\"GET /delay/2 HTTP/1.1\" 504 UT"), "{log}");
 }
 
@@ -268,7 +274,13 @@ spec:
             .expect("http"),
     );
     assert_eq!(unset, BTreeMap::from([("v1".to_owned(), 20)]));
-    let log = c.daemon_log(1);
+    let log = c.daemon_log_with(
+        1,
+        &[
+            "\"GET /teapot HTTP/1.1\" 418 FI",
+            "\"GET /slow HTTP/1.1\" 200 DI",
+        ],
+    );
     assert!(log.contains("\"GET /teapot HTTP/1.1\" 418 FI"), "{log}");
     assert!(log.contains("\"GET /slow HTTP/1.1\" 200 DI"), "{log}");
 }

@@ -147,7 +147,10 @@ fn enrolled_pod_reaches_a_service_on_another_node_through_its_daemon() {
         ) >= 3,
         "{m}"
     );
-    let log = c.daemon_log(1);
+    let log = c.daemon_log_with(
+        1,
+        &["\"GET /hello HTTP/1.1\" 200 - ", &format!(" {vip4}:80 ")],
+    );
     assert!(
         log.contains("\"GET /hello HTTP/1.1\" 200 - ")
             && log.contains("outbound|80||api-server.production.svc.cluster.local"),
