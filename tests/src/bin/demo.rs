@@ -136,7 +136,7 @@ fn main() -> anyhow::Result<()> {
         &["--count", "20"],
     )?);
     if let Some(line) = c
-        .daemon_log(1)
+        .daemon_log_with(1, &["outbound|8080|v"])
         .lines()
         .rfind(|l| l.contains("outbound|8080|v"))
     {
