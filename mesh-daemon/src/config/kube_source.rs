@@ -153,14 +153,7 @@ where
 {
     let (reader, writer) = reflector::store::<K>();
     let api: Api<K> = Api::all(client.clone());
-    spawn_stream(
-        watcher(api, watcher::Config::default())
-            .default_backoff()
-            .reflect(writer),
-        changed.clone(),
-        kind,
-        resource,
-    );
+    spawn_reflector(api, writer, changed.clone(), kind, resource);
     watched(kind, K::api_version(&()).into_owned(), reader, true)
 }
 
@@ -192,11 +185,21 @@ impl<F: std::future::Future> NowOrNever for F {
     }
 }
 
-fn spawn_stream<S, T>(stream: S, changed: Arc<Notify>, kind: &'static str, resource: &'static str)
-where
-    S: futures::Stream<Item = Result<T, watcher::Error>> + Send + 'static,
-    T: Send,
+/// Runs a reflector for one kind: list, then watch with back-off, feeding `writer`, and
+/// says when something changed.
+fn spawn_reflector<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    changed: Arc<Notify>,
+    kind: &'static str,
+    resource: &'static str,
+) where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+    K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
 {
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut last_error = String::new();
@@ -232,14 +235,7 @@ fn watch_istio(
     let writer = reflector::store::Writer::new(ar.clone());
     let reader = writer.as_reader();
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
-    spawn_stream(
-        watcher(api, watcher::Config::default())
-            .default_backoff()
-            .reflect(writer),
-        changed.clone(),
-        kind,
-        plural,
-    );
+    spawn_reflector(api, writer, changed.clone(), kind, plural);
     watched(kind, ar.api_version.clone(), reader, false)
 }
 
