@@ -122,16 +122,9 @@ pub fn http_get_in(netns: &str, addr: SocketAddr, path: &str) -> Result<(u16, St
     })?
 }
 
+/// Where cgroup v2 is mounted, found as the daemon finds it.
 pub fn cgroup2_root() -> Result<PathBuf> {
-    let text =
-        std::fs::read_to_string("/proc/self/mountinfo").map_err(io_err("reading mountinfo"))?;
-    text.lines()
-        .find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2")
-                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
-        })
-        .ok_or_else(|| HarnessError::Other("no cgroup2 mount: the tests need cgroup v2".into()))
+    mesh_daemon::cgroup::find_v2_mount().map_err(|e| HarnessError::Other(e.to_string()))
 }
 
 /// Spawns `cmd` inside `netns` and the cgroup whose `cgroup.procs` is given, both entered

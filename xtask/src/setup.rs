@@ -151,6 +151,8 @@ fn bpffs() -> anyhow::Result<()> {
 }
 
 /// Where cgroup v2 is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on hybrid hosts).
+/// The same parse as `mesh_daemon::cgroup::find_v2_mount`: xtask cannot depend on the daemon,
+/// whose build needs the bpf-linker that this very setup installs.
 pub fn cgroup2_mount() -> Option<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     text.lines().find_map(|line| {
