@@ -80,22 +80,11 @@ fn not_enforced(o: &Objects, kind: &str, key: &str) -> Vec<String> {
             }
             for (i, r) in vs.spec.http.iter().enumerate() {
                 // Applied already: matches, weights, subsets, redirect, directResponse,
-                // rewrite, timeout, header operations, fault (delay and abort), mirror.
-                let set = [
-                    ("retries", r.retries.is_some()),
-                    ("corsPolicy", r.cors_policy.is_some()),
-                ];
-                out.extend(
-                    set.iter()
-                        .filter(|(_, on)| *on)
-                        .map(|(f, _)| format!("spec.http[{i}].{f}")),
-                );
-            }
-            if !vs.spec.tcp.is_empty() {
-                out.push("spec.tcp (TCP connections go to the Service's endpoints)".into());
-            }
-            if !vs.spec.tls.is_empty() {
-                out.push("spec.tls".into());
+                // rewrite, timeout, header operations, fault (delay and abort), mirror, CORS;
+                // and the tcp and tls routes.
+                if r.retries.is_some() {
+                    out.push(format!("spec.http[{i}].retries"));
+                }
             }
         }
         "DestinationRule" => {

@@ -1,5 +1,8 @@
 //! The data path in user space: per-pod outbound listeners and TCP forwarding.
 pub mod access_log;
+pub mod balance;
+pub mod cors;
+pub mod detect;
 pub mod forward;
 pub mod http;
 pub mod outbound;
@@ -22,4 +25,6 @@ pub struct ProxyInputs {
     pub outbound_port: u16,
     /// Istio before 1.28 appended "-shadow" to a mirrored request's host.
     pub mirror_shadow_host: bool,
+    /// `None`: wait for a client's first bytes as long as it takes.
+    pub protocol_detection_timeout: Option<std::time::Duration>,
 }

@@ -15,6 +15,7 @@
 //!   client dialled.
 pub mod compile;
 pub mod eval;
+pub mod l4;
 pub mod table;
 pub mod view;
 

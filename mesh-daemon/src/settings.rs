@@ -103,6 +103,18 @@ pub struct Settings {
     #[arg(long, env = "SIDELANE_COMPATIBILITY_VERSION")]
     pub compatibility_version: Option<String>,
 
+    /// How long to wait for a client's first bytes on a port whose protocol is not declared
+    /// (Istio's `protocolDetectionTimeout`): after it the connection is plain TCP. "0s", the
+    /// default as in Istio, waits for as long as the client takes, so server-first protocols
+    /// (MySQL, SMTP) on undeclared ports must be declared `tcp`.
+    #[arg(
+        long,
+        env = "SIDELANE_PROTOCOL_DETECTION_TIMEOUT",
+        default_value = "0s",
+        value_parser = crate::config::istio::types::Duration::parse
+    )]
+    pub protocol_detection_timeout: crate::config::istio::types::Duration,
+
     /// Log format: "text" or "json".
     #[arg(long, env = "SIDELANE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

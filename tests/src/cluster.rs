@@ -701,8 +701,13 @@ impl Cluster {
 
     /// Runs `sidelane-workload <args>` inside a pod, like `kubectl exec`.
     pub fn exec(&self, pod: PodRef, args: &[&str]) -> Result<String> {
+        self.run_in(pod, &self.bin_dir.join("sidelane-workload"), args)
+    }
+
+    /// Runs `program <args>` in a pod (its network namespace and cgroup) to the end.
+    pub fn run_in(&self, pod: PodRef, program: &Path, args: &[&str]) -> Result<String> {
         let p = self.pod(pod);
-        let mut cmd = Command::new(self.bin_dir.join("sidelane-workload"));
+        let mut cmd = Command::new(program);
         cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
         let child = sys::spawn_in(&p.netns, &p.cgroup, &mut cmd)?;
         let out = sys::wait_output(child, CLIENT_TIMEOUT, "a client in a pod")?;
@@ -717,8 +722,14 @@ impl Cluster {
 
     /// Starts `sidelane-workload <args>` in a pod without waiting for it.
     pub fn spawn_exec(&self, pod: PodRef, args: &[&str]) -> Result<RunningClient> {
+        self.spawn_in(pod, &self.bin_dir.join("sidelane-workload"), args)
+    }
+
+    /// Starts `program <args>` in a pod without waiting for it; it is killed when the
+    /// returned handle drops.
+    pub fn spawn_in(&self, pod: PodRef, program: &Path, args: &[&str]) -> Result<RunningClient> {
         let p = self.pod(pod);
-        let mut cmd = Command::new(self.bin_dir.join("sidelane-workload"));
+        let mut cmd = Command::new(program);
         cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
         let mut child = sys::spawn_in(&p.netns, &p.cgroup, &mut cmd)?;
         let stdout = child
@@ -742,18 +753,23 @@ impl Cluster {
             .collect())
     }
 
-    /// One TCP exchange from a pod (see `sidelane-workload tcp`).
-    pub fn tcp(&self, pod: PodRef, addr: &str, send: &str) -> Result<Value> {
-        let out = self.exec(pod, &["tcp", "--addr", addr, "--send", send])?;
+    /// One TCP exchange from a pod, with `sidelane-workload tcp`'s options.
+    pub fn tcp_with(&self, pod: PodRef, addr: &str, options: &[&str]) -> Result<Value> {
+        let mut args = vec!["tcp", "--addr", addr];
+        args.extend_from_slice(options);
+        let out = self.exec(pod, &args)?;
         serde_json::from_str(out.trim())
-            .map_err(|e| HarnessError::Other(format!("tcp client output: {e}: {out}")))
+            .map_err(|e| HarnessError::Other(format!("tcp client output: {e}: {out:.200}")))
+    }
+
+    /// Sends `send` over TCP from a pod, half-closes and reads everything back.
+    pub fn tcp(&self, pod: PodRef, addr: &str, send: &str) -> Result<Value> {
+        self.tcp_with(pod, addr, &["--send", send])
     }
 
     /// Sends a line of `bytes` bytes over TCP from a pod and reads everything back.
     pub fn tcp_bulk(&self, pod: PodRef, addr: &str, bytes: usize) -> Result<Value> {
-        let out = self.exec(pod, &["tcp", "--addr", addr, "--bulk", &bytes.to_string()])?;
-        serde_json::from_str(out.trim())
-            .map_err(|e| HarnessError::Other(format!("tcp client output: {e}: {out:.200}")))
+        self.tcp_with(pod, addr, &["--bulk", &bytes.to_string()])
     }
 
     fn cleanup(&mut self) {

@@ -351,3 +351,78 @@ fn the_tutorial_mirror_copies_traffic_to_v2_without_touching_the_responses() {
     );
     assert_eq!(r, BTreeMap::from([("v1".to_owned(), 20)]));
 }
+
+#[test]
+fn cors_preflights_are_answered_by_the_mesh_and_responses_carry_the_policy() {
+    let s = setup();
+    let c = &s.c;
+    let vs = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api-server, namespace: production}
+spec:
+  hosts: [api-server]
+  http:
+  - corsPolicy:
+      allowOrigins: [{exact: \"https://app.example.com\"}]
+      allowMethods: [GET, POST]
+      allowHeaders: [content-type]
+      exposeHeaders: [x-trace]
+      maxAge: 24h
+      allowCredentials: true
+    route: [{destination: {host: api-server, subset: v1}}]
+";
+    apply(&s, "vs.yaml", vs, &["/"], "v1");
+    let url = format!("{}/orders", s.url);
+    let preflight = |origin: &str| {
+        c.http(
+            s.client,
+            &url,
+            &[
+                "--method",
+                "OPTIONS",
+                "--header",
+                &format!("origin: {origin}"),
+                "--header",
+                "access-control-request-method: POST",
+            ],
+        )
+        .expect("preflight")
+        .remove(0)
+    };
+    // An allowed origin's preflight is answered by the mesh: no workload wrote this body.
+    let r = preflight("https://app.example.com");
+    assert_eq!(r["status"], 200, "{r}");
+    assert!(r["pod"].is_null(), "the preflight reached the service: {r}");
+    let h = &r["headers"];
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(h["access-control-allow-methods"], "GET,POST");
+    assert_eq!(h["access-control-allow-headers"], "content-type");
+    assert_eq!(h["access-control-max-age"], "86400");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    // Another origin's preflight goes on to the service (unmatchedPreflights: FORWARD).
+    let r = preflight("https://evil.example.org");
+    assert_eq!(r["version"], "v1", "{r}");
+    assert!(
+        r["headers"].get("access-control-allow-origin").is_none(),
+        "{r}"
+    );
+    // Actual requests: the allowed origin is told so, others are not.
+    let get = |origin: &str| {
+        c.http(s.client, &url, &["--header", &format!("origin: {origin}")])
+            .expect("get")
+            .remove(0)
+    };
+    let r = get("https://app.example.com");
+    assert_eq!(r["version"], "v1", "{r}");
+    assert_eq!(
+        r["headers"]["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    assert_eq!(r["headers"]["access-control-expose-headers"], "x-trace");
+    let r = get("https://evil.example.org");
+    assert_eq!(r["version"], "v1", "{r}");
+    assert!(
+        r["headers"].get("access-control-allow-origin").is_none(),
+        "{r}"
+    );
+}

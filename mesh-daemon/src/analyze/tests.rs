@@ -208,7 +208,6 @@ spec: {mtls: {mode: STRICT}}
         not_applied,
         [
             "PeerAuthentication (the whole resource)",
-            "spec.http[0].corsPolicy",
             "spec.http[0].retries"
         ],
         "{m:#?}"

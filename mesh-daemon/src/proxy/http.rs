@@ -21,7 +21,10 @@ use hyper_util::{
 };
 use tokio::net::TcpStream;
 
-use super::{ProxyInputs, access_log, protocol::Protocol, sockets::socket_in};
+use super::{
+    ProxyInputs, access_log, balance::pick_endpoint, cors::Decision, protocol::Protocol,
+    sockets::socket_in,
+};
 use crate::{
     config::istio::{networking::HeaderOperations, validate::GRPC_STATUS},
     metrics::{RequestLabels, TcpLabels},
@@ -191,54 +194,30 @@ async fn handle(conn: &Downstream, req: Request<Incoming>) -> Response<Body> {
         .routing
         .virtual_host(source_ns, &svc.hostname, svc.port);
     // Borrowed from the snapshot's route table: nothing is copied per request.
-    let response = match vh.as_deref().and_then(|vh| vh.select(&view)) {
+    let mut cors_origin = None;
+    let mut response = match vh.as_deref().and_then(|vh| vh.select(&view)) {
         None => {
             log.response_flags = flags::NO_ROUTE;
             local(StatusCode::NOT_FOUND, "")
         }
-        Some((route, matched)) => match &route.action {
-            RouteAction::DirectResponse(d) => {
-                let body = d
-                    .body
-                    .as_ref()
-                    .and_then(|b| b.string.clone())
-                    .unwrap_or_default();
-                let mut r =
-                    Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
-                *r.status_mut() = StatusCode::from_u16(d.status as u16).unwrap_or(StatusCode::OK);
-                r
-            }
-            RouteAction::Redirect(rd) => {
-                let scheme = rd.scheme.as_deref().unwrap_or("http");
-                let host = rd.authority.as_deref().unwrap_or(&authority);
-                let path = rd.uri.as_deref().unwrap_or(&path_and_query);
-                let mut r = local(
-                    StatusCode::from_u16(rd.redirect_code.unwrap_or(301) as u16)
-                        .unwrap_or(StatusCode::MOVED_PERMANENTLY),
-                    "",
-                );
-                if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{host}{path}")) {
-                    r.headers_mut().insert(header::LOCATION, v);
+        // CORS comes before faults and routing, as Envoy's filters are ordered in Istio.
+        Some((route, matched)) => match route
+            .cors
+            .as_ref()
+            .map(|c| (c, c.decide(req.method(), req.headers(), empty)))
+        {
+            Some((_, Decision::Answer(preflight))) => preflight,
+            decision => {
+                if let Some((c, Decision::Annotate(origin))) = decision {
+                    cors_origin = Some((c, origin));
                 }
-                r
+                act(conn, &snap, route, matched, source_ns, req, &mut log).await
             }
-            RouteAction::Route(clusters) => match inject_fault(route, &mut log).await {
-                Some(aborted) => aborted,
-                None => {
-                    let upstream = Upstream {
-                        conn,
-                        snap: &snap,
-                        source_ns,
-                        route,
-                        matched,
-                        authority: &authority,
-                        path_and_query: &path_and_query,
-                    };
-                    upstream.forward(clusters, req, &mut log).await
-                }
-            },
         },
     };
+    if let Some((c, origin)) = cors_origin {
+        c.annotate(response.headers_mut(), origin);
+    }
     log.status = response.status().as_u16();
     log.duration_ms = start.1.elapsed().as_millis();
     let upstream = log.upstream_host.unwrap_or(conn.original_dst);
@@ -268,6 +247,65 @@ async fn handle(conn: &Downstream, req: Request<Incoming>) -> Response<Body> {
         .observe(start.1.elapsed().as_secs_f64() * 1000.0);
     access_log::log_http(&log);
     response
+}
+
+fn empty() -> Body {
+    http_body_util::Empty::new().map_err(|e| match e {}).boxed()
+}
+
+/// What the selected route does with the request: answer it, redirect it, or send it on.
+async fn act(
+    conn: &Downstream,
+    snap: &crate::state::Snapshot,
+    route: &HttpRoute,
+    matched: Option<&RequestMatch>,
+    source_ns: &str,
+    req: Request<Incoming>,
+    log: &mut access_log::HttpEntry,
+) -> Response<Body> {
+    let authority = log.authority.clone();
+    let path_and_query = log.path.clone();
+    match &route.action {
+        RouteAction::DirectResponse(d) => {
+            let body = d
+                .body
+                .as_ref()
+                .and_then(|b| b.string.clone())
+                .unwrap_or_default();
+            let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+            *r.status_mut() = StatusCode::from_u16(d.status as u16).unwrap_or(StatusCode::OK);
+            r
+        }
+        RouteAction::Redirect(rd) => {
+            let scheme = rd.scheme.as_deref().unwrap_or("http");
+            let host = rd.authority.as_deref().unwrap_or(&authority);
+            let path = rd.uri.as_deref().unwrap_or(&path_and_query);
+            let mut r = local(
+                StatusCode::from_u16(rd.redirect_code.unwrap_or(301) as u16)
+                    .unwrap_or(StatusCode::MOVED_PERMANENTLY),
+                "",
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{host}{path}")) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            r
+        }
+        RouteAction::Route(clusters) => match inject_fault(route, log).await {
+            Some(aborted) => aborted,
+            None => {
+                let upstream = Upstream {
+                    conn,
+                    snap,
+                    source_ns,
+                    route,
+                    matched,
+                    authority: &authority,
+                    path_and_query: &path_and_query,
+                };
+                upstream.forward(clusters, req, log).await
+            }
+        },
+    }
 }
 
 /// Everything forwarding one routed request needs.
@@ -302,7 +340,7 @@ impl Upstream<'_> {
             return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
         log.cluster = cluster.name.clone();
-        let Some(ep) = self.pick_endpoint(&cluster) else {
+        let Some(ep) = pick_endpoint(&cluster, self.conn.original_dst.is_ipv4()) else {
             log.response_flags = flags::NO_HEALTHY_UPSTREAM;
             return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
@@ -360,23 +398,6 @@ impl Upstream<'_> {
         }
     }
 
-    /// An endpoint of `cluster`, of the address family the client used for the VIP when
-    /// there is one.
-    fn pick_endpoint(&self, cluster: &crate::routing::Cluster) -> Option<SocketAddr> {
-        let v4 = self.conn.original_dst.is_ipv4();
-        let same: Vec<_> = cluster
-            .endpoints
-            .iter()
-            .filter(|e| e.addr.is_ipv4() == v4)
-            .collect();
-        let candidates = if same.is_empty() {
-            cluster.endpoints.iter().collect()
-        } else {
-            same
-        };
-        (!candidates.is_empty()).then(|| candidates[fastrand::usize(..candidates.len())].addr)
-    }
-
     /// Sends fire-and-forget copies to the route's mirrors and returns the request to send
     /// upstream. The body is buffered to be sent twice, up to [`MIRROR_BODY_LIMIT`] bytes of
     /// declared length; a larger or unsized body is not mirrored.
@@ -426,7 +447,7 @@ impl Upstream<'_> {
             else {
                 continue;
             };
-            let Some(ep) = self.pick_endpoint(&cluster) else {
+            let Some(ep) = pick_endpoint(&cluster, self.conn.original_dst.is_ipv4()) else {
                 continue;
             };
             let Ok(uri) = format!("http://{ep}{path}").parse::<Uri>() else {

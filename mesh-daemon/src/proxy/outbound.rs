@@ -2,11 +2,9 @@
 //! connect hooks send its connections), it looks up each connection's original destination,
 //! picks the upstream, connects from inside the pod's namespace and forwards.
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
     time::{Instant, SystemTime},
 };
 
@@ -15,12 +13,22 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{
     ProxyInputs,
     access_log::{TcpEntry, log_tcp},
+    balance::pick_endpoint,
+    detect,
     forward::{abort, forward},
     http::{self, Downstream, PodHttp},
     protocol::Protocol,
     sockets::{SocketError, listen_in, socket_in},
 };
-use crate::{metrics::TcpLabels, netns::Netns, state::ServicePort};
+use crate::{
+    metrics::TcpLabels,
+    netns::Netns,
+    routing::{
+        eval::pick_weighted,
+        l4::{self, ConnectionView},
+    },
+    state::{ServicePort, Snapshot},
+};
 
 /// Envoy's response flags, as Istio reports them.
 mod flags {
@@ -30,6 +38,8 @@ mod flags {
     pub const UPSTREAM_CONNECT_FAILURE: &str = "UF";
     /// No original destination could be found for a redirected connection.
     pub const NO_ROUTE: &str = "NR";
+    /// The route names a subset no DestinationRule defines for this client.
+    pub const NO_CLUSTER: &str = "NC";
 }
 
 /// A pod's outbound listeners (IPv4 and, where the pod has it, IPv6).
@@ -115,16 +125,11 @@ struct Conn {
     http: Arc<PodHttp>,
 }
 
-/// Round-robin position shared by all services; good enough until DestinationRule load
-/// balancing replaces it.
-static NEXT: AtomicUsize = AtomicUsize::new(0);
-
-fn pick(svc: &ServicePort) -> Option<SocketAddr> {
-    if svc.endpoints.is_empty() {
-        return None;
-    }
-    let i = NEXT.fetch_add(1, Ordering::Relaxed) % svc.endpoints.len();
-    Some(svc.endpoints[i].addr)
+/// Where an opaque connection goes, once routed.
+struct TcpTarget {
+    /// The endpoint, or the response flag saying why there is none.
+    upstream: Result<SocketAddr, &'static str>,
+    cluster: String,
 }
 
 impl Conn {
@@ -152,18 +157,21 @@ impl Conn {
             return;
         };
         let orig = normalize(orig);
-        let svc = snap.service(&orig).cloned();
-        let (upstream_addr, cluster) = match &svc {
-            Some(svc) => (
-                pick(svc),
-                format!("outbound|{}||{}", svc.port, svc.hostname),
-            ),
-            None => (Some(orig), "PassthroughCluster".to_owned()),
+        let Some(svc) = snap.service(&orig).cloned() else {
+            // Not a Service: passed through as bytes to where the client was going.
+            let target = TcpTarget {
+                upstream: Ok(orig),
+                cluster: "PassthroughCluster".to_owned(),
+            };
+            return self
+                .proxy_tcp(&snap, client, peer, orig, None, target, start)
+                .await;
         };
-        if let Some(svc) = &svc
-            && let Some(protocol) = Protocol::declared(&svc.port_name, svc.app_protocol.as_deref())
-            && protocol.is_http()
-        {
+        let protocol = match Protocol::declared(&svc.port_name, svc.app_protocol.as_deref()) {
+            Some(p) => p,
+            None => detect::sniff(&client, inputs.protocol_detection_timeout).await,
+        };
+        if protocol.is_http() {
             let down = Arc::new(Downstream {
                 pod: self.http.clone(),
                 source_uid: self.pod_uid.clone(),
@@ -176,18 +184,80 @@ impl Conn {
             http::serve(down, client).await;
             return;
         }
+        let sni = match protocol {
+            Protocol::Tls => detect::sni(&client, inputs.protocol_detection_timeout).await,
+            _ => None,
+        };
+        let target = self.route_tcp(&snap, &svc, orig, sni.as_deref());
+        self.proxy_tcp(&snap, client, peer, orig, Some(&svc), target, start)
+            .await;
+    }
+
+    /// The `tls` and `tcp` routes of the VirtualService for the service, else the service
+    /// itself; then a destination by weight and an endpoint of its cluster.
+    fn route_tcp(
+        &self,
+        snap: &Snapshot,
+        svc: &ServicePort,
+        orig: SocketAddr,
+        sni: Option<&str>,
+    ) -> TcpTarget {
+        let source = snap.pods_by_uid.get(&self.pod_uid);
+        let no_labels = BTreeMap::new();
+        let (source_labels, source_ns) =
+            source.map_or((&no_labels, ""), |p| (&p.labels, p.namespace.as_str()));
+        let view = ConnectionView {
+            destination: orig.ip(),
+            port: svc.port,
+            sni,
+            source_labels,
+            source_namespace: source_ns,
+        };
+        let routing = &snap.routing;
+        let routes = routing.l4_routes(source_ns, &svc.hostname, svc.port, sni.is_some());
+        let cluster = match l4::select(routes, &view) {
+            None => routing.cluster(source_ns, &svc.hostname, svc.port, None),
+            Some(route) => pick_weighted(&route.clusters, fastrand::u32(..))
+                .and_then(|wc| routing.cluster(source_ns, &wc.host, wc.port, wc.subset.as_deref())),
+        };
+        match cluster {
+            None => TcpTarget {
+                upstream: Err(flags::NO_CLUSTER),
+                cluster: "BlackHoleCluster".to_owned(),
+            },
+            Some(c) => TcpTarget {
+                upstream: pick_endpoint(&c, orig.is_ipv4()).ok_or(flags::NO_HEALTHY_UPSTREAM),
+                cluster: c.name,
+            },
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn proxy_tcp(
+        &self,
+        snap: &Snapshot,
+        client: TcpStream,
+        peer: SocketAddr,
+        orig: SocketAddr,
+        svc: Option<&ServicePort>,
+        target: TcpTarget,
+        start: (SystemTime, Instant),
+    ) {
+        let inputs = &self.inputs;
+        let upstream_addr = target.upstream.ok();
+        let cluster = target.cluster;
         let mut labels = TcpLabels::new(
-            &snap,
+            snap,
             &self.pod_uid,
-            svc.as_deref(),
+            svc,
             upstream_addr.unwrap_or(orig),
             "tcp",
         );
         let downstream = format!("{peer}");
 
-        let upstream = match upstream_addr {
-            None => Err(flags::NO_HEALTHY_UPSTREAM),
-            Some(addr) => self
+        let upstream = match target.upstream {
+            Err(flag) => Err(flag),
+            Ok(addr) => self
                 .connect(addr)
                 .await
                 .ok_or(flags::UPSTREAM_CONNECT_FAILURE),

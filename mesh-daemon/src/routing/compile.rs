@@ -109,12 +109,19 @@ pub fn compile(
         }
     }
     for ((host, _), policy) in by_host_ns {
+        if host.starts_with('*') && !routing.wildcard_rule_hosts.contains(&host) {
+            routing.wildcard_rule_hosts.push(host.clone());
+        }
         routing
             .destination_rules
             .entry(host)
             .or_default()
             .push(Arc::new(policy));
     }
+
+    routing
+        .wildcard_rule_hosts
+        .sort_by_key(|h| std::cmp::Reverse(h.len()));
 
     // VirtualServices bound to the mesh, oldest first.
     let mut vss: Vec<&Resource<VirtualServiceSpec>> = o
@@ -154,6 +161,14 @@ pub fn compile(
                         compile_route(&r, &route_ns, port, cluster_domain, &routing)
                     })
                     .collect();
+                let l4 = L4Context {
+                    ns,
+                    port,
+                    cluster_domain,
+                    routing: &routing,
+                };
+                let tls = vs.spec.tls.iter().filter_map(|r| l4.tls_route(r)).collect();
+                let tcp = vs.spec.tcp.iter().filter_map(|r| l4.tcp_route(r)).collect();
                 routing
                     .virtual_hosts
                     .entry((host, port))
@@ -162,6 +177,8 @@ pub fn compile(
                         virtual_service: Some(format!("{ns}/{}", vs.name())),
                         visibility: visibility.clone(),
                         routes,
+                        tls,
+                        tcp,
                     }));
             }
         }
@@ -287,6 +304,159 @@ fn compile_match(m: &networking::HttpMatchRequest) -> RequestMatch {
     }
 }
 
+/// A route's destination as a cluster: the host resolved in the route's namespace, the port
+/// as written, else the service's only port, else the port the client dialled.
+fn target(
+    d: &Destination,
+    weight: u32,
+    headers: Option<networking::Headers>,
+    ns: &str,
+    port: u16,
+    cluster_domain: &str,
+    routing: &Routing,
+) -> WeightedCluster {
+    let host = hosts::fqdn(&d.host, ns, cluster_domain);
+    let dport = d
+        .port
+        .as_ref()
+        .and_then(|p| p.number)
+        .and_then(|p| u16::try_from(p).ok())
+        .or_else(|| {
+            let ports = &routing.services.get(&host)?.ports;
+            (ports.len() == 1).then(|| ports[0])
+        })
+        .unwrap_or(port);
+    WeightedCluster {
+        cluster: cluster_name(dport, d.subset.as_deref(), &host),
+        host,
+        port: dport,
+        subset: d.subset.clone(),
+        weight,
+        headers,
+    }
+}
+
+/// A lone destination without a weight takes all traffic; among several, a missing weight
+/// is 0.
+fn weight_of(w: Option<i32>, single: bool) -> u32 {
+    w.unwrap_or(if single { 100 } else { 0 }).max(0) as u32
+}
+
+/// What compiling the `tls` and `tcp` routes of one VirtualService for one port needs.
+struct L4Context<'a> {
+    ns: &'a str,
+    port: u16,
+    cluster_domain: &'a str,
+    routing: &'a Routing,
+}
+
+impl L4Context<'_> {
+    fn destinations(&self, route: &[networking::RouteDestination]) -> Vec<WeightedCluster> {
+        let single = route.len() == 1;
+        route
+            .iter()
+            .map(|d| {
+                target(
+                    &d.destination,
+                    weight_of(d.weight, single),
+                    None,
+                    self.ns,
+                    self.port,
+                    self.cluster_domain,
+                    self.routing,
+                )
+            })
+            .collect()
+    }
+
+    /// Keeps the blocks that apply on this port; `None` when blocks were written and none
+    /// applies here.
+    fn blocks(&self, written: usize, kept: Vec<L4Match>) -> Option<Vec<L4Match>> {
+        (written == 0 || !kept.is_empty()).then_some(kept)
+    }
+
+    fn l4_match(
+        &self,
+        port: Option<u32>,
+        subnets: &[String],
+        source_labels: &BTreeMap<String, String>,
+        source_namespace: &Option<String>,
+        sni_hosts: Vec<String>,
+    ) -> Option<L4Match> {
+        if port.is_some_and(|p| p != u32::from(self.port)) {
+            return None;
+        }
+        Some(L4Match {
+            sni_hosts,
+            destination_subnets: subnets.iter().filter_map(|s| Cidr::parse(s)).collect(),
+            port: port.and_then(|p| u16::try_from(p).ok()),
+            source_labels: source_labels.clone(),
+            source_namespace: source_namespace.clone(),
+        })
+    }
+
+    fn tls_route(&self, r: &networking::TlsRoute) -> Option<L4Route> {
+        let kept = r
+            .matches
+            .iter()
+            .filter_map(|m| {
+                // Istio matches SNI hosts as written: a short name is not expanded.
+                self.l4_match(
+                    m.port,
+                    &m.destination_subnets,
+                    &m.source_labels,
+                    &m.source_namespace,
+                    m.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                )
+            })
+            .collect();
+        Some(L4Route {
+            matches: self.blocks(r.matches.len(), kept)?,
+            clusters: self.destinations(&r.route),
+        })
+    }
+
+    fn tcp_route(&self, r: &networking::TcpRoute) -> Option<L4Route> {
+        let kept = r
+            .matches
+            .iter()
+            .filter_map(|m| {
+                self.l4_match(
+                    m.port,
+                    &m.destination_subnets,
+                    &m.source_labels,
+                    &m.source_namespace,
+                    vec![],
+                )
+            })
+            .collect();
+        Some(L4Route {
+            matches: self.blocks(r.matches.len(), kept)?,
+            clusters: self.destinations(&r.route),
+        })
+    }
+}
+
+/// Istio's translation of `corsPolicy` to Envoy's: the deprecated `allowOrigin` list is
+/// exact matches; lists become comma-separated header values.
+fn compile_cors(c: &networking::CorsPolicy) -> Cors {
+    let allow_origins = c
+        .allow_origins
+        .iter()
+        .filter_map(|m| Matcher::compile(m, false))
+        .chain(c.allow_origin.iter().map(|o| Matcher::Exact(o.clone())))
+        .collect();
+    Cors {
+        allow_origins,
+        allow_methods: c.allow_methods.join(","),
+        allow_headers: c.allow_headers.join(","),
+        expose_headers: c.expose_headers.join(","),
+        max_age: c.max_age.map(|d| d.0.as_secs().to_string()),
+        allow_credentials: c.allow_credentials.unwrap_or(false),
+        forward_unmatched_preflights: c.unmatched_preflights.as_deref() != Some("IGNORE"),
+    }
+}
+
 /// The route as it applies on `port`; `None` when every match block names another port.
 fn compile_route(
     r: &networking::HttpRoute,
@@ -305,25 +475,7 @@ fn compile_route(
         return None;
     }
     let target = |d: &Destination, weight: u32, headers| {
-        let host = hosts::fqdn(&d.host, ns, cluster_domain);
-        let dport = d
-            .port
-            .as_ref()
-            .and_then(|p| p.number)
-            .and_then(|p| u16::try_from(p).ok())
-            .or_else(|| {
-                let ports = &routing.services.get(&host)?.ports;
-                (ports.len() == 1).then(|| ports[0])
-            })
-            .unwrap_or(port);
-        WeightedCluster {
-            cluster: cluster_name(dport, d.subset.as_deref(), &host),
-            host,
-            port: dport,
-            subset: d.subset.clone(),
-            weight,
-            headers,
-        }
+        target(d, weight, headers, ns, port, cluster_domain, routing)
     };
     let action = if let Some(rd) = &r.redirect {
         RouteAction::Redirect(rd.clone())
@@ -335,10 +487,11 @@ fn compile_route(
             r.route
                 .iter()
                 .map(|d| {
-                    // A lone destination without a weight takes all traffic; among several,
-                    // a missing weight is 0.
-                    let w = d.weight.unwrap_or(if single { 100 } else { 0 }).max(0) as u32;
-                    target(&d.destination, w, d.headers.clone())
+                    target(
+                        &d.destination,
+                        weight_of(d.weight, single),
+                        d.headers.clone(),
+                    )
                 })
                 .collect(),
         )
@@ -369,7 +522,7 @@ fn compile_route(
         fault: r.fault.clone(),
         mirrors,
         rewrite: r.rewrite.clone(),
-        cors: r.cors_policy.clone(),
+        cors: r.cors_policy.as_ref().map(compile_cors),
         headers: r.headers.clone(),
     })
 }

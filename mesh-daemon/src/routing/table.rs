@@ -7,10 +7,11 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    config::hosts,
     config::istio::{
         networking::{
-            CorsPolicy, Headers, HttpDirectResponse, HttpFaultInjection, HttpRedirect, HttpRetry,
-            HttpRewrite, TrafficPolicy,
+            Headers, HttpDirectResponse, HttpFaultInjection, HttpRedirect, HttpRetry, HttpRewrite,
+            TrafficPolicy,
         },
         types::{Duration, Percent, StringMatch},
     },
@@ -117,6 +118,22 @@ pub struct RequestMatch {
     pub source_namespace: Option<String>,
 }
 
+/// A route's `corsPolicy` as Envoy's CORS filter applies it: lists joined once, origins
+/// compiled once.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Cors {
+    pub allow_origins: Vec<Matcher>,
+    pub allow_methods: String,
+    pub allow_headers: String,
+    pub expose_headers: String,
+    /// Seconds, as `Access-Control-Max-Age` carries them.
+    pub max_age: Option<String>,
+    pub allow_credentials: bool,
+    /// Istio's `unmatchedPreflights`: FORWARD (the default) sends a preflight from an origin
+    /// that is not allowed on to the service; IGNORE answers it here, without CORS headers.
+    pub forward_unmatched_preflights: bool,
+}
+
 /// A weighted destination, already resolved to its cluster.
 #[derive(Clone, Debug, Serialize)]
 pub struct WeightedCluster {
@@ -146,8 +163,36 @@ pub struct HttpRoute {
     pub fault: Option<HttpFaultInjection>,
     pub mirrors: Vec<(WeightedCluster, Option<Percent>)>,
     pub rewrite: Option<HttpRewrite>,
-    pub cors: Option<CorsPolicy>,
+    pub cors: Option<Cors>,
     pub headers: Option<Headers>,
+}
+
+/// The conditions of one `tls` or `tcp` match block: every one must hold.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct L4Match {
+    /// TLS routes only: host patterns (`*.example.com`) the ClientHello's SNI must match.
+    pub sni_hosts: Vec<String>,
+    pub destination_subnets: Vec<Cidr>,
+    pub port: Option<u16>,
+    pub source_labels: BTreeMap<String, String>,
+    pub source_namespace: Option<String>,
+}
+
+/// An address range as written in `destinationSubnets` (`10.0.0.0/8`, `fd00::/64`, or a
+/// single address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Cidr {
+    pub addr: std::net::IpAddr,
+    pub prefix: u8,
+}
+
+/// A `tls` or `tcp` route: the first whose blocks (any of them) match picks the
+/// destinations for the whole connection.
+#[derive(Clone, Debug, Serialize)]
+pub struct L4Route {
+    /// Empty: matches every connection (only `tcp` routes may be written so).
+    pub matches: Vec<L4Match>,
+    pub clusters: Vec<WeightedCluster>,
 }
 
 /// The routes of one VirtualService for one host and port.
@@ -157,6 +202,10 @@ pub struct VirtualHost {
     pub virtual_service: Option<String>,
     pub visibility: Visibility,
     pub routes: Vec<HttpRoute>,
+    /// `tls` routes, for connections that open with a TLS ClientHello.
+    pub tls: Vec<L4Route>,
+    /// `tcp` routes, for every other connection (and TLS ones no `tls` route took).
+    pub tcp: Vec<L4Route>,
 }
 
 /// One DestinationRule as it applies to one host (several merged when they share a host
@@ -203,6 +252,9 @@ pub struct Routing {
     pub virtual_hosts: HashMap<(String, u16), Vec<Arc<VirtualHost>>>,
     /// host -> DestinationRules by namespace.
     pub destination_rules: HashMap<String, Vec<Arc<DestinationPolicy>>>,
+    /// The wildcard keys of `destination_rules`, longest (most specific) first, so a lookup
+    /// scans these few and not every rule.
+    pub wildcard_rule_hosts: Vec<String>,
 }
 
 /// JSON object keys must be strings: `(host, port)` is written `host:port`, sorted.
@@ -222,14 +274,53 @@ pub fn cluster_name(port: u16, subset: Option<&str>, host: &str) -> String {
 }
 
 impl Routing {
+    /// The VirtualService a client in `namespace` gets for `host:port` among those with
+    /// routes of the kind `has` looks for: one with only `tcp` routes leaves the port's HTTP
+    /// traffic to the default route, and the other way round, as Istio builds its listeners.
+    fn applicable(
+        &self,
+        namespace: &str,
+        host: &str,
+        port: u16,
+        has: impl Fn(&VirtualHost) -> bool,
+    ) -> Option<&Arc<VirtualHost>> {
+        self.virtual_hosts
+            .get(&(host.to_owned(), port))
+            .and_then(|c| c.iter().find(|v| has(v) && v.visibility.allows(namespace)))
+    }
+
+    /// The VirtualService whose `tls` or `tcp` routes a client in `namespace` gets for
+    /// `host:port`, if any.
+    pub fn l4_virtual_host(&self, namespace: &str, host: &str, port: u16) -> Option<&VirtualHost> {
+        self.applicable(namespace, host, port, |v| {
+            !v.tcp.is_empty() || !v.tls.is_empty()
+        })
+        .map(|v| &**v)
+    }
+
+    /// The L4 routes a client in `namespace` gets for `host:port`: the `tls` ones (when the
+    /// connection is TLS) followed by the `tcp` ones. Empty when no VirtualService has any:
+    /// the connection goes to the service itself.
+    pub fn l4_routes(
+        &self,
+        namespace: &str,
+        host: &str,
+        port: u16,
+        tls: bool,
+    ) -> impl Iterator<Item = &L4Route> {
+        let vh = self.applicable(namespace, host, port, |v| {
+            !v.tcp.is_empty() || (tls && !v.tls.is_empty())
+        });
+        vh.into_iter().flat_map(move |v| {
+            let tls_routes: &[L4Route] = if tls { &v.tls } else { &[] };
+            tls_routes.iter().chain(v.tcp.iter())
+        })
+    }
+
     /// The routes a client in `namespace` gets for `host:port` (the default route when no
     /// VirtualService applies).
     pub fn virtual_host(&self, namespace: &str, host: &str, port: u16) -> Option<Arc<VirtualHost>> {
-        if let Some(vh) = self
-            .virtual_hosts
-            .get(&(host.to_owned(), port))
-            .and_then(|c| c.iter().find(|v| v.visibility.allows(namespace)))
-        {
+        if let Some(vh) = self.applicable(namespace, host, port, |v| !v.routes.is_empty()) {
             return Some(vh.clone());
         }
         self.services
@@ -258,14 +349,23 @@ impl Routing {
                         cors: None,
                         headers: None,
                     }],
+                    tls: vec![],
+                    tcp: vec![],
                 })
             })
     }
 
     /// The DestinationRule a client in `namespace` gets for `host`: its own namespace's,
-    /// else the service's namespace's, else the root namespace's.
+    /// else the service's namespace's, else the root namespace's; within a namespace, a rule
+    /// for the exact host before the most specific wildcard (`*.production.svc.cluster.local`).
     pub fn destination_rule(&self, namespace: &str, host: &str) -> Option<&Arc<DestinationPolicy>> {
-        let candidates = self.destination_rules.get(host)?;
+        let exact = self.destination_rules.get(host);
+        let wildcards: Vec<&Vec<Arc<DestinationPolicy>>> = self
+            .wildcard_rule_hosts
+            .iter()
+            .filter(|pattern| hosts::matches(pattern, host))
+            .filter_map(|pattern| self.destination_rules.get(pattern))
+            .collect();
         let service_ns = self.services.get(host).map(|s| s.namespace.as_str());
         [
             Some(namespace),
@@ -275,9 +375,14 @@ impl Routing {
         .into_iter()
         .flatten()
         .find_map(|ns| {
-            candidates
-                .iter()
-                .find(|d| d.namespace == ns && d.visibility.allows(namespace))
+            exact
+                .into_iter()
+                .chain(wildcards.iter().copied())
+                .find_map(|candidates| {
+                    candidates
+                        .iter()
+                        .find(|d| d.namespace == ns && d.visibility.allows(namespace))
+                })
         })
     }
 

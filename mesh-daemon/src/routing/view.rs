@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 
-use super::table::{Matcher, RequestMatch, RouteAction, Routing};
+use super::table::{L4Match, Matcher, RequestMatch, RouteAction, Routing, WeightedCluster};
 
 #[derive(Debug, Serialize)]
 pub struct RouteView {
@@ -112,11 +112,7 @@ pub fn routes(r: &Routing, namespace: &str) -> Vec<RouteView> {
                     .join(" | ")
             };
             let action = match &route.action {
-                RouteAction::Route(w) => w
-                    .iter()
-                    .map(|w| format!("{} {}%", w.cluster, w.weight))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                RouteAction::Route(w) => weighted(w),
                 RouteAction::Redirect(rd) => {
                     format!("redirect {}", serde_json::to_string(rd).unwrap_or_default())
                 }
@@ -131,8 +127,60 @@ pub fn routes(r: &Routing, namespace: &str) -> Vec<RouteView> {
                 virtual_service: vh.virtual_service.clone().unwrap_or_else(|| "-".into()),
             });
         }
+        if let Some(vh) = r.l4_virtual_host(namespace, &host, port) {
+            let kinds = [("tls", &vh.tls), ("tcp", &vh.tcp)];
+            for (kind, routes) in kinds {
+                for (i, route) in routes.iter().enumerate() {
+                    out.push(RouteView {
+                        port,
+                        host: host.clone(),
+                        route: format!("{kind}#{i}"),
+                        matches: l4_matches(&route.matches),
+                        action: weighted(&route.clusters),
+                        virtual_service: vh.virtual_service.clone().unwrap_or_else(|| "-".into()),
+                    });
+                }
+            }
+        }
     }
     out
+}
+
+fn weighted(w: &[WeightedCluster]) -> String {
+    w.iter()
+        .map(|w| format!("{} {}%", w.cluster, w.weight))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn l4_matches(blocks: &[L4Match]) -> String {
+    if blocks.is_empty() {
+        return "*".into();
+    }
+    blocks
+        .iter()
+        .map(|m| {
+            let mut parts: Vec<String> = m.sni_hosts.iter().map(|h| format!("sni={h}")).collect();
+            if let Some(p) = m.port {
+                parts.push(format!("port={p}"));
+            }
+            parts.extend(
+                m.destination_subnets
+                    .iter()
+                    .map(|c| format!("dst={}/{}", c.addr, c.prefix)),
+            );
+            if let Some(ns) = &m.source_namespace {
+                parts.push(format!("from-ns={ns}"));
+            }
+            parts.extend(m.source_labels.iter().map(|(k, v)| format!("from={k}={v}")));
+            if parts.is_empty() {
+                "*".into()
+            } else {
+                parts.join(" ")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 pub fn clusters(r: &Routing, namespace: &str) -> Vec<ClusterView> {

@@ -59,6 +59,8 @@ enum Cmd {
         /// Extra request header, "name: value".
         #[arg(long = "header")]
         headers: Vec<String>,
+        #[arg(long, default_value = "GET")]
+        method: String,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
@@ -71,6 +73,10 @@ enum Cmd {
         /// Then send a line of this many bytes (too large for an argument).
         #[arg(long, default_value_t = 0)]
         bulk: usize,
+        /// Open with a real TLS ClientHello for this server name instead of `send` (the
+        /// servers here do not speak TLS: what answers shows where the mesh routed it).
+        #[arg(long)]
+        tls_sni: Option<String>,
         /// Once connected, print a "connected" line and wait this long before sending, so a
         /// test can change the mesh under an established connection.
         #[arg(long, default_value_t = 0)]
@@ -115,29 +121,34 @@ fn main() -> anyhow::Result<()> {
                 h2,
                 new_conn,
                 headers,
+                method,
                 timeout_ms,
             } => {
-                http_client(
-                    &url,
+                let options = ClientOptions {
                     count,
                     h2,
                     new_conn,
-                    &headers,
-                    Duration::from_millis(timeout_ms),
-                )
-                .await
+                    headers,
+                    method: method.parse().context("--method")?,
+                    timeout: Duration::from_millis(timeout_ms),
+                };
+                http_client(&url, &options).await
             }
             Cmd::Tcp {
                 addr,
                 send,
                 bulk,
+                tls_sni,
                 hold_ms,
                 timeout_ms,
             } => {
-                let mut send = send.replace("\\n", "\n");
+                let mut send = send.replace("\\n", "\n").into_bytes();
                 if bulk > 0 {
-                    send.push_str(&"x".repeat(bulk));
-                    send.push('\n');
+                    send.extend(std::iter::repeat_n(b'x', bulk));
+                    send.push(b'\n');
+                }
+                if let Some(name) = tls_sni {
+                    send = client_hello(&name)?;
                 }
                 let r = tokio::time::timeout(
                     Duration::from_millis(timeout_ms),
@@ -292,7 +303,21 @@ async fn tcp_conn(id: Arc<Identity>, s: TcpStream) {
     }
 }
 
-async fn tcp_client(addr: SocketAddr, send: &str, hold: Duration) -> serde_json::Value {
+/// The first flight of a rustls client for `server_name`.
+fn client_hello(server_name: &str) -> anyhow::Result<Vec<u8>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())?;
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name)?;
+    let mut out = Vec::new();
+    conn.write_tls(&mut out)?;
+    Ok(out)
+}
+
+async fn tcp_client(addr: SocketAddr, send: &[u8], hold: Duration) -> serde_json::Value {
     let mut s = match TcpStream::connect(addr).await {
         Ok(s) => s,
         Err(e) => return json!({"error": error_kind(&e)}),
@@ -305,7 +330,7 @@ async fn tcp_client(addr: SocketAddr, send: &str, hold: Duration) -> serde_json:
         tokio::time::sleep(hold).await;
     }
     if !send.is_empty()
-        && let Err(e) = s.write_all(send.as_bytes()).await
+        && let Err(e) = s.write_all(send).await
     {
         return json!({"error": error_kind(&e), "local": local});
     }
@@ -331,14 +356,24 @@ fn error_kind(e: &std::io::Error) -> String {
     }
 }
 
-async fn http_client(
-    url: &str,
+struct ClientOptions {
     count: u32,
     h2: bool,
     new_conn: bool,
-    headers: &[String],
+    headers: Vec<String>,
+    method: http::Method,
     timeout: Duration,
-) -> anyhow::Result<()> {
+}
+
+async fn http_client(url: &str, o: &ClientOptions) -> anyhow::Result<()> {
+    let ClientOptions {
+        count,
+        h2,
+        new_conn,
+        ref headers,
+        ref method,
+        timeout,
+    } = *o;
     let uri: http::Uri = url.parse().context("parsing --url")?;
     let mut client = None;
     for _ in 0..count {
@@ -351,7 +386,7 @@ async fn http_client(
             client = Some(b.build_http::<Full<Bytes>>());
         }
         let Some(c) = client.as_ref() else { continue };
-        let mut req = Request::builder().uri(uri.clone());
+        let mut req = Request::builder().method(method.clone()).uri(uri.clone());
         for h in headers {
             if let Some((k, v)) = h.split_once(':') {
                 req = req.header(k.trim(), v.trim());
@@ -365,6 +400,11 @@ async fn http_client(
             Ok(Ok(resp)) => {
                 let status = resp.status().as_u16();
                 let version = format!("{:?}", resp.version());
+                let response_headers: serde_json::Map<String, serde_json::Value> = resp
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or(""))))
+                    .collect();
                 let body = resp.into_body().collect().await.map(|b| b.to_bytes());
                 let body: serde_json::Value = body
                     .ok()
@@ -376,6 +416,7 @@ async fn http_client(
                     "pod": body.get("pod"),
                     "version": body.get("version"),
                     "body": body,
+                    "headers": response_headers,
                     "ms": start.elapsed().as_millis() as u64,
                 })
             }

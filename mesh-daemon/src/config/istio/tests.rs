@@ -267,3 +267,28 @@ fn unknown_fields_are_kept_and_reported_not_rejected() {
     let vs = &o.virtual_services["production/api-server"];
     assert_eq!(vs.unknown_fields, ["spec.http[0].retires"]);
 }
+
+#[test]
+fn an_sni_host_outside_the_virtual_service_hosts_is_rejected() {
+    let vs = |sni: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: secure, namespace: production}}
+spec:
+  hosts: [secure, \"*.example.com\"]
+  tls:
+  - match: [{{sniHosts: [{sni}]}}]
+    route: [{{destination: {{host: secure}}}}]
+---{GOOD_DR}"
+        )
+    };
+    for fine in ["secure", "a.example.com", "\"*.example.com\""] {
+        assert!(load(&vs(fine)).errors.is_empty(), "{fine}");
+    }
+    rejected(
+        &vs("other.example.org"),
+        "spec.tls[0].match[0].sniHosts[0]",
+        "not a compatible subset",
+    );
+}

@@ -318,6 +318,23 @@ pub fn virtual_service(vs: &VirtualServiceSpec) -> Vec<Violation> {
                     "TLS match must have at least one SNI host",
                 );
             }
+            for (k, sni) in m.sni_hosts.iter().enumerate() {
+                // Istio's validateSniHost: each SNI host must fall within a host of the
+                // VirtualService, compared as written.
+                let covered = vs.hosts.iter().any(|h| {
+                    crate::config::hosts::matches(h, sni)
+                        || (h.starts_with('*') && sni.starts_with('*') && sni.ends_with(&h[1..]))
+                });
+                if !covered {
+                    v.err(
+                        format!("{f}.match[{j}].sniHosts[{k}]"),
+                        format!(
+                            "sni host {sni:?} is not a compatible subset of any of the virtual service hosts: [{}]",
+                            vs.hosts.join(", ")
+                        ),
+                    );
+                }
+            }
             v.port(&format!("{f}.match[{j}].port"), m.port);
         }
         if r.route.is_empty() {

@@ -296,3 +296,70 @@ fn the_tutorial_resilience_and_mirror_virtual_services_compile() {
     assert_eq!(mirror.cluster, format!("outbound|8080|v2|{HOST}"));
     assert_eq!(pct.map(|p| p.value), Some(100.0));
 }
+
+#[test]
+fn tls_and_tcp_routes_compile_per_port_and_leave_http_to_the_default_route() {
+    let r = routing(&[r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api-l4, namespace: production}
+spec:
+  hosts: [api-server, "*.example.com"]
+  tls:
+  - match: [{sniHosts: ["*.example.com"], port: 8080}]
+    route: [{destination: {host: api-server, subset: v2}}]
+  - match: [{sniHosts: [login.example.com], port: 9999}]
+    route: [{destination: {host: api-server}}]
+  tcp:
+  - match: [{destinationSubnets: [10.96.0.0/16]}]
+    route:
+    - {destination: {host: api-server, subset: v1}, weight: 75}
+    - {destination: {host: api-server, subset: v2}, weight: 25}
+"#]);
+    let vh = r
+        .l4_virtual_host("production", HOST, 8080)
+        .expect("L4 routes");
+    // The second TLS route names only another port: it does not exist on 8080.
+    assert_eq!(vh.tls.len(), 1);
+    assert_eq!(vh.tls[0].matches[0].sni_hosts, ["*.example.com"]);
+    assert_eq!(
+        vh.tls[0].clusters[0].cluster,
+        "outbound|8080|v2|api-server.production.svc.cluster.local"
+    );
+    assert_eq!(
+        vh.tcp[0]
+            .clusters
+            .iter()
+            .map(|c| c.weight)
+            .collect::<Vec<_>>(),
+        [75, 25]
+    );
+    // TLS routes come first only for TLS connections.
+    assert_eq!(r.l4_routes("production", HOST, 8080, true).count(), 2);
+    assert_eq!(r.l4_routes("production", HOST, 8080, false).count(), 1);
+    // No http routes: HTTP on this port keeps the default route.
+    let http = r
+        .virtual_host("production", HOST, 8080)
+        .expect("default route");
+    assert_eq!(http.virtual_service, None);
+}
+
+#[test]
+fn a_wildcard_destination_rule_applies_unless_one_names_the_host() {
+    let wildcard = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: everything, namespace: production}
+spec:
+  host: "*.production.svc.cluster.local"
+  subsets: [{name: v2, labels: {version: v2}}]
+"#;
+    let r = routing(&[wildcard]);
+    let c = r
+        .cluster("production", HOST, 8080, Some("v2"))
+        .expect("the wildcard rule's subset");
+    assert_eq!(c.endpoints.len(), 1);
+    let r = routing(&[wildcard, &tutorial("destinationrule.yaml")]);
+    let dr = r.destination_rule("production", HOST).expect("rule");
+    assert_eq!(dr.rules, ["production/api-server"]);
+}
