@@ -166,6 +166,8 @@ pub struct Cluster {
     cgroup_top_rel: String,
     bin_dir: PathBuf,
     netns_made: Vec<String>,
+    /// Environment every daemon starts with (its settings: `SIDELANE_*`).
+    daemon_env: Vec<(String, String)>,
 }
 
 /// Where `mesh-daemon` and `sidelane-workload` were built.
@@ -261,6 +263,7 @@ impl Cluster {
             cgroup_top_rel,
             bin_dir: bin_dir()?,
             netns_made: Vec::new(),
+            daemon_env: Vec::new(),
         };
         std::fs::create_dir_all(&c.cgroup_top).map_err(io_err("creating the run's cgroup"))?;
         c.add_netns(&c.fabric.clone())?;
@@ -589,6 +592,11 @@ impl Cluster {
         .unwrap_or_else(|_| self.daemon_log(node))
     }
 
+    /// Sets a daemon setting (by its environment variable) for daemons started from now on.
+    pub fn daemon_setting(&mut self, var: &str, value: &str) {
+        self.daemon_env.push((var.to_owned(), value.to_owned()));
+    }
+
     /// Starts every node's daemon and waits until each is ready.
     pub fn start(&mut self) -> Result<()> {
         for i in 1..=self.nodes.len() {
@@ -608,6 +616,7 @@ impl Cluster {
             .arg("--pin-dir")
             .arg(&n.pin_dir)
             .env("RUST_LOG", "info")
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().map_err(io_err("log"))?)
             .stderr(log);
         let child = sys::spawn_in(&n.netns, &n.cgroup.join("system"), &mut cmd)?;

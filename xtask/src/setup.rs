@@ -10,11 +10,15 @@ const BPF_LINKER_VERSION: &str = "0.13";
 /// Debian packages the tests and the demo use: `ip` for the netns cluster, bpftool to show
 /// the pinned maps.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("bpftool", "bpftool")];
+/// Python modules the tests use, by import name and package: grpcio is the real gRPC client
+/// and server of the gRPC tests.
+const PYTHON_PACKAGES: &[(&str, &str)] = &[("grpc", "grpcio")];
 
 pub fn run() -> anyhow::Result<()> {
     nightly_components()?;
     bpf_linker()?;
     debian_packages()?;
+    python_packages()?;
     bpffs()?;
     if cgroup2_mount().is_none() {
         bail!("no cgroup2 filesystem is mounted; Sidelane needs cgroup v2 (unified or hybrid)");
@@ -126,6 +130,28 @@ fn debian_packages() -> anyhow::Result<()> {
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status_ok("apt-get install")
+}
+
+/// Installs into the `python3` first on PATH, the one the tests run.
+fn python_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PYTHON_PACKAGES
+        .iter()
+        .filter(|(module, _)| output("python3", &["-c", &format!("import {module}")]).is_none())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("setup: installing Python packages {}", missing.join(" "));
+    let pip = |extra: &[&str]| {
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(extra)
+            .args(&missing)
+            .status_ok("pip install")
+    };
+    // Debian's own python3 refuses plain installs (PEP 668); the tests only need the module.
+    pip(&[]).or_else(|_| pip(&["--break-system-packages"]))
 }
 
 /// Mounts bpffs at /sys/fs/bpf when it is not mounted (it often is not outside systemd).

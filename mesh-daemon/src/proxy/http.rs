@@ -31,7 +31,7 @@ use crate::{
     netns::Netns,
     routing::{
         HttpRoute, RequestMatch, RouteAction, WeightedCluster,
-        eval::{RequestView, pick_weighted, rewrite_path},
+        eval::{RequestView, pick_weighted, redirect_location, rewrite_path},
     },
     state::{PodInfo, ServicePort},
 };
@@ -160,6 +160,10 @@ async fn handle(conn: &Downstream, req: Request<Incoming>) -> Response<Body> {
         .map(str::to_owned)
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .unwrap_or_default();
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let path_and_query = req
         .uri()
         .path_and_query()
@@ -226,10 +230,8 @@ async fn handle(conn: &Downstream, req: Request<Incoming>) -> Response<Body> {
         &conn.source_uid,
         Some(&conn.service),
         upstream,
-        match conn.protocol {
-            Protocol::Http2 => "http2",
-            _ => "http",
-        },
+        // Istio's request_protocol: "grpc" for gRPC calls, "http" for every other request.
+        if grpc { "grpc" } else { "http" },
     );
     base.response_flags = if log.response_flags.is_empty() {
         "-"
@@ -277,15 +279,13 @@ async fn act(
             r
         }
         RouteAction::Redirect(rd) => {
-            let scheme = rd.scheme.as_deref().unwrap_or("http");
-            let host = rd.authority.as_deref().unwrap_or(&authority);
-            let path = rd.uri.as_deref().unwrap_or(&path_and_query);
             let mut r = local(
                 StatusCode::from_u16(rd.redirect_code.unwrap_or(301) as u16)
                     .unwrap_or(StatusCode::MOVED_PERMANENTLY),
                 "",
             );
-            if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{host}{path}")) {
+            let location = redirect_location(rd, &authority, &path_and_query);
+            if let Ok(v) = HeaderValue::from_str(&location) {
                 r.headers_mut().insert(header::LOCATION, v);
             }
             r

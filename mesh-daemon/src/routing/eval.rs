@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::table::{HttpRoute, Matcher, RequestMatch, VirtualHost, WeightedCluster};
-use crate::config::istio::networking::HttpRewrite;
+use crate::config::istio::networking::{HttpRedirect, HttpRewrite, RedirectPortSelection};
 
 /// What route matching may look at in a request.
 pub struct RequestView<'a> {
@@ -141,6 +141,46 @@ pub fn rewrite_path(
     }
 }
 
+/// The `Location` of an Istio redirect, as Envoy builds it: `uri` swaps the path and keeps
+/// the request's query unless it brings its own; `authority` swaps host and port (as
+/// written); `port` sets the port, `derivePort` takes the scheme's default (none) or the
+/// request's.
+pub fn redirect_location(rd: &HttpRedirect, authority: &str, path_and_query: &str) -> String {
+    let scheme = rd.scheme.as_deref().unwrap_or("http");
+    let (_, request_port) = split_port(authority);
+    let host = rd.authority.as_deref().unwrap_or(authority);
+    let host = match (rd.port, &rd.derive_port) {
+        (Some(p), _) => format!("{}:{p}", split_port(host).0),
+        (None, Some(RedirectPortSelection::FromProtocolDefault)) => split_port(host).0.to_owned(),
+        (None, Some(RedirectPortSelection::FromRequestPort)) => match request_port {
+            Some(p) => format!("{}:{p}", split_port(host).0),
+            None => split_port(host).0.to_owned(),
+        },
+        (None, None) => host.to_owned(),
+    };
+    let path = match rd.uri.as_deref() {
+        None => path_and_query.to_owned(),
+        Some(uri) if uri.contains('?') => uri.to_owned(),
+        Some(uri) => match path_and_query.split_once('?') {
+            Some((_, q)) => format!("{uri}?{q}"),
+            None => uri.to_owned(),
+        },
+    };
+    format!("{scheme}://{host}{path}")
+}
+
+/// `host:port` into host and port (IPv6 literals keep their brackets).
+fn split_port(authority: &str) -> (&str, Option<&str>) {
+    match authority.rsplit_once(':') {
+        Some((h, p))
+            if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') =>
+        {
+            (h, Some(p))
+        }
+        _ => (authority, None),
+    }
+}
+
 /// Draws a destination with probability proportional to its weight; `roll` is uniform in
 /// `0..u32::MAX`. `None` when every weight is zero.
 pub fn pick_weighted(clusters: &[WeightedCluster], roll: u32) -> Option<&WeightedCluster> {
@@ -193,6 +233,33 @@ mod tests {
             pick_weighted(&[wc("a", 0), wc("b", 3)], 0).map(|c| c.cluster.as_str()),
             Some("b")
         );
+    }
+
+    #[test]
+    fn redirects_build_envoys_location() {
+        let rd = |uri: Option<&str>, authority: Option<&str>| HttpRedirect {
+            uri: uri.map(str::to_owned),
+            authority: authority.map(str::to_owned),
+            ..Default::default()
+        };
+        let loc = |r: &HttpRedirect| redirect_location(r, "api:8080", "/old?x=1");
+        // The query stays unless the new URI brings one.
+        assert_eq!(loc(&rd(Some("/new"), None)), "http://api:8080/new?x=1");
+        assert_eq!(loc(&rd(Some("/new?y=2"), None)), "http://api:8080/new?y=2");
+        // A new authority replaces host and port as written.
+        assert_eq!(
+            loc(&rd(None, Some("example.com"))),
+            "http://example.com/old?x=1"
+        );
+        let mut r = rd(None, Some("example.com"));
+        r.derive_port = Some(RedirectPortSelection::FromRequestPort);
+        assert_eq!(loc(&r), "http://example.com:8080/old?x=1");
+        r.port = Some(9443);
+        r.scheme = Some("https".into());
+        assert_eq!(loc(&r), "https://example.com:9443/old?x=1");
+        let mut r = rd(None, None);
+        r.derive_port = Some(RedirectPortSelection::FromProtocolDefault);
+        assert_eq!(loc(&r), "http://api/old?x=1");
     }
 
     #[test]
