@@ -762,6 +762,25 @@ impl Cluster {
             .collect())
     }
 
+    /// Tells the workload of pod `target` how to answer from now on (see the workload's
+    /// `/__behave`: `delay_ms=..`, `status=..`, `reset=1`; empty for normal), asked from
+    /// pod `from`.
+    pub fn behave(&self, from: PodRef, target: &str, how: &str) -> Result<()> {
+        let ip = self
+            .pods
+            .iter()
+            .find(|p| p.spec.name == target)
+            .map(|p| p.ip4.clone())
+            .ok_or_else(|| HarnessError::Other(format!("no pod {target}")))?;
+        let r = self.http(from, &format!("http://{ip}:8080/__behave?{how}"), &[])?;
+        match r.first().and_then(|r| r["status"].as_u64()) {
+            Some(200) => Ok(()),
+            _ => Err(HarnessError::Other(format!(
+                "{target} did not take {how:?}: {r:?}"
+            ))),
+        }
+    }
+
     /// One TCP exchange from a pod, with `sidelane-workload tcp`'s options.
     pub fn tcp_with(&self, pod: PodRef, addr: &str, options: &[&str]) -> Result<Value> {
         let mut args = vec!["tcp", "--addr", addr];

@@ -338,6 +338,33 @@ fn the_tutorial_mirror_copies_traffic_to_v2_without_touching_the_responses() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 
+    // A slow mirror target does not slow the primary, a resetting one does not fail it.
+    c.behave(s.client, "api-server-v2", "delay_ms=2000")
+        .expect("slow v2");
+    let r = c
+        .http(
+            s.client,
+            &format!("{}/slow-mirror", s.url),
+            &["--count", "5"],
+        )
+        .expect("http");
+    assert!(
+        r.iter()
+            .all(|r| r["version"] == "v1" && r["ms"].as_u64().is_some_and(|ms| ms < 1000)),
+        "the slow mirror held the primary: {r:?}"
+    );
+    c.behave(s.client, "api-server-v2", "reset=1")
+        .expect("resetting v2");
+    let r = tally(
+        &c.http(
+            s.client,
+            &format!("{}/reset-mirror", s.url),
+            &["--count", "20"],
+        )
+        .expect("http"),
+    );
+    assert_eq!(r, BTreeMap::from([("v1".to_owned(), 20)]));
+
     // A mirror with nowhere to go (a subset nobody defines) never affects the primary.
     let dead = tutorial("virtualservice-mirror.yaml").replace(
         "host: api-server\n        subset: v2",

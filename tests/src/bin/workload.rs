@@ -106,6 +106,7 @@ fn main() -> anyhow::Result<()> {
                         namespace,
                         version,
                         seen: std::sync::Mutex::new((0, String::new(), String::new())),
+                        behaviour: std::sync::Mutex::new(Behaviour::default()),
                     }),
                     http_port,
                     tcp_port,
@@ -170,6 +171,32 @@ struct Identity {
     /// Requests served (other than /__stats), and the last one's Host and path: how a test
     /// sees traffic that never reaches a client, such as mirrored requests.
     seen: std::sync::Mutex<(u64, String, String)>,
+    /// How every request is answered until told otherwise (`/__behave`).
+    behaviour: std::sync::Mutex<Behaviour>,
+}
+
+/// What `/__behave?delay_ms=..&status=..&reset=1` sets for every later request (and a bare
+/// `/__behave` clears): how tests make an endpoint slow, failing or resetting.
+#[derive(Clone, Copy, Default)]
+struct Behaviour {
+    delay: Duration,
+    status: Option<u16>,
+    reset: bool,
+}
+
+impl Behaviour {
+    fn from_query(q: &str) -> Self {
+        let mut b = Self::default();
+        for (k, v) in q.split('&').filter_map(|kv| kv.split_once('=')) {
+            match k {
+                "delay_ms" => b.delay = Duration::from_millis(v.parse().unwrap_or(0)),
+                "status" => b.status = v.parse().ok(),
+                "reset" => b.reset = v == "1",
+                _ => {}
+            }
+        }
+        b
+    }
 }
 
 fn dual_stack_listener(port: u16) -> anyhow::Result<TcpListener> {
@@ -228,10 +255,25 @@ async fn respond(
         let body = json!({"requests": n, "last_host": last_host, "last_path": last_path});
         return Ok(Response::new(Full::new(Bytes::from(body.to_string()))));
     }
+    if path == "/__behave" {
+        let b = Behaviour::from_query(req.uri().query().unwrap_or(""));
+        if let Ok(mut current) = id.behaviour.lock() {
+            *current = b;
+        }
+        return Ok(Response::new(Full::new(Bytes::from_static(b"{}"))));
+    }
     if let Ok(mut s) = id.seen.lock() {
         *s = (s.0 + 1, host, path.clone());
     }
-    let mut status = 200u16;
+    let behaviour = id.behaviour.lock().map(|b| *b).unwrap_or_default();
+    if !behaviour.delay.is_zero() {
+        tokio::time::sleep(behaviour.delay).await;
+    }
+    if behaviour.reset {
+        let _ = socket2::SockRef::from(&*handle).set_linger(Some(Duration::ZERO));
+        return Err(std::io::Error::other("reset requested"));
+    }
+    let mut status = behaviour.status.unwrap_or(200);
     if let Some(code) = path.strip_prefix("/status/") {
         status = code.parse().unwrap_or(400);
     } else if let Some(secs) = path.strip_prefix("/delay/") {
