@@ -97,6 +97,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         outbound_port: settings.outbound_port,
         mirror_shadow_host: settings.compat_before(1, 28),
+        retry_503_by_default: settings.compat_before(1, 24),
         protocol_detection_timeout: Some(settings.protocol_detection_timeout.0)
             .filter(|t| !t.is_zero()),
     });

@@ -1,12 +1,14 @@
 //! The data path in user space: per-pod outbound listeners and TCP forwarding.
 pub mod access_log;
 pub mod balance;
+pub mod cluster_state;
 pub mod cors;
 pub mod detect;
 pub mod forward;
 pub mod http;
 pub mod outbound;
 pub mod protocol;
+pub mod replay;
 pub mod sockets;
 
 use std::sync::Arc;
@@ -25,6 +27,8 @@ pub struct ProxyInputs {
     pub outbound_port: u16,
     /// Istio before 1.28 appended "-shadow" to a mirrored request's host.
     pub mirror_shadow_host: bool,
+    /// Istio before 1.24: the default retry policy also retries 503.
+    pub retry_503_by_default: bool,
     /// `None`: wait for a client's first bytes as long as it takes.
     pub protocol_detection_timeout: Option<std::time::Duration>,
 }

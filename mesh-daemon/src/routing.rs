@@ -16,6 +16,8 @@
 pub mod compile;
 pub mod eval;
 pub mod l4;
+pub mod policy;
+pub mod retry;
 pub mod table;
 pub mod view;
 

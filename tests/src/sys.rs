@@ -215,7 +215,11 @@ pub fn remove_cgroup_tree(dir: &Path) {
     collect_dirs(dir, &mut dirs);
     dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
     for d in dirs {
-        let _ = std::fs::remove_dir(&d);
+        // A killed task can keep its cgroup busy until its parent reaps it: try again for
+        // a moment rather than leave the directory behind.
+        while std::fs::remove_dir(&d).is_err() && d.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 

@@ -35,11 +35,11 @@ fn echo_py() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("grpc/echo.py")
 }
 
+/// Fields drop in order: the gRPC servers stop before the cluster removes their cgroups.
 struct Setup {
+    _servers: Vec<RunningClient>,
     c: Cluster,
     client: PodRef,
-    /// The gRPC servers; they stop when dropped.
-    _servers: Vec<RunningClient>,
 }
 
 fn setup() -> Setup {

@@ -1,6 +1,10 @@
 //! Byte forwarding between two TCP streams that keeps TCP's semantics end to end: a FIN is
 //! passed on as a FIN (half-close), a reset as a reset.
-use std::io::ErrorKind;
+use std::{
+    io::ErrorKind,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
@@ -18,6 +22,26 @@ pub struct Outcome {
     pub sent_downstream: u64,
     /// One side reset (or failed); the other was reset in turn.
     pub reset: bool,
+    /// Nothing moved either way for the idle timeout: both sides were closed.
+    pub idle_timeout: bool,
+}
+
+/// When bytes last moved, in milliseconds since the connection's start.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let now = self.start.elapsed();
+        now.saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
 }
 
 enum Dir {
@@ -25,7 +49,7 @@ enum Dir {
     Reset,
 }
 
-async fn pump<R, W>(mut r: R, mut w: W, counted: &mut u64) -> Dir
+async fn pump<R, W>(mut r: R, mut w: W, counted: &mut u64, activity: &Activity) -> Dir
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -45,6 +69,7 @@ where
                     return Dir::Reset;
                 }
                 *counted += n as u64;
+                activity.touch();
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(_) => return Dir::Reset,
@@ -54,23 +79,37 @@ where
 
 /// Copies both ways until both sides have closed, or until either resets, in which case the
 /// other side is reset too (SO_LINGER 0 then close), as a direct connection would see it.
-pub async fn forward(mut client: TcpStream, mut upstream: TcpStream) -> Outcome {
+/// After `idle` without a byte either way both sides are closed (Envoy's TCP idle timeout).
+pub async fn forward(mut client: TcpStream, mut upstream: TcpStream, idle: Duration) -> Outcome {
     let mut out = Outcome::default();
     let (mut up, mut down) = (0u64, 0u64);
+    let activity = Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    };
     {
         let (cr, cw) = client.split();
         let (ur, uw) = upstream.split();
-        let to_upstream = pump(cr, uw, &mut up);
-        let to_client = pump(ur, cw, &mut down);
+        let to_upstream = pump(cr, uw, &mut up, &activity);
+        let to_client = pump(ur, cw, &mut down, &activity);
         tokio::pin!(to_upstream, to_client);
         let (mut a_done, mut b_done) = (false, false);
-        while !(out.reset || a_done && b_done) {
+        while !(out.reset || out.idle_timeout || a_done && b_done) {
+            let wait = idle.saturating_sub(activity.idle_for());
             let dir = tokio::select! {
                 d = &mut to_upstream, if !a_done => { a_done = true; d }
                 d = &mut to_client, if !b_done => { b_done = true; d }
+                () = tokio::time::sleep(wait) => {
+                    out.idle_timeout = activity.idle_for() >= idle;
+                    continue;
+                }
             };
             out.reset = matches!(dir, Dir::Reset);
         }
+    }
+    if out.idle_timeout {
+        let _ = client.shutdown().await;
+        let _ = upstream.shutdown().await;
     }
     out.sent_upstream = up;
     out.sent_downstream = down;

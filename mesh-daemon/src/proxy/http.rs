@@ -2,13 +2,14 @@
 //! weighted destination, subset cluster, endpoint) and forwarded over a per-pod connection
 //! pool whose sockets live in the pod's network namespace.
 use std::{
+    collections::HashMap,
     convert::Infallible,
     future::Future,
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -22,7 +23,12 @@ use hyper_util::{
 use tokio::net::TcpStream;
 
 use super::{
-    ProxyInputs, access_log, balance::pick_endpoint, cors::Decision, protocol::Protocol,
+    ProxyInputs, access_log,
+    balance::pick_endpoint,
+    cluster_state::{self, Choice, ClusterState, Outcome, PodClusters, take_slot},
+    cors::Decision,
+    protocol::Protocol,
+    replay::Replayable,
     sockets::socket_in,
 };
 use crate::{
@@ -32,6 +38,8 @@ use crate::{
     routing::{
         HttpRoute, RequestMatch, RouteAction, WeightedCluster,
         eval::{RequestView, pick_weighted, redirect_location, rewrite_path},
+        policy::{HashKey, LbPolicy},
+        retry::{Failure, RetryPolicy},
     },
     state::{PodInfo, ServicePort},
 };
@@ -51,6 +59,10 @@ mod flags {
     pub const UPSTREAM_CONNECT_FAILURE: &str = "UF";
     pub const UPSTREAM_TIMEOUT: &str = "UT";
     pub const FAULT_INJECTED: &str = "FI";
+    pub const OVERFLOW: &str = "UO";
+    pub const UPSTREAM_RESET: &str = "UR";
+    /// Retries were used up on a failure the policy would have retried.
+    pub const RETRY_LIMIT: &str = "URX";
     pub const DELAY_INJECTED: &str = "DI";
 }
 
@@ -59,6 +71,7 @@ mod flags {
 pub struct PodConnector {
     netns: Arc<Netns>,
     inputs: Arc<ProxyInputs>,
+    connect_timeouts: Arc<ConnectTimeouts>,
 }
 
 impl tower_service::Service<Uri> for PodConnector {
@@ -79,7 +92,11 @@ impl tower_service::Service<Uri> for PodConnector {
                 .ok_or_else(|| std::io::Error::other(format!("not an endpoint address: {uri}")))?;
             let sock =
                 socket_in(&this.netns, &this.inputs.host, addr).map_err(std::io::Error::other)?;
-            let stream = tokio::time::timeout(this.inputs.connect_timeout, sock.connect(addr))
+            let limit = this
+                .connect_timeouts
+                .get(addr)
+                .unwrap_or(this.inputs.connect_timeout);
+            let stream = tokio::time::timeout(limit, sock.connect(addr))
                 .await
                 .map_err(|_| {
                     std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
@@ -95,19 +112,56 @@ pub struct PodHttp {
     inputs: Arc<ProxyInputs>,
     h1: Client<PodConnector, Body>,
     h2: Client<PodConnector, Body>,
+    /// What this pod's proxy remembers about each cluster (balancing, outlier detection,
+    /// circuit breakers); the TCP path shares it.
+    pub clusters: PodClusters,
+    connect_timeouts: Arc<ConnectTimeouts>,
+}
+
+/// The connect timeout of the cluster an endpoint was last chosen from: the pooled client
+/// connects by address only, so the cluster's `connectTimeout` reaches it this way.
+#[derive(Default)]
+struct ConnectTimeouts(std::sync::Mutex<HashMap<SocketAddr, Duration>>);
+
+impl ConnectTimeouts {
+    fn set(&self, ep: SocketAddr, t: Duration) {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if m.get(&ep) != Some(&t) {
+            m.insert(ep, t);
+        }
+    }
+
+    fn get(&self, ep: SocketAddr) -> Option<Duration> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&ep)
+            .copied()
+    }
 }
 
 impl PodHttp {
     pub fn new(netns: Arc<Netns>, inputs: Arc<ProxyInputs>) -> Self {
+        let connect_timeouts = Arc::new(ConnectTimeouts::default());
         let connector = PodConnector {
             netns,
             inputs: inputs.clone(),
+            connect_timeouts: connect_timeouts.clone(),
         };
         let h1 = Client::builder(TokioExecutor::new()).build(connector.clone());
         let h2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .build(connector);
-        Self { inputs, h1, h2 }
+        Self {
+            inputs,
+            h1,
+            h2,
+            clusters: PodClusters::default(),
+            connect_timeouts,
+        }
     }
 }
 
@@ -340,28 +394,37 @@ impl Upstream<'_> {
             return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
         log.cluster = cluster.name.clone();
-        let Some(ep) = pick_endpoint(&cluster, self.conn.original_dst.is_ipv4()) else {
-            log.response_flags = flags::NO_HEALTHY_UPSTREAM;
-            return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        let state = self.conn.pod.clusters.get(&cluster.name);
+        // The http2MaxRequests breaker: Envoy answers overflow at once, flagged UO.
+        let Some(_in_flight) = take_slot(&state.requests, cluster.policy.limits.max_requests)
+        else {
+            log.response_flags = flags::OVERFLOW;
+            return local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            );
         };
-        log.upstream_host = Some(ep);
 
         let (path, authority) = self.rewritten();
         if let Ok(v) = HeaderValue::from_str(&authority) {
             req.headers_mut().insert(header::HOST, v);
         }
-        let Ok(uri) = format!("http://{ep}{path}").parse::<Uri>() else {
-            return local(StatusCode::BAD_REQUEST, "bad request path");
-        };
-        *req.uri_mut() = uri;
-        *req.version_mut() = http::Version::HTTP_11;
         // Route-level operations first, then the chosen destination's, as Envoy applies them.
         let ops = [self.route.headers.as_ref(), dest.headers.as_ref()];
         for h in ops.iter().flatten() {
             apply_ops(req.headers_mut(), h.request.as_ref());
         }
+        let source = cluster_state::source_hash(self.conn.source.as_deref(), &self.conn.source_uid);
+        let hash = hash_key(&cluster.policy.lb, &req, source);
         let req = self.mirror(req, &authority, &path).await;
-        let sent = self.client().request(req);
+        let attempts = Attempts {
+            up: self,
+            cluster: &cluster,
+            state: &state,
+            hash,
+            path: &path,
+        };
+        let sent = attempts.run(req, log);
         let result = match self.route.timeout {
             Some(t) => match tokio::time::timeout(t.0, sent).await {
                 Ok(r) => r,
@@ -372,29 +435,31 @@ impl Upstream<'_> {
             },
             None => sent.await,
         };
-        match result {
-            Ok(resp) => {
-                let mut resp = resp.map(|b| b.map_err(Into::into).boxed());
-                for h in ops.iter().flatten() {
-                    apply_ops(resp.headers_mut(), h.response.as_ref());
-                }
-                resp
+        let mut resp = result;
+        if log.response_flags.is_empty() || log.response_flags == flags::RETRY_LIMIT {
+            for h in ops.iter().flatten() {
+                apply_ops(resp.headers_mut(), h.response.as_ref());
             }
-            Err(e) => {
-                tracing::debug!(%ep, error = %e, "upstream request failed");
-                log.response_flags = flags::UPSTREAM_CONNECT_FAILURE;
-                local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-                )
-            }
+        }
+        resp
+    }
+
+    /// The client for this cluster: HTTP/2 for http2/grpc ports, and for HTTP/1.1 ports
+    /// whose DestinationRule says `h2UpgradePolicy: UPGRADE`.
+    fn client(&self, h2_upgrade: bool) -> &Client<PodConnector, Body> {
+        match self.conn.protocol {
+            Protocol::Http2 => &self.conn.pod.h2,
+            _ if h2_upgrade => &self.conn.pod.h2,
+            _ => &self.conn.pod.h1,
         }
     }
 
-    fn client(&self) -> &Client<PodConnector, Body> {
-        match self.conn.protocol {
-            Protocol::Http2 => &self.conn.pod.h2,
-            _ => &self.conn.pod.h1,
+    /// The route's retry policy, as the mesh's Istio version builds it.
+    fn retry_policy(&self) -> Option<&RetryPolicy> {
+        if self.conn.pod.inputs.retry_503_by_default {
+            self.route.retry_before_1_24.as_ref()
+        } else {
+            self.route.retry.as_ref()
         }
     }
 
@@ -460,7 +525,7 @@ impl Upstream<'_> {
             if let Ok(v) = HeaderValue::from_str(&shadow_host) {
                 copy.headers_mut().insert(header::HOST, v);
             }
-            let client = self.client().clone();
+            let client = self.client(false).clone();
             // The copy's response is discarded and its failure or slowness never reaches the
             // client; the time limit only keeps stuck mirrors from piling up.
             tokio::spawn(async move {
@@ -485,6 +550,177 @@ impl Upstream<'_> {
                     .unwrap_or_else(|| self.authority.to_owned()),
             ),
         }
+    }
+}
+
+/// The attempts of one request on one cluster: the first, then retries as the route's
+/// policy allows, each on an endpoint the request has not tried yet when there is one.
+struct Attempts<'a> {
+    up: &'a Upstream<'a>,
+    cluster: &'a crate::routing::Cluster,
+    state: &'a Arc<ClusterState>,
+    hash: Option<u64>,
+    path: &'a str,
+}
+
+impl Attempts<'_> {
+    async fn run(&self, req: Request<Body>, log: &mut access_log::HttpEntry) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let body = Replayable::new(body);
+        let policy = self.up.retry_policy();
+        let client = self.up.client(self.cluster.policy.h2_upgrade);
+        let pod = &self.up.conn.pod;
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut retries = 0u32;
+        loop {
+            let choice = Choice {
+                v4: self.up.conn.original_dst.is_ipv4(),
+                hash: self.hash,
+                tried: &tried,
+            };
+            let Some((ep, _in_flight)) = self.state.choose(self.cluster, &choice) else {
+                log.response_flags = flags::NO_HEALTHY_UPSTREAM;
+                return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+            };
+            tried.push(ep);
+            log.upstream_host = Some(ep);
+            let Some(attempt_body) = body.attempt() else {
+                log.response_flags = flags::UPSTREAM_RESET;
+                return local(StatusCode::SERVICE_UNAVAILABLE, RESET_BODY);
+            };
+            let Ok(uri) = format!("http://{ep}{}", self.path).parse::<Uri>() else {
+                return local(StatusCode::BAD_REQUEST, "bad request path");
+            };
+            let mut req = Request::from_parts(parts.clone(), attempt_body);
+            *req.uri_mut() = uri;
+            *req.version_mut() = http::Version::HTTP_11;
+            pod.connect_timeouts
+                .set(ep, self.cluster.policy.connect_timeout);
+            let sent = client.request(req);
+            let per_try = policy.and_then(|p| p.per_try_timeout);
+            let result = match per_try {
+                Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
+                None => Ok(sent.await),
+            };
+            let (failure, outcome, response) = match result {
+                Err(()) => (
+                    Failure::PerTryTimeout,
+                    Outcome::LocalOriginFailure,
+                    Err(flags::UPSTREAM_TIMEOUT),
+                ),
+                Ok(Err(e)) => {
+                    tracing::debug!(%ep, error = %e, "upstream request failed");
+                    let f = classify(&e);
+                    let flag = match f {
+                        Failure::ConnectFailure => flags::UPSTREAM_CONNECT_FAILURE,
+                        _ => flags::UPSTREAM_RESET,
+                    };
+                    (f, Outcome::LocalOriginFailure, Err(flag))
+                }
+                Ok(Ok(resp)) => {
+                    let status = resp.status().as_u16();
+                    let grpc = resp
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok()?.parse::<u8>().ok());
+                    (
+                        Failure::Response { status, grpc },
+                        Outcome::Status(status),
+                        Ok(resp),
+                    )
+                }
+            };
+            self.state.report(self.cluster, ep, outcome);
+            let wants_retry = policy.is_some_and(|p| p.retries(failure));
+            let may_retry = policy.is_some_and(|p| retries < p.attempts);
+            if wants_retry && may_retry {
+                // The maxRetries breaker: without a slot, no retry (Envoy counts it as
+                // retry overflow and returns what it has).
+                if let Some(_slot) =
+                    take_slot(&self.state.retries, self.cluster.policy.limits.max_retries)
+                {
+                    retries += 1;
+                    let pause =
+                        policy.map_or(Duration::ZERO, |p| p.backoff(retries, fastrand::f64()));
+                    drop(response);
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+            }
+            let exhausted = wants_retry && retries > 0;
+            return match response {
+                Ok(resp) => {
+                    if exhausted {
+                        log.response_flags = flags::RETRY_LIMIT;
+                    }
+                    resp.map(|b| b.map_err(Into::into).boxed())
+                }
+                Err(flag) => {
+                    log.response_flags = flag;
+                    match flag {
+                        flags::UPSTREAM_TIMEOUT => {
+                            local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+                        }
+                        flags::UPSTREAM_CONNECT_FAILURE => {
+                            local(StatusCode::SERVICE_UNAVAILABLE, CONNECT_FAILURE_BODY)
+                        }
+                        _ => local(StatusCode::SERVICE_UNAVAILABLE, RESET_BODY),
+                    }
+                }
+            };
+        }
+    }
+}
+
+const CONNECT_FAILURE_BODY: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+const RESET_BODY: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
+
+/// What kind of failure a client error is: a connect failure, an HTTP/2 stream the upstream
+/// refused, or any other reset or disconnect before the response.
+fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
+    if e.is_connect() {
+        return Failure::ConnectFailure;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>()
+            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+        {
+            return Failure::RefusedStream;
+        }
+        source = s.source();
+    }
+    Failure::Reset
+}
+
+/// The request's consistent-hash key under `lb`, when it hashes and the key is there.
+fn hash_key<B>(lb: &LbPolicy, req: &Request<B>, source: u64) -> Option<u64> {
+    let LbPolicy::Hash(key) = lb else {
+        return None;
+    };
+    match key {
+        HashKey::Header(name) => req
+            .headers()
+            .get(name.as_str())
+            .map(|v| cluster_state::hash_key(v.as_bytes())),
+        HashKey::Cookie { name, .. } => req
+            .headers()
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| {
+                let (k, v) = c.trim().split_once('=')?;
+                (k == name).then(|| cluster_state::hash_key(v.as_bytes()))
+            }),
+        HashKey::SourceIp => Some(source),
+        HashKey::QueryParameter(name) => req.uri().query().and_then(|q| {
+            q.split('&').find_map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                (k == name).then(|| cluster_state::hash_key(v.as_bytes()))
+            })
+        }),
     }
 }
 

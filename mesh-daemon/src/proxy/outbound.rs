@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::{
     ProxyInputs,
     access_log::{TcpEntry, log_tcp},
-    balance::pick_endpoint,
+    cluster_state::{Choice, InFlight, Outcome, Slot, source_hash, take_slot},
     detect,
     forward::{abort, forward},
     http::{self, Downstream, PodHttp},
@@ -24,8 +24,10 @@ use crate::{
     metrics::TcpLabels,
     netns::Netns,
     routing::{
+        Cluster,
         eval::pick_weighted,
         l4::{self, ConnectionView},
+        policy::{HashKey, LbPolicy},
     },
     state::{ServicePort, Snapshot},
 };
@@ -40,7 +42,14 @@ mod flags {
     pub const NO_ROUTE: &str = "NR";
     /// The route names a subset no DestinationRule defines for this client.
     pub const NO_CLUSTER: &str = "NC";
+    /// The cluster's `maxConnections` were all open.
+    pub const OVERFLOW: &str = "UO";
+    /// Closed by the TCP idle timeout (Envoy's "stream idle timeout" flag).
+    pub const IDLE_TIMEOUT: &str = "SI";
 }
+
+/// Idle timeout of passthrough connections (Istio's default TCP idle timeout).
+const PASSTHROUGH_IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// A pod's outbound listeners (IPv4 and, where the pod has it, IPv6).
 pub struct Outbound {
@@ -126,10 +135,25 @@ struct Conn {
 }
 
 /// Where an opaque connection goes, once routed.
-struct TcpTarget {
-    /// The endpoint, or the response flag saying why there is none.
-    upstream: Result<SocketAddr, &'static str>,
-    cluster: String,
+enum TcpTarget {
+    /// Not a Service: to where the client was going.
+    Passthrough(SocketAddr),
+    /// A route named a subset no DestinationRule defines for this client.
+    NoCluster,
+    Cluster(Box<Cluster>),
+}
+
+/// Connect attempts for a TCP connection, each on another endpoint when there is one: the
+/// connect-failure retries the issue asks for, as Envoy's `max_connect_attempts` would.
+const TCP_CONNECT_ATTEMPTS: usize = 3;
+
+/// An upstream connection and what it holds while open.
+struct Connected {
+    stream: TcpStream,
+    addr: SocketAddr,
+    idle: std::time::Duration,
+    /// The cluster's `maxConnections` slot and the endpoint's in-flight count.
+    _held: Option<(Slot, InFlight)>,
 }
 
 impl Conn {
@@ -159,12 +183,16 @@ impl Conn {
         let orig = normalize(orig);
         let Some(svc) = snap.service(&orig).cloned() else {
             // Not a Service: passed through as bytes to where the client was going.
-            let target = TcpTarget {
-                upstream: Ok(orig),
-                cluster: "PassthroughCluster".to_owned(),
-            };
             return self
-                .proxy_tcp(&snap, client, peer, orig, None, target, start)
+                .proxy_tcp(
+                    &snap,
+                    client,
+                    peer,
+                    orig,
+                    None,
+                    TcpTarget::Passthrough(orig),
+                    start,
+                )
                 .await;
         };
         let protocol = match Protocol::declared(&svc.port_name, svc.app_protocol.as_deref()) {
@@ -220,16 +248,72 @@ impl Conn {
             Some(route) => pick_weighted(&route.clusters, fastrand::u32(..))
                 .and_then(|wc| routing.cluster(source_ns, &wc.host, wc.port, wc.subset.as_deref())),
         };
-        match cluster {
-            None => TcpTarget {
-                upstream: Err(flags::NO_CLUSTER),
-                cluster: "BlackHoleCluster".to_owned(),
-            },
-            Some(c) => TcpTarget {
-                upstream: pick_endpoint(&c, orig.is_ipv4()).ok_or(flags::NO_HEALTHY_UPSTREAM),
-                cluster: c.name,
-            },
+        cluster.map_or(TcpTarget::NoCluster, |c| TcpTarget::Cluster(Box::new(c)))
+    }
+
+    /// An upstream connection for `cluster`: within its `maxConnections`, balanced by its
+    /// policy, connect-failures counted for outlier detection and retried elsewhere.
+    async fn connect_cluster(
+        &self,
+        cluster: &Cluster,
+        v4: bool,
+        last_tried: &mut Option<SocketAddr>,
+    ) -> Result<Connected, &'static str> {
+        let state = self.http.clusters.get(&cluster.name);
+        let policy = &cluster.policy;
+        let slot =
+            take_slot(&state.connections, policy.limits.max_connections).ok_or(flags::OVERFLOW)?;
+        let mut tried = Vec::new();
+        for _ in 0..TCP_CONNECT_ATTEMPTS {
+            let choice = Choice {
+                v4,
+                hash: match &policy.lb {
+                    LbPolicy::Hash(HashKey::SourceIp) => Some(source_hash(
+                        self.inputs
+                            .snapshot
+                            .load()
+                            .pods_by_uid
+                            .get(&self.pod_uid)
+                            .map(|p| &**p),
+                        &self.pod_uid,
+                    )),
+                    _ => None,
+                },
+                tried: &tried,
+            };
+            let Some((addr, in_flight)) = state.choose(cluster, &choice) else {
+                break;
+            };
+            tried.push(addr);
+            *last_tried = Some(addr);
+            if let Some(stream) = self.connect(addr, policy.connect_timeout).await {
+                if let Some((probes, time, interval)) = policy.tcp_keepalive {
+                    let mut k = socket2::TcpKeepalive::new();
+                    if let Some(t) = time {
+                        k = k.with_time(t);
+                    }
+                    if let Some(i) = interval {
+                        k = k.with_interval(i);
+                    }
+                    if let Some(p) = probes {
+                        k = k.with_retries(p);
+                    }
+                    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&k);
+                }
+                return Ok(Connected {
+                    stream,
+                    addr,
+                    idle: policy.tcp_idle_timeout,
+                    _held: Some((slot, in_flight)),
+                });
+            }
+            state.report(cluster, addr, Outcome::LocalOriginFailure);
         }
+        Err(if tried.is_empty() {
+            flags::NO_HEALTHY_UPSTREAM
+        } else {
+            flags::UPSTREAM_CONNECT_FAILURE
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -244,8 +328,32 @@ impl Conn {
         start: (SystemTime, Instant),
     ) {
         let inputs = &self.inputs;
-        let upstream_addr = target.upstream.ok();
-        let cluster = target.cluster;
+        let downstream = format!("{peer}");
+        let mut upstream_addr = None;
+        let (cluster, upstream) = match target {
+            TcpTarget::Passthrough(addr) => {
+                upstream_addr = Some(addr);
+                let connected = self
+                    .connect(addr, inputs.connect_timeout)
+                    .await
+                    .map(|stream| Connected {
+                        stream,
+                        addr,
+                        idle: PASSTHROUGH_IDLE,
+                        _held: None,
+                    })
+                    .ok_or(flags::UPSTREAM_CONNECT_FAILURE);
+                ("PassthroughCluster".to_owned(), connected)
+            }
+            TcpTarget::NoCluster => ("BlackHoleCluster".to_owned(), Err(flags::NO_CLUSTER)),
+            TcpTarget::Cluster(c) => {
+                let connected = self
+                    .connect_cluster(&c, orig.is_ipv4(), &mut upstream_addr)
+                    .await;
+                (c.name, connected)
+            }
+        };
+        let upstream_addr = upstream.as_ref().map(|c| c.addr).ok().or(upstream_addr);
         let mut labels = TcpLabels::new(
             snap,
             &self.pod_uid,
@@ -253,15 +361,6 @@ impl Conn {
             upstream_addr.unwrap_or(orig),
             "tcp",
         );
-        let downstream = format!("{peer}");
-
-        let upstream = match target.upstream {
-            Err(flag) => Err(flag),
-            Ok(addr) => self
-                .connect(addr)
-                .await
-                .ok_or(flags::UPSTREAM_CONNECT_FAILURE),
-        };
         let upstream = match upstream {
             Ok(u) => u,
             Err(flag) => {
@@ -286,8 +385,14 @@ impl Conn {
             }
         };
         inputs.metrics.tcp_opened.get_or_create(&labels).inc();
-        let upstream_local = upstream.local_addr().ok();
-        let out = forward(client, upstream).await;
+        let upstream_local = upstream.stream.local_addr().ok();
+        let Connected {
+            stream,
+            idle,
+            _held,
+            ..
+        } = upstream;
+        let out = forward(client, stream, idle).await;
         let m = &inputs.metrics;
         m.tcp_received_bytes
             .get_or_create(&labels)
@@ -299,7 +404,13 @@ impl Conn {
         log_tcp(&TcpEntry {
             start: start.0,
             duration_ms: start.1.elapsed().as_millis(),
-            response_flags: if out.reset { "UR" } else { "" },
+            response_flags: if out.reset {
+                "UR"
+            } else if out.idle_timeout {
+                flags::IDLE_TIMEOUT
+            } else {
+                ""
+            },
             received: out.sent_upstream,
             sent: out.sent_downstream,
             upstream_host: upstream_addr,
@@ -310,7 +421,7 @@ impl Conn {
         });
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Option<TcpStream> {
+    async fn connect(&self, addr: SocketAddr, limit: std::time::Duration) -> Option<TcpStream> {
         let sock = match socket_in(&self.netns, &self.inputs.host, addr) {
             Ok(s) => s,
             Err(e) => {
@@ -318,7 +429,7 @@ impl Conn {
                 return None;
             }
         };
-        match tokio::time::timeout(self.inputs.connect_timeout, sock.connect(addr)).await {
+        match tokio::time::timeout(limit, sock.connect(addr)).await {
             Ok(Ok(s)) => {
                 s.set_nodelay(true).ok();
                 Some(s)

@@ -10,13 +10,15 @@ use crate::{
     config::hosts,
     config::istio::{
         networking::{
-            Headers, HttpDirectResponse, HttpFaultInjection, HttpRedirect, HttpRetry, HttpRewrite,
+            Headers, HttpDirectResponse, HttpFaultInjection, HttpRedirect, HttpRewrite,
             TrafficPolicy,
         },
         types::{Duration, Percent, StringMatch},
     },
     state::Endpoint,
 };
+
+use super::{policy::ClusterPolicy, retry::RetryPolicy};
 
 /// Who may see a resource (`exportTo`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -159,7 +161,10 @@ pub struct HttpRoute {
     pub matches: Vec<RequestMatch>,
     pub action: RouteAction,
     pub timeout: Option<Duration>,
-    pub retries: Option<HttpRetry>,
+    /// As Istio 1.24 and later build it (no `retries`: the default policy, without 503).
+    pub retry: Option<RetryPolicy>,
+    /// As earlier Istio built it (the default policy retries 503).
+    pub retry_before_1_24: Option<RetryPolicy>,
     pub fault: Option<HttpFaultInjection>,
     pub mirrors: Vec<(WeightedCluster, Option<Percent>)>,
     pub rewrite: Option<HttpRewrite>,
@@ -228,6 +233,8 @@ pub struct Cluster {
     pub port: u16,
     pub subset: Option<String>,
     pub endpoints: Vec<Endpoint>,
+    /// The DestinationRule's traffic policy for this cluster, merged and defaulted.
+    pub policy: ClusterPolicy,
 }
 
 /// An endpoint and the labels of the pod behind it (what subsets select on).
@@ -342,7 +349,8 @@ impl Routing {
                             headers: None,
                         }]),
                         timeout: None,
-                        retries: None,
+                        retry: Some(RetryPolicy::istio_default(false)),
+                        retry_before_1_24: Some(RetryPolicy::istio_default(true)),
                         fault: None,
                         mirrors: vec![],
                         rewrite: None,
@@ -398,10 +406,20 @@ impl Routing {
     ) -> Option<Cluster> {
         let svc = self.services.get(host)?;
         let all = svc.endpoints.get(&port)?;
-        let labels = match subset {
-            None => None,
-            Some(s) => Some(&self.destination_rule(namespace, host)?.subsets.get(s)?.0),
+        let dr = self.destination_rule(namespace, host);
+        let (labels, subset_policy) = match subset {
+            None => (None, None),
+            Some(s) => {
+                let (labels, policy) = dr?.subsets.get(s)?;
+                (Some(labels), policy.as_ref())
+            }
         };
+        let policy = ClusterPolicy::resolve(
+            dr.and_then(|d| d.traffic_policy.as_ref()),
+            subset_policy,
+            port,
+            crate::settings::DEFAULT_CONNECT_TIMEOUT,
+        );
         let endpoints = all
             .iter()
             .filter(|(_, pod_labels)| {
@@ -415,6 +433,7 @@ impl Routing {
             port,
             subset: subset.map(str::to_owned),
             endpoints,
+            policy,
         })
     }
 }

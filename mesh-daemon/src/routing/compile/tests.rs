@@ -276,12 +276,10 @@ fn the_tutorial_resilience_and_mirror_virtual_services_compile() {
     let route = &vh.routes[0];
     assert_eq!(clusters(&vh, 0), [(format!("outbound|8080||{HOST}"), 100)]);
     assert_eq!(route.timeout.map(|t| t.0.as_secs()), Some(30));
-    let retries = route.retries.as_ref().expect("retries");
-    assert_eq!(retries.attempts, Some(3));
-    assert_eq!(
-        retries.retry_on.as_deref(),
-        Some("connect-failure,refused-stream,unavailable,cancelled,retriable-4xx")
-    );
+    let retry = route.retry.as_ref().expect("retries");
+    assert_eq!(retry.attempts, 3);
+    assert_eq!(retry.per_try_timeout.map(|t| t.as_secs()), Some(10));
+    assert!(retry.on.connect_failure && retry.on.retriable_4xx && !retry.on.server_error);
 
     let r = routing(&[
         &tutorial("virtualservice-mirror.yaml"),
