@@ -641,6 +641,15 @@ impl Cluster {
         ready?
     }
 
+    /// Stops a pod's server as if it crashed: the pod stays in its Services' endpoints, and
+    /// connections to it are refused.
+    pub fn stop_server(&mut self, pod: PodRef) {
+        if let Some(mut c) = self.pods[pod.0].server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Kills a node's daemon (SIGKILL: no chance to clean up, as in a crash).
     pub fn kill_daemon(&mut self, node: usize) {
         if let Some(mut c) = self.nodes[node - 1].daemon.take() {

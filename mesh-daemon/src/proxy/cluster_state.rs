@@ -237,10 +237,15 @@ impl ClusterState {
         if !trip || e.ejected(now) {
             return false;
         }
-        let total = cluster.endpoints.len().max(1);
-        let ejected = cluster
-            .endpoints
-            .iter()
+        // Among the endpoints of the same address family: a dual-stack pod is one endpoint.
+        let family = || {
+            cluster
+                .endpoints
+                .iter()
+                .filter(|ep| ep.addr.is_ipv4() == addr.is_ipv4())
+        };
+        let total = family().count().max(1);
+        let ejected = family()
             .filter(|ep| stats.get(&ep.addr).is_some_and(|s| s.ejected(now)))
             .count();
         if ejected * 100 >= total * o.max_ejection_percent as usize {

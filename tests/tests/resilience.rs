@@ -1,0 +1,287 @@
+//! End-to-end: resilience with Istio's semantics. Workloads are told to fail, stall or
+//! refuse (a pod whose server is not running refuses connections), and what the client
+//! sees is checked: retries, per-try timeouts, load balancing, outlier ejection and return,
+//! circuit-breaker overflow, and HTTP/2 upgrade.
+use std::{collections::BTreeMap, time::Duration};
+
+use serde_json::Value;
+use sidelane_tests::{Cluster, PodRef, PodSpec, ServicePortSpec};
+
+fn tutorial(f: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/../demo/tutorial/{f}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("tutorial file")
+}
+
+struct Setup {
+    c: Cluster,
+    client: PodRef,
+    url: String,
+}
+
+/// api-server pods on node 2 (name, version, whether its server keeps running: one that
+/// does not is still an endpoint, and refuses connections, as a crashed server would), a
+/// client on node 1, and `config` (DestinationRule, VirtualService) applied before the
+/// daemons start.
+fn setup(pods: &[(&str, &str, bool)], config: &str) -> Setup {
+    let mut c = Cluster::new(2).expect("cluster");
+    c.namespace("production", &[("istio-injection", "enabled")])
+        .expect("ns");
+    let mut crashed = Vec::new();
+    for (name, version, serving) in pods {
+        let spec = PodSpec::new("production", name, 2)
+            .label("app", "api-server")
+            .label("version", version)
+            .serving();
+        let pod = c.add_pod(spec).expect("pod");
+        if !serving {
+            crashed.push(pod);
+        }
+    }
+    for pod in crashed {
+        c.stop_server(pod);
+    }
+    let client = c
+        .add_pod(PodSpec::new("production", "sleep", 1).label("app", "sleep"))
+        .expect("client");
+    let svc = c
+        .add_service(
+            "production",
+            "api-server",
+            &[("app", "api-server")],
+            &[ServicePortSpec::new("http", 8080, 8080)],
+        )
+        .expect("service");
+    if !config.is_empty() {
+        c.write_file("config.yaml", config).expect("config");
+    }
+    c.start().expect("daemons");
+    c.wait_enrolled(client, true).expect("enrolled");
+    let url = format!("http://{}:8080", c.service(svc).vip4);
+    Setup { c, client, url }
+}
+
+impl Setup {
+    fn get(&self, path: &str, args: &[&str]) -> Vec<Value> {
+        self.c
+            .http(self.client, &format!("{}{path}", self.url), args)
+            .expect("http")
+    }
+
+    /// Replaces the applied configuration and waits until the daemon on node 1 has it.
+    fn reconfigure(&self, config: &str) {
+        let before = self.c.admin_json(1, "/config_dump").expect("dump")["generation"].clone();
+        self.c.write_file("config.yaml", config).expect("config");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.c.admin_json(1, "/config_dump").expect("dump")["generation"] == before {
+            assert!(std::time::Instant::now() < deadline, "config not reloaded");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Pod name (or status, or error) of each response, counted.
+fn by_pod(responses: &[Value]) -> BTreeMap<String, usize> {
+    let mut t = BTreeMap::new();
+    for r in responses {
+        let key = match (r["status"].as_u64(), r["pod"].as_str()) {
+            (Some(200), Some(p)) => p.to_owned(),
+            (Some(s), _) => s.to_string(),
+            _ => format!("error {}", r["error"]),
+        };
+        *t.entry(key).or_default() += 1;
+    }
+    t
+}
+
+const DR_PLAIN: &str = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api-server, namespace: production}
+spec:
+  host: api-server
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+";
+
+#[test]
+fn the_tutorial_retry_policy_recovers_refused_connections_and_leaves_503_alone() {
+    let pods = [
+        ("api-v1", "v1", true),
+        ("api-v2", "v2", true),
+        ("api-dead", "v1", false),
+    ];
+    let resilience = tutorial("virtualservice-resilience.yaml");
+    let s = setup(&pods, &format!("{DR_PLAIN}---\n{resilience}"));
+    // One endpoint in three refuses connections: connect-failure is retried elsewhere.
+    let t = by_pod(&s.get("/", &["--count", "60"]));
+    assert_eq!(
+        t.get("api-v1").copied().unwrap_or(0) + t.get("api-v2").copied().unwrap_or(0),
+        60,
+        "{t:?}"
+    );
+    // Without retries the refusals reach the client as 503 (UF).
+    let no_retries = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api-server, namespace: production}
+spec:
+  hosts: [api-server]
+  http:
+  - route: [{destination: {host: api-server}}]
+    retries: {attempts: 0}
+";
+    s.reconfigure(&format!("{DR_PLAIN}---\n{no_retries}"));
+    let t = by_pod(&s.get("/", &["--count", "30"]));
+    assert_eq!(t.get("503").copied(), Some(10), "{t:?}");
+    let log = s.c.daemon_log_with(1, &["503 UF"]);
+    assert!(log.contains("\"GET / HTTP/1.1\" 503 UF"), "{log}");
+
+    // v1 answers 503: the tutorial's conditions do not include it, so it reaches the client.
+    s.c.behave(s.client, "api-v1", "status=503")
+        .expect("v1 fails");
+    s.reconfigure(&format!("{DR_PLAIN}---\n{resilience}"));
+    let t = by_pod(&s.get("/", &["--count", "30"]));
+    assert!(t.get("503").copied().unwrap_or(0) >= 5, "{t:?}");
+    // retryOn 5xx turns each of them into a success from another endpoint.
+    let on_5xx = resilience.replace(
+        "retryOn: connect-failure,refused-stream,unavailable,cancelled,retriable-4xx",
+        "retryOn: 5xx",
+    );
+    assert!(on_5xx.contains("retryOn: 5xx"), "{on_5xx}");
+    s.reconfigure(&format!("{DR_PLAIN}---\n{on_5xx}"));
+    let t = by_pod(&s.get("/", &["--count", "30"]));
+    assert_eq!(t, BTreeMap::from([("api-v2".to_owned(), 30)]));
+}
+
+#[test]
+fn a_stalled_endpoint_costs_one_per_try_timeout_then_another_answers() {
+    let vs = "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api-server, namespace: production}
+spec:
+  hosts: [api-server]
+  http:
+  - route: [{destination: {host: api-server}}]
+    timeout: 3s
+    retries: {attempts: 2, perTryTimeout: 300ms, retryOn: 5xx}
+";
+    let s = setup(
+        &[("api-v1", "v1", true), ("api-v2", "v2", true)],
+        &format!("{DR_PLAIN}---\n{vs}"),
+    );
+    s.c.behave(s.client, "api-v1", "delay_ms=5000")
+        .expect("v1 stalls");
+    for r in s.get("/", &["--count", "6"]) {
+        assert_eq!(r["pod"], "api-v2", "{r}");
+        let ms = r["ms"].as_u64().unwrap_or(u64::MAX);
+        // Either v2 at once, or v1's per-try timeout (300 ms) and then v2.
+        assert!(ms < 1500, "took {ms} ms: {r}");
+    }
+}
+
+#[test]
+fn round_robin_spreads_evenly_and_a_hash_key_sticks_to_one_endpoint() {
+    let pods = [
+        ("api-a", "v1", true),
+        ("api-b", "v1", true),
+        ("api-c", "v1", true),
+    ];
+    let s = setup(&pods, DR_PLAIN);
+    let t = by_pod(&s.get("/", &["--count", "300"]));
+    for p in ["api-a", "api-b", "api-c"] {
+        let n = t.get(p).copied().unwrap_or(0);
+        assert!((95..=105).contains(&n), "{p} got {n} of 300: {t:?}");
+    }
+    let hashed = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api-server, namespace: production}
+spec:
+  host: api-server
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpHeaderName: x-user}}
+";
+    s.reconfigure(hashed);
+    let mut homes = std::collections::BTreeSet::new();
+    for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+        let t = by_pod(&s.get(
+            "/",
+            &["--count", "15", "--header", &format!("x-user: {user}")],
+        ));
+        assert_eq!(t.len(), 1, "{user} moved between endpoints: {t:?}");
+        homes.extend(t.into_keys());
+    }
+    assert!(homes.len() >= 2, "six users all hashed to {homes:?}");
+}
+
+#[test]
+fn five_consecutive_5xx_eject_an_endpoint_within_max_ejection_percent_until_its_time_is_up() {
+    let dr = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api-server, namespace: production}
+spec:
+  host: api-server
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    outlierDetection:
+      consecutive5xxErrors: 5
+      interval: 1s
+      baseEjectionTime: 3s
+      maxEjectionPercent: 50
+";
+    let s = setup(&[("api-v1", "v1", true), ("api-v2", "v2", true)], dr);
+    s.c.behave(s.client, "api-v1", "status=500")
+        .expect("v1 fails");
+    // Round robin alternates: v1's fifth 500 ejects it, then v2 takes everything.
+    let t = by_pod(&s.get("/", &["--count", "30"]));
+    assert_eq!(t.get("500").copied(), Some(5), "{t:?}");
+    assert_eq!(t.get("api-v2").copied(), Some(25), "{t:?}");
+    // v2 failing too cannot be ejected: that would be more than 50% of the endpoints.
+    s.c.behave(s.client, "api-v2", "status=500")
+        .expect("v2 fails");
+    let t = by_pod(&s.get("/", &["--count", "10"]));
+    assert_eq!(t, BTreeMap::from([("500".to_owned(), 10)]));
+    // Healthy again, and after the ejection time v1 is back in the rotation.
+    s.c.behave(s.client, "api-v1", "").expect("v1 healthy");
+    s.c.behave(s.client, "api-v2", "").expect("v2 healthy");
+    std::thread::sleep(Duration::from_millis(3200));
+    let t = by_pod(&s.get("/", &["--count", "10"]));
+    assert_eq!(
+        t,
+        BTreeMap::from([("api-v1".to_owned(), 5), ("api-v2".to_owned(), 5)])
+    );
+}
+
+#[test]
+fn requests_over_the_pool_limit_are_answered_503_uo() {
+    let dr = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api-server, namespace: production}
+spec:
+  host: api-server
+  trafficPolicy:
+    connectionPool: {http: {http2MaxRequests: 1}}
+";
+    let s = setup(&[("api-v1", "v1", true)], dr);
+    let url = format!("{}/delay/1", s.url);
+    // One slow request holds the only slot while a second client asks.
+    let mut slow =
+        s.c.spawn_exec(s.client, &["http", "--url", &url])
+            .expect("slow client");
+    std::thread::sleep(Duration::from_millis(300));
+    let r = s.get("/", &[]);
+    assert_eq!(r[0]["status"], 503, "{r:?}");
+    assert_eq!(slow.next_json().expect("slow answer")["status"], 200);
+    let log = s.c.daemon_log_with(1, &["\"GET / HTTP/1.1\" 503 UO"]);
+    assert!(log.contains("\"GET / HTTP/1.1\" 503 UO"), "{log}");
+    // Once the slot is free, requests go through again.
+    assert_eq!(s.get("/", &[])[0]["status"], 200);
+}
+
+#[test]
+fn the_tutorial_destination_rule_upgrades_http1_to_http2_upstream() {
+    let s = setup(&[("api-v1", "v1", true)], &tutorial("destinationrule.yaml"));
+    let r = s.get("/", &[]);
+    assert_eq!(r[0]["proto"], "HTTP/1.1", "{r:?}");
+    assert_eq!(r[0]["body"]["proto"], "HTTP/2.0", "{r:?}");
+}
