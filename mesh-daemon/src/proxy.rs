@@ -1,12 +1,12 @@
 //! The data path in user space: per-pod outbound listeners and TCP forwarding.
 pub mod access_log;
-pub mod balance;
 pub mod cluster_state;
 pub mod cors;
 pub mod detect;
 pub mod forward;
 pub mod http;
 pub mod outbound;
+pub mod pool;
 pub mod protocol;
 pub mod replay;
 pub mod sockets;

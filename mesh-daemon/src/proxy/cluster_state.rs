@@ -73,6 +73,8 @@ pub struct ClusterState {
     pub retries: Arc<AtomicU32>,
     /// Upstream TCP connections open (the `maxConnections` breaker).
     pub connections: Arc<AtomicU32>,
+    /// Requests waiting for a connection (the `http1MaxPendingRequests` breaker).
+    pub pending: Arc<AtomicU32>,
 }
 
 /// A counter slot taken against a limit; given back when dropped.

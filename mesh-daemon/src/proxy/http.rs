@@ -2,9 +2,7 @@
 //! weighted destination, subset cluster, endpoint) and forwarded over a per-pod connection
 //! pool whose sockets live in the pod's network namespace.
 use std::{
-    collections::HashMap,
     convert::Infallible,
-    future::Future,
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
@@ -16,20 +14,16 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper_util::{
-    client::legacy::Client,
-    rt::{TokioExecutor, TokioIo},
-};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use super::{
     ProxyInputs, access_log,
-    balance::pick_endpoint,
-    cluster_state::{self, Choice, ClusterState, Outcome, PodClusters, take_slot},
+    cluster_state::{self, Choice, ClusterState, InFlight, Outcome, PodClusters, Slot, take_slot},
     cors::Decision,
+    pool::{Lease, PodPool, PoolError, Want},
     protocol::Protocol,
     replay::Replayable,
-    sockets::socket_in,
 };
 use crate::{
     config::istio::{networking::HeaderOperations, validate::GRPC_STATUS},
@@ -66,101 +60,20 @@ mod flags {
     pub const DELAY_INJECTED: &str = "DI";
 }
 
-/// Opens upstream connections from inside the pod's network namespace.
-#[derive(Clone)]
-pub struct PodConnector {
-    netns: Arc<Netns>,
-    inputs: Arc<ProxyInputs>,
-    connect_timeouts: Arc<ConnectTimeouts>,
-}
-
-impl tower_service::Service<Uri> for PodConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let addr: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or_else(|| std::io::Error::other(format!("not an endpoint address: {uri}")))?;
-            let sock =
-                socket_in(&this.netns, &this.inputs.host, addr).map_err(std::io::Error::other)?;
-            let limit = this
-                .connect_timeouts
-                .get(addr)
-                .unwrap_or(this.inputs.connect_timeout);
-            let stream = tokio::time::timeout(limit, sock.connect(addr))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
-                })??;
-            stream.set_nodelay(true).ok();
-            Ok(TokioIo::new(stream))
-        })
-    }
-}
-
-/// One pod's HTTP side: its upstream pools (HTTP/1.1 and HTTP/2).
+/// One pod's HTTP side: its upstream connection pool and what its proxy remembers about
+/// each cluster (balancing, outlier detection, circuit breakers; the TCP path shares it).
 pub struct PodHttp {
     inputs: Arc<ProxyInputs>,
-    h1: Client<PodConnector, Body>,
-    h2: Client<PodConnector, Body>,
-    /// What this pod's proxy remembers about each cluster (balancing, outlier detection,
-    /// circuit breakers); the TCP path shares it.
+    pool: Arc<PodPool>,
     pub clusters: PodClusters,
-    connect_timeouts: Arc<ConnectTimeouts>,
-}
-
-/// The connect timeout of the cluster an endpoint was last chosen from: the pooled client
-/// connects by address only, so the cluster's `connectTimeout` reaches it this way.
-#[derive(Default)]
-struct ConnectTimeouts(std::sync::Mutex<HashMap<SocketAddr, Duration>>);
-
-impl ConnectTimeouts {
-    fn set(&self, ep: SocketAddr, t: Duration) {
-        let mut m = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if m.get(&ep) != Some(&t) {
-            m.insert(ep, t);
-        }
-    }
-
-    fn get(&self, ep: SocketAddr) -> Option<Duration> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&ep)
-            .copied()
-    }
 }
 
 impl PodHttp {
     pub fn new(netns: Arc<Netns>, inputs: Arc<ProxyInputs>) -> Self {
-        let connect_timeouts = Arc::new(ConnectTimeouts::default());
-        let connector = PodConnector {
-            netns,
-            inputs: inputs.clone(),
-            connect_timeouts: connect_timeouts.clone(),
-        };
-        let h1 = Client::builder(TokioExecutor::new()).build(connector.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .build(connector);
         Self {
+            pool: PodPool::new(netns, inputs.clone()),
             inputs,
-            h1,
-            h2,
             clusters: PodClusters::default(),
-            connect_timeouts,
         }
     }
 }
@@ -396,13 +309,10 @@ impl Upstream<'_> {
         log.cluster = cluster.name.clone();
         let state = self.conn.pod.clusters.get(&cluster.name);
         // The http2MaxRequests breaker: Envoy answers overflow at once, flagged UO.
-        let Some(_in_flight) = take_slot(&state.requests, cluster.policy.limits.max_requests)
+        let Some(request_slot) = take_slot(&state.requests, cluster.policy.limits.max_requests)
         else {
             log.response_flags = flags::OVERFLOW;
-            return local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream connect error or disconnect/reset before headers. reset reason: overflow",
-            );
+            return local(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW_BODY);
         };
 
         let (path, authority) = self.rewritten();
@@ -424,7 +334,7 @@ impl Upstream<'_> {
             hash,
             path: &path,
         };
-        let sent = attempts.run(req, log);
+        let sent = attempts.run(req, request_slot, log);
         let result = match self.route.timeout {
             Some(t) => match tokio::time::timeout(t.0, sent).await {
                 Ok(r) => r,
@@ -444,14 +354,10 @@ impl Upstream<'_> {
         resp
     }
 
-    /// The client for this cluster: HTTP/2 for http2/grpc ports, and for HTTP/1.1 ports
+    /// Whether this cluster is spoken to in HTTP/2: http2/grpc ports, and HTTP/1.1 ports
     /// whose DestinationRule says `h2UpgradePolicy: UPGRADE`.
-    fn client(&self, h2_upgrade: bool) -> &Client<PodConnector, Body> {
-        match self.conn.protocol {
-            Protocol::Http2 => &self.conn.pod.h2,
-            _ if h2_upgrade => &self.conn.pod.h2,
-            _ => &self.conn.pod.h1,
-        }
+    fn uses_h2(&self, h2_upgrade: bool) -> bool {
+        self.conn.protocol == Protocol::Http2 || h2_upgrade
     }
 
     /// The route's retry policy, as the mesh's Istio version builds it.
@@ -512,24 +418,42 @@ impl Upstream<'_> {
             else {
                 continue;
             };
-            let Some(ep) = pick_endpoint(&cluster, self.conn.original_dst.is_ipv4()) else {
-                continue;
+            let state = self.conn.pod.clusters.get(&cluster.name);
+            let choice = Choice {
+                v4: self.conn.original_dst.is_ipv4(),
+                hash: None,
+                tried: &[],
             };
-            let Ok(uri) = format!("http://{ep}{path}").parse::<Uri>() else {
+            let Some((ep, in_flight)) = state.choose(&cluster, &choice) else {
                 continue;
             };
             let mut copy = Request::new(Full::new(bytes.clone()).map_err(|e| match e {}).boxed());
             *copy.method_mut() = parts.method.clone();
-            *copy.uri_mut() = uri;
             *copy.headers_mut() = parts.headers.clone();
             if let Ok(v) = HeaderValue::from_str(&shadow_host) {
                 copy.headers_mut().insert(header::HOST, v);
             }
-            let client = self.client(false).clone();
+            let pool = self.conn.pod.pool.clone();
+            let h2 = self.uses_h2(cluster.policy.h2_upgrade);
+            let path = path.to_owned();
             // The copy's response is discarded and its failure or slowness never reaches the
             // client; the time limit only keeps stuck mirrors from piling up.
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(MIRROR_TIMEOUT, client.request(copy)).await;
+                let _in_flight = in_flight;
+                let send = async {
+                    let want = Want {
+                        cluster: &cluster.name,
+                        endpoint: ep,
+                        h2,
+                        policy: &cluster.policy,
+                        state: &state,
+                    };
+                    let mut lease = pool.lease(&want).await.ok()?;
+                    set_target(&mut copy, &lease, &path);
+                    let resp = lease.send(copy).await.ok()?;
+                    resp.into_body().collect().await.ok()
+                };
+                let _ = tokio::time::timeout(MIRROR_TIMEOUT, send).await;
             });
         }
         Request::from_parts(parts, Full::new(bytes).map_err(|e| match e {}).boxed())
@@ -564,12 +488,17 @@ struct Attempts<'a> {
 }
 
 impl Attempts<'_> {
-    async fn run(&self, req: Request<Body>, log: &mut access_log::HttpEntry) -> Response<Body> {
+    async fn run(
+        &self,
+        req: Request<Body>,
+        request_slot: Slot,
+        log: &mut access_log::HttpEntry,
+    ) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let body = Replayable::new(body);
         let policy = self.up.retry_policy();
-        let client = self.up.client(self.cluster.policy.h2_upgrade);
-        let pod = &self.up.conn.pod;
+        let h2 = self.up.uses_h2(self.cluster.policy.h2_upgrade);
+        let pool = &self.up.conn.pod.pool;
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retries = 0u32;
         loop {
@@ -578,7 +507,7 @@ impl Attempts<'_> {
                 hash: self.hash,
                 tried: &tried,
             };
-            let Some((ep, _in_flight)) = self.state.choose(self.cluster, &choice) else {
+            let Some((ep, in_flight)) = self.state.choose(self.cluster, &choice) else {
                 log.response_flags = flags::NO_HEALTHY_UPSTREAM;
                 return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
             };
@@ -588,46 +517,54 @@ impl Attempts<'_> {
                 log.response_flags = flags::UPSTREAM_RESET;
                 return local(StatusCode::SERVICE_UNAVAILABLE, RESET_BODY);
             };
-            let Ok(uri) = format!("http://{ep}{}", self.path).parse::<Uri>() else {
-                return local(StatusCode::BAD_REQUEST, "bad request path");
+            let want = Want {
+                cluster: &self.cluster.name,
+                endpoint: ep,
+                h2,
+                policy: &self.cluster.policy,
+                state: self.state,
             };
-            let mut req = Request::from_parts(parts.clone(), attempt_body);
-            *req.uri_mut() = uri;
-            *req.version_mut() = http::Version::HTTP_11;
-            pod.connect_timeouts
-                .set(ep, self.cluster.policy.connect_timeout);
-            let sent = client.request(req);
+            let attempt = async {
+                let mut lease = match pool.lease(&want).await {
+                    Ok(l) => l,
+                    Err(PoolError::Overflow) => return Err(Failure::Overflow),
+                    Err(e) => {
+                        tracing::debug!(%ep, error = %e, "upstream connect failed");
+                        return Err(Failure::ConnectFailure);
+                    }
+                };
+                let mut req = Request::from_parts(parts.clone(), attempt_body);
+                set_target(&mut req, &lease, self.path);
+                match lease.send(req).await {
+                    Ok(resp) => Ok((resp, lease)),
+                    Err(e) => {
+                        tracing::debug!(%ep, error = %e, "upstream request failed");
+                        lease.discard();
+                        Err(classify(&e))
+                    }
+                }
+            };
             let per_try = policy.and_then(|p| p.per_try_timeout);
             let result = match per_try {
-                Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
-                None => Ok(sent.await),
+                Some(t) => tokio::time::timeout(t, attempt)
+                    .await
+                    .unwrap_or(Err(Failure::PerTryTimeout)),
+                None => attempt.await,
             };
-            let (failure, outcome, response) = match result {
-                Err(()) => (
-                    Failure::PerTryTimeout,
-                    Outcome::LocalOriginFailure,
-                    Err(flags::UPSTREAM_TIMEOUT),
-                ),
-                Ok(Err(e)) => {
-                    tracing::debug!(%ep, error = %e, "upstream request failed");
-                    let f = classify(&e);
-                    let flag = match f {
-                        Failure::ConnectFailure => flags::UPSTREAM_CONNECT_FAILURE,
-                        _ => flags::UPSTREAM_RESET,
-                    };
-                    (f, Outcome::LocalOriginFailure, Err(flag))
+            let (failure, outcome) = match &result {
+                // Overflow is the proxy's own limit: nothing to hold against the endpoint.
+                Err(Failure::Overflow) => {
+                    log.response_flags = flags::OVERFLOW;
+                    return local(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW_BODY);
                 }
-                Ok(Ok(resp)) => {
+                Err(f) => (*f, Outcome::LocalOriginFailure),
+                Ok((resp, _)) => {
                     let status = resp.status().as_u16();
                     let grpc = resp
                         .headers()
                         .get("grpc-status")
                         .and_then(|v| v.to_str().ok()?.parse::<u8>().ok());
-                    (
-                        Failure::Response { status, grpc },
-                        Outcome::Status(status),
-                        Ok(resp),
-                    )
+                    (Failure::Response { status, grpc }, Outcome::Status(status))
                 }
             };
             self.state.report(self.cluster, ep, outcome);
@@ -642,46 +579,128 @@ impl Attempts<'_> {
                     retries += 1;
                     let pause =
                         policy.map_or(Duration::ZERO, |p| p.backoff(retries, fastrand::f64()));
-                    drop(response);
+                    drop(result);
                     tokio::time::sleep(pause).await;
                     continue;
                 }
             }
             let exhausted = wants_retry && retries > 0;
-            return match response {
-                Ok(resp) => {
+            return match result {
+                Ok((resp, lease)) => {
                     if exhausted {
                         log.response_flags = flags::RETRY_LIMIT;
                     }
-                    resp.map(|b| b.map_err(Into::into).boxed())
+                    // The connection, the endpoint's in-flight count and the cluster's
+                    // request slot stay taken until the response body has been read.
+                    let held = Held {
+                        _lease: lease,
+                        _in_flight: in_flight,
+                        _slot: request_slot,
+                    };
+                    resp.map(|b| {
+                        HeldBody {
+                            inner: b,
+                            held: Some(held),
+                        }
+                        .boxed()
+                    })
                 }
-                Err(flag) => {
+                Err(f) => {
+                    let (flag, status, text) = match f {
+                        Failure::PerTryTimeout => (
+                            flags::UPSTREAM_TIMEOUT,
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream request timeout",
+                        ),
+                        Failure::ConnectFailure => (
+                            flags::UPSTREAM_CONNECT_FAILURE,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            CONNECT_FAILURE_BODY,
+                        ),
+                        _ => (
+                            flags::UPSTREAM_RESET,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            RESET_BODY,
+                        ),
+                    };
                     log.response_flags = flag;
-                    match flag {
-                        flags::UPSTREAM_TIMEOUT => {
-                            local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
-                        }
-                        flags::UPSTREAM_CONNECT_FAILURE => {
-                            local(StatusCode::SERVICE_UNAVAILABLE, CONNECT_FAILURE_BODY)
-                        }
-                        _ => local(StatusCode::SERVICE_UNAVAILABLE, RESET_BODY),
-                    }
+                    local(status, text)
                 }
             };
         }
     }
 }
 
+/// What a response keeps taken until its body is done.
+struct Held {
+    _lease: Lease,
+    _in_flight: InFlight,
+    _slot: Slot,
+}
+
+/// An upstream response body that gives its connection and counters back at its end.
+struct HeldBody {
+    inner: Incoming,
+    held: Option<Held>,
+}
+
+impl hyper::body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) {
+            self.held = None;
+        }
+        polled.map_err(Into::into)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Points a request at its connection: HTTP/2 carries the authority in the URI
+/// (`:authority`), HTTP/1.1 sends the path and the Host header.
+fn set_target<B>(req: &mut Request<B>, lease: &Lease, path: &str) {
+    let authority = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned);
+    let uri = match (lease.is_h2(), authority) {
+        (true, Some(a)) => format!("http://{a}{path}"),
+        _ => path.to_owned(),
+    };
+    if let Ok(uri) = uri.parse::<Uri>() {
+        *req.uri_mut() = uri;
+    }
+    if lease.is_h2() {
+        *req.version_mut() = http::Version::HTTP_2;
+        // HTTP/2 carries the authority as a pseudo-header, not as Host.
+        req.headers_mut().remove(header::HOST);
+    } else {
+        *req.version_mut() = http::Version::HTTP_11;
+    }
+}
+
+const OVERFLOW_BODY: &str =
+    "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 const CONNECT_FAILURE_BODY: &str =
     "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
 const RESET_BODY: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
 
-/// What kind of failure a client error is: a connect failure, an HTTP/2 stream the upstream
-/// refused, or any other reset or disconnect before the response.
-fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
-    if e.is_connect() {
-        return Failure::ConnectFailure;
-    }
+/// What kind of failure a request error is: an HTTP/2 stream the upstream refused, or any
+/// other reset or disconnect before the response.
+fn classify(e: &hyper::Error) -> Failure {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(h2) = s.downcast_ref::<h2::Error>()

@@ -45,6 +45,8 @@ pub enum Failure {
         status: u16,
         grpc: Option<u8>,
     },
+    /// The proxy's own connection-pool limit: never retried.
+    Overflow,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -106,6 +108,7 @@ impl RetryPolicy {
             Failure::ConnectFailure => no_response || on.connect_failure,
             Failure::RefusedStream => no_response || on.refused_stream,
             Failure::Reset | Failure::PerTryTimeout => no_response,
+            Failure::Overflow => false,
             Failure::Response { status, grpc } => {
                 (on.server_error && (500..600).contains(&status))
                     || (on.gateway_error && matches!(status, 502..=504))

@@ -244,12 +244,14 @@ async fn respond(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::io::Error> {
     let path = req.uri().path().to_owned();
+    // HTTP/2 carries the host as :authority, which apps see as their request's host.
     let host = req
         .headers()
         .get("host")
         .and_then(|h| h.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
     if path == "/__stats" {
         let (n, last_host, last_path) = id.seen.lock().map(|s| s.clone()).unwrap_or_default();
         let body = json!({"requests": n, "last_host": last_host, "last_path": last_path});
@@ -263,7 +265,7 @@ async fn respond(
         return Ok(Response::new(Full::new(Bytes::from_static(b"{}"))));
     }
     if let Ok(mut s) = id.seen.lock() {
-        *s = (s.0 + 1, host, path.clone());
+        *s = (s.0 + 1, host.clone(), path.clone());
     }
     let behaviour = id.behaviour.lock().map(|b| *b).unwrap_or_default();
     if !behaviour.delay.is_zero() {
@@ -284,11 +286,14 @@ async fn respond(
         let _ = socket2::SockRef::from(&*handle).set_linger(Some(Duration::ZERO));
         return Err(std::io::Error::other("reset requested"));
     }
-    let headers: serde_json::Map<String, serde_json::Value> = req
+    let mut headers: serde_json::Map<String, serde_json::Value> = req
         .headers()
         .iter()
         .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or(""))))
         .collect();
+    if !host.is_empty() {
+        headers.entry("host").or_insert_with(|| json!(host));
+    }
     let body = json!({
         "pod": id.pod,
         "namespace": id.namespace,

@@ -1,0 +1,405 @@
+//! One pod's upstream HTTP connections, per cluster and endpoint, with Envoy's connection
+//! pool limits from the DestinationRule: `tcp.maxConnections` across the cluster (a
+//! request that finds none free waits, up to `http.http1MaxPendingRequests` waiting, beyond
+//! which it is answered 503 UO), `http.maxRequestsPerConnection`, `http.idleTimeout`, and
+//! HTTP/2 multiplexing (one connection per endpoint) for http2/grpc ports and
+//! `h2UpgradePolicy: UPGRADE`.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::Notify;
+
+use super::{
+    ProxyInputs,
+    cluster_state::{ClusterState, Slot, take_slot},
+    http::Body,
+    sockets::socket_in,
+};
+use crate::{netns::Netns, routing::policy::ClusterPolicy};
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("connection pool overflow")]
+    Overflow,
+    #[error("connect failed: {0}")]
+    Connect(std::io::Error),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("HTTP handshake failed: {0}")]
+    Handshake(hyper::Error),
+}
+
+impl PoolError {
+    /// A failure to reach the endpoint at all (Envoy's connect-failure).
+    pub fn is_connect_failure(&self) -> bool {
+        !matches!(self, PoolError::Overflow)
+    }
+}
+
+/// A connection lent to one request; HTTP/1.1 connections go back to the idle list when
+/// dropped, if they are still good and have requests left.
+pub struct Lease {
+    /// Always `Some` until dropped.
+    sender: Option<Sender>,
+    key: Key,
+    uses: u32,
+    /// Which HTTP/2 connection of the endpoint this is (a replaced one is not touched).
+    generation: u64,
+    idle_timeout: Duration,
+    pool: Arc<PodPool>,
+    keep: bool,
+}
+
+enum Sender {
+    H1(http1::SendRequest<Body>),
+    H2(http2::SendRequest<Body>),
+}
+
+impl Sender {
+    async fn send(
+        &mut self,
+        req: http::Request<Body>,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
+        match self {
+            Sender::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+            Sender::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+}
+
+impl Lease {
+    /// HTTP/2 sends with the absolute URI (it carries `:authority`); HTTP/1.1 with the path.
+    pub fn is_h2(&self) -> bool {
+        matches!(self.sender, Some(Sender::H2(_)))
+    }
+
+    pub async fn send(
+        &mut self,
+        req: http::Request<Body>,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
+        match self.sender.as_mut() {
+            Some(s) => s.send(req).await,
+            // Unreachable: the sender is only taken in drop.
+            None => s_missing(),
+        }
+    }
+
+    /// The request failed on this connection: do not lend it again.
+    pub fn discard(&mut self) {
+        self.keep = false;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        match self.sender.take() {
+            Some(Sender::H1(s)) if self.keep && !s.is_closed() => {
+                let idle = Idle {
+                    sender: Sender::H1(s),
+                    uses: self.uses,
+                    active: 0,
+                    generation: 0,
+                    since: Instant::now(),
+                };
+                self.pool
+                    .lock()
+                    .idle
+                    .entry(self.key.clone())
+                    .or_default()
+                    .push(idle);
+                self.pool.sweep_later(self.key.clone(), self.idle_timeout);
+            }
+            Some(Sender::H2(_)) => {
+                let mut c = self.pool.lock();
+                if let Some(shared) = c.h2.get_mut(&self.key)
+                    && shared.generation == self.generation
+                {
+                    shared.active = shared.active.saturating_sub(1);
+                    if !self.keep {
+                        c.h2.remove(&self.key);
+                    } else if shared.active == 0 {
+                        shared.since = Instant::now();
+                        drop(c);
+                        self.pool.sweep_later(self.key.clone(), self.idle_timeout);
+                    }
+                }
+            }
+            _ => {}
+        }
+        self.pool.returned.notify_waiters();
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    cluster: String,
+    endpoint: SocketAddr,
+    h2: bool,
+}
+
+struct Idle {
+    sender: Sender,
+    uses: u32,
+    /// HTTP/2: requests in flight on the connection.
+    active: u32,
+    generation: u64,
+    /// Idle since (HTTP/2: since its last request ended).
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Conns {
+    /// HTTP/1.1 connections not in use.
+    idle: HashMap<Key, Vec<Idle>>,
+    /// The HTTP/2 connection of each endpoint, shared by its requests.
+    h2: HashMap<Key, Idle>,
+    generation: u64,
+    /// Keys with a sweep already scheduled: one timer per key, not one per request.
+    sweeping: std::collections::HashSet<Key>,
+}
+
+fn s_missing() -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
+    unreachable!("a lease keeps its sender until it is dropped")
+}
+
+/// What a request needs the pool to know.
+pub struct Want<'a> {
+    pub cluster: &'a str,
+    pub endpoint: SocketAddr,
+    pub h2: bool,
+    pub policy: &'a ClusterPolicy,
+    pub state: &'a ClusterState,
+}
+
+pub struct PodPool {
+    netns: Arc<Netns>,
+    inputs: Arc<ProxyInputs>,
+    conns: Mutex<Conns>,
+    /// Signalled whenever a connection is returned or closes: pending requests look again.
+    returned: Notify,
+}
+
+impl PodPool {
+    pub fn new(netns: Arc<Netns>, inputs: Arc<ProxyInputs>) -> Arc<Self> {
+        Arc::new(Self {
+            netns,
+            inputs,
+            conns: Mutex::new(Conns::default()),
+            returned: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Conns> {
+        self.conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Envoy closes upstream connections idle for the cluster's idle timeout: one timer per
+    /// key drops whatever has been idle that long (its connection then closes and gives its
+    /// slot back), and comes back for what is left.
+    fn sweep_later(self: &Arc<Self>, key: Key, timeout: Duration) {
+        if !self.lock().sweeping.insert(key.clone()) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut wait = timeout;
+            loop {
+                tokio::time::sleep(wait).await;
+                let mut c = this.lock();
+                let mut oldest: Option<Instant> = None;
+                if let Some(list) = c.idle.get_mut(&key) {
+                    list.retain(|i| i.since.elapsed() < timeout && !i.sender.is_closed());
+                    oldest = list.iter().map(|i| i.since).min();
+                }
+                match c.h2.get(&key) {
+                    Some(s) if s.active == 0 && s.since.elapsed() >= timeout => {
+                        c.h2.remove(&key);
+                    }
+                    Some(s) if s.active == 0 => {
+                        oldest = Some(oldest.map_or(s.since, |o| o.min(s.since)));
+                    }
+                    _ => {}
+                }
+                match oldest {
+                    Some(since) => wait = timeout.saturating_sub(since.elapsed()),
+                    None => {
+                        c.sweeping.remove(&key);
+                        drop(c);
+                        this.returned.notify_waiters();
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// A connection to `w.endpoint`: an idle or shared one, else a new one within the
+    /// cluster's `maxConnections`, else a wait as one of at most `http1MaxPendingRequests`.
+    pub async fn lease(self: &Arc<Self>, w: &Want<'_>) -> Result<Lease, PoolError> {
+        let key = Key {
+            cluster: w.cluster.to_owned(),
+            endpoint: w.endpoint,
+            h2: w.h2,
+        };
+        let limits = &w.policy.limits;
+        let mut pending: Option<Slot> = None;
+        loop {
+            // Registered before looking, so a return between the look and the wait is seen.
+            let returned = self.returned.notified();
+            if let Some(l) = self.reuse(&key, w.policy) {
+                return Ok(l);
+            }
+            if let Some(slot) = take_slot(&w.state.connections, limits.max_connections) {
+                return self.connect(key, w, slot).await;
+            }
+            if pending.is_none() {
+                pending = Some(
+                    take_slot(&w.state.pending, limits.max_pending_requests)
+                        .ok_or(PoolError::Overflow)?,
+                );
+            }
+            returned.await;
+        }
+    }
+
+    fn reuse(self: &Arc<Self>, key: &Key, policy: &ClusterPolicy) -> Option<Lease> {
+        let per_conn = policy
+            .limits
+            .max_requests_per_connection
+            .unwrap_or(u32::MAX);
+        let mut c = self.lock();
+        if key.h2 {
+            let shared = c.h2.get_mut(key)?;
+            if shared.sender.is_closed() || shared.uses >= per_conn {
+                c.h2.remove(key);
+                return None;
+            }
+            shared.uses += 1;
+            shared.active += 1;
+            let Sender::H2(s) = &shared.sender else {
+                return None;
+            };
+            return Some(Lease {
+                sender: Some(Sender::H2(s.clone())),
+                key: key.clone(),
+                uses: shared.uses,
+                generation: shared.generation,
+                idle_timeout: policy.http_idle_timeout,
+                pool: self.clone(),
+                keep: true,
+            });
+        }
+        let list = c.idle.get_mut(key)?;
+        while let Some(idle) = list.pop() {
+            if idle.sender.is_closed() || idle.since.elapsed() >= policy.http_idle_timeout {
+                continue;
+            }
+            let uses = idle.uses + 1;
+            return Some(Lease {
+                keep: uses < per_conn,
+                sender: Some(idle.sender),
+                key: key.clone(),
+                uses,
+                generation: 0,
+                idle_timeout: policy.http_idle_timeout,
+                pool: self.clone(),
+            });
+        }
+        None
+    }
+
+    async fn connect(
+        self: &Arc<Self>,
+        key: Key,
+        w: &Want<'_>,
+        slot: Slot,
+    ) -> Result<Lease, PoolError> {
+        let sock = socket_in(&self.netns, &self.inputs.host, w.endpoint)
+            .map_err(|e| PoolError::Connect(std::io::Error::other(e)))?;
+        let stream = tokio::time::timeout(w.policy.connect_timeout, sock.connect(w.endpoint))
+            .await
+            .map_err(|_| PoolError::ConnectTimeout)?
+            .map_err(PoolError::Connect)?;
+        stream.set_nodelay(true).ok();
+        let io = TokioIo::new(stream);
+        let per_conn = w
+            .policy
+            .limits
+            .max_requests_per_connection
+            .unwrap_or(u32::MAX);
+        let pool = self.clone();
+        let idle_timeout = w.policy.http_idle_timeout;
+        // The connection task holds the cluster's connection slot: it is free again when the
+        // connection is gone (its last sender dropped, or the peer closed it).
+        if key.h2 {
+            let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(PoolError::Handshake)?;
+            tokio::spawn(async move {
+                let _slot = slot;
+                let _ = conn.await;
+                pool.returned.notify_waiters();
+            });
+            let mut c = self.lock();
+            c.generation += 1;
+            let generation = c.generation;
+            c.h2.insert(
+                key.clone(),
+                Idle {
+                    sender: Sender::H2(sender.clone()),
+                    uses: 1,
+                    active: 1,
+                    generation,
+                    since: Instant::now(),
+                },
+            );
+            drop(c);
+            return Ok(Lease {
+                sender: Some(Sender::H2(sender)),
+                key,
+                uses: 1,
+                generation,
+                idle_timeout,
+                pool: self.clone(),
+                keep: 1 < per_conn,
+            });
+        }
+        let (sender, conn) = http1::handshake(io).await.map_err(PoolError::Handshake)?;
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _ = conn.await;
+            pool.returned.notify_waiters();
+        });
+        Ok(Lease {
+            sender: Some(Sender::H1(sender)),
+            key,
+            uses: 1,
+            generation: 0,
+            idle_timeout,
+            pool: self.clone(),
+            keep: 1 < per_conn,
+        })
+    }
+}
