@@ -54,6 +54,14 @@ fn setup(pods: &[(&str, &str, bool)], config: &str) -> Setup {
             &[ServicePortSpec::new("http", 8080, 8080)],
         )
         .expect("service");
+    // The same pods' raw TCP echo, for the TCP policies.
+    c.add_service(
+        "production",
+        "db",
+        &[("app", "api-server")],
+        &[ServicePortSpec::new("tcp-db", 9000, 9000)],
+    )
+    .expect("tcp service");
     if !config.is_empty() {
         c.write_file("config.yaml", config).expect("config");
     }
@@ -284,4 +292,123 @@ fn the_tutorial_destination_rule_upgrades_http1_to_http2_upstream() {
     let r = s.get("/", &[]);
     assert_eq!(r[0]["proto"], "HTTP/1.1", "{r:?}");
     assert_eq!(r[0]["body"]["proto"], "HTTP/2.0", "{r:?}");
+}
+
+#[test]
+fn tcp_connects_time_out_and_move_on_and_idle_connections_are_closed() {
+    let dr = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: production}
+spec:
+  host: db
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    connectionPool: {tcp: {connectTimeout: 200ms, idleTimeout: 1s}}
+";
+    // An endpoint nobody answers for (no pod has the address: the connect hangs) beside a
+    // crashed one (refused) and a healthy one.
+    let ghost = r#"apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-ghost, namespace: production, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{name: tcp-db, port: 9000, protocol: TCP}]
+endpoints:
+- addresses: [10.244.2.250]
+  conditions: {ready: true, serving: true, terminating: false}
+"#;
+    let s = setup(
+        &[("api-v1", "v1", true), ("api-dead", "v1", false)],
+        &format!("{dr}---\n{ghost}"),
+    );
+    let db =
+        s.c.services
+            .iter()
+            .find(|v| v.name == "db")
+            .map(|v| format!("{}:9000", v.vip4))
+            .expect("db");
+    let endpoints = s
+        .c
+        .admin_get(1, "/proxy_config/endpoints?pod=sleep.production")
+        .expect("endpoints");
+    assert!(endpoints.contains("10.244.2.250:9000"), "{endpoints}");
+    for _ in 0..9 {
+        let start = std::time::Instant::now();
+        let r = s.c.tcp(s.client, &db, "ping\\n").expect("tcp");
+        let got = r["received"].as_str().unwrap_or("");
+        assert!(
+            got.starts_with("pod=api-v1 ") && got.contains("echo:ping"),
+            "{r}"
+        );
+        // At worst one connect timeout (200 ms) and one refusal before the healthy pod.
+        assert!(
+            start.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+    // Quiet for longer than the idle timeout: the mesh closes the connection, so what the
+    // client sends afterwards is never echoed.
+    let mut held =
+        s.c.spawn_exec(
+            s.client,
+            &[
+                "tcp",
+                "--addr",
+                &db,
+                "--send",
+                "late\\n",
+                "--hold-ms",
+                "2000",
+            ],
+        )
+        .expect("held client");
+    let connected = held.next_json().expect("connected");
+    assert_eq!(connected["event"], "connected", "{connected}");
+    let r = held.next_json().expect("result");
+    let got = r["received"].as_str().unwrap_or("");
+    assert!(got.starts_with("pod=api-v1 "), "{r}");
+    assert!(
+        !got.contains("echo:late"),
+        "the idle connection stayed open: {r}"
+    );
+    let log = s.c.daemon_log_with(1, &["SI"]);
+    assert!(log.contains(" SI "), "{log}");
+}
+
+#[test]
+fn connections_over_max_connections_wait_and_overflow_past_max_pending() {
+    let dr = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api-server, namespace: production}
+spec:
+  host: api-server
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1}
+";
+    let s = setup(&[("api-v1", "v1", true)], dr);
+    let url = format!("{}/delay/1", s.url);
+    // The one connection is busy for a second; one request may wait for it, a third
+    // overflows at once.
+    let mut first =
+        s.c.spawn_exec(s.client, &["http", "--url", &url])
+            .expect("first");
+    std::thread::sleep(Duration::from_millis(200));
+    let mut second =
+        s.c.spawn_exec(s.client, &["http", "--url", &url])
+            .expect("second");
+    std::thread::sleep(Duration::from_millis(200));
+    let third = s.get("/", &[]);
+    assert_eq!(third[0]["status"], 503, "{third:?}");
+    assert_eq!(first.next_json().expect("first")["status"], 200);
+    let second = second.next_json().expect("second");
+    assert_eq!(second["status"], 200, "{second}");
+    // It waited for the first to finish: about two seconds in all.
+    assert!(
+        second["ms"].as_u64().is_some_and(|ms| ms >= 1500),
+        "{second}"
+    );
+    let log = s.c.daemon_log_with(1, &["\"GET / HTTP/1.1\" 503 UO"]);
+    assert!(log.contains("\"GET / HTTP/1.1\" 503 UO"), "{log}");
 }
