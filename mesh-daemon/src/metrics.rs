@@ -99,6 +99,20 @@ pub struct ReloadLabels {
     pub result: &'static str,
 }
 
+/// A cluster, named as Envoy names it (`outbound|port|subset|host`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster_name: String,
+}
+
+/// A cluster and which of its limits refused: `requests` (http2MaxRequests), `pending`
+/// (http1MaxPendingRequests) or `connections` (maxConnections, TCP).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerLabels {
+    pub cluster_name: String,
+    pub breaker: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub tcp_opened: Family<TcpLabels, Counter>,
@@ -107,6 +121,12 @@ pub struct Metrics {
     pub tcp_received_bytes: Family<TcpLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<RequestLabels, Histogram>,
+    pub request_bytes: Family<RequestLabels, Histogram>,
+    pub response_bytes: Family<RequestLabels, Histogram>,
+    /// Requests refused by a cluster's circuit breakers, by breaker.
+    pub upstream_overflow: Family<BreakerLabels, Counter>,
+    pub upstream_retries: Family<ClusterLabels, Counter>,
+    pub outlier_ejections: Family<ClusterLabels, Counter>,
     pub enrolled_pods: Gauge,
     pub config_errors: Gauge,
     pub config_reloads: Family<ReloadLabels, Counter>,
@@ -164,7 +184,38 @@ impl Metrics {
             "Request duration in milliseconds",
             request_duration.clone(),
         );
+        let size_buckets = || Histogram::new([1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7]);
+        let request_bytes = Family::<RequestLabels, Histogram>::new_with_constructor(size_buckets);
+        let response_bytes = Family::<RequestLabels, Histogram>::new_with_constructor(size_buckets);
+        istio.register(
+            "request_bytes",
+            "Request body sizes in bytes",
+            request_bytes.clone(),
+        );
+        istio.register(
+            "response_bytes",
+            "Response body sizes in bytes",
+            response_bytes.clone(),
+        );
         let own = registry.sub_registry_with_prefix("sidelane");
+        let upstream_overflow = Family::<BreakerLabels, Counter>::default();
+        own.register(
+            "upstream_overflow",
+            "Requests and connections refused by a cluster's connection-pool limits (503 UO)",
+            upstream_overflow.clone(),
+        );
+        let upstream_retries = Family::<ClusterLabels, Counter>::default();
+        own.register(
+            "upstream_retries",
+            "Retries sent by the retry policy",
+            upstream_retries.clone(),
+        );
+        let outlier_ejections = Family::<ClusterLabels, Counter>::default();
+        own.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            outlier_ejections.clone(),
+        );
         let enrolled_pods = Gauge::default();
         let config_errors = Gauge::default();
         let config_reloads = Family::<ReloadLabels, Counter>::default();
@@ -210,6 +261,11 @@ impl Metrics {
         Self {
             requests,
             request_duration,
+            request_bytes,
+            response_bytes,
+            upstream_overflow,
+            upstream_retries,
+            outlier_ejections,
             access_log_dropped,
             registry,
             tcp_opened,

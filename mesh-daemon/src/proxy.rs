@@ -5,6 +5,7 @@ pub mod cors;
 pub mod detect;
 pub mod forward;
 pub mod http;
+pub mod observed;
 pub mod outbound;
 pub mod pool;
 pub mod protocol;

@@ -176,6 +176,10 @@ spec:
             && l.contains("response_flags=\"NR\"")),
         "{m}"
     );
+    // Sizes are recorded per request too (Istio's request and response byte histograms).
+    for name in ["istio_request_bytes_count{", "istio_response_bytes_count{"] {
+        assert!(m.lines().any(|l| l.starts_with(name)), "no {name} in {m}");
+    }
 }
 
 #[test]

@@ -82,6 +82,16 @@ fn proxy_config_shows_the_tutorial_canary_for_a_pod() {
     assert_eq!(by_subset(""), Some(Some(4)), "{clusters}");
     assert_eq!(by_subset("v1"), Some(Some(2)), "{clusters}");
     assert_eq!(by_subset("v2"), Some(Some(2)), "{clusters}");
+    // The tutorial DestinationRule's policy, as the proxy applies it to every cluster.
+    let table = c
+        .meshctl(1, &["proxy-config", "clusters", "sleep.production"])
+        .expect("clusters");
+    let policy = "ROUND_ROBIN maxConnections=100 http1MaxPendingRequests=100 \
+                  http2MaxRequests=1000 h2Upgrade outlier=5x5xx/30s max50%";
+    assert!(
+        table.lines().filter(|l| l.ends_with(policy)).count() == 3,
+        "{table}"
+    );
 
     let endpoints = c
         .meshctl(1, &["proxy-config", "endpoints", "sleep.production"])

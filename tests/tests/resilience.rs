@@ -78,12 +78,14 @@ impl Setup {
             .expect("http")
     }
 
-    /// Replaces the applied configuration and waits until the daemon on node 1 has it.
+    /// Replaces the applied configuration and waits until the daemon on node 1 routes by it
+    /// (its compiled routing changed: a periodic resync alone bumps the generation).
     fn reconfigure(&self, config: &str) {
-        let before = self.c.admin_json(1, "/config_dump").expect("dump")["generation"].clone();
+        let routing = || self.c.admin_json(1, "/config_dump").expect("dump")["routing"].clone();
+        let before = routing();
         self.c.write_file("config.yaml", config).expect("config");
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while self.c.admin_json(1, "/config_dump").expect("dump")["generation"] == before {
+        while routing() == before {
             assert!(std::time::Instant::now() < deadline, "config not reloaded");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -160,6 +162,12 @@ spec:
     s.reconfigure(&format!("{DR_PLAIN}---\n{on_5xx}"));
     let t = by_pod(&s.get("/", &["--count", "30"]));
     assert_eq!(t, BTreeMap::from([("api-v2".to_owned(), 30)]));
+    let m = s.c.metrics(1).expect("metrics");
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("sidelane_upstream_retries_total{") && !l.ends_with(" 0")),
+        "{m}"
+    );
 }
 
 #[test]
@@ -244,6 +252,12 @@ spec:
     let t = by_pod(&s.get("/", &["--count", "30"]));
     assert_eq!(t.get("500").copied(), Some(5), "{t:?}");
     assert_eq!(t.get("api-v2").copied(), Some(25), "{t:?}");
+    let m = s.c.metrics(1).expect("metrics");
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("sidelane_outlier_ejections_total{") && l.ends_with(" 1")),
+        "{m}"
+    );
     // v2 failing too cannot be ejected: that would be more than 50% of the endpoints.
     s.c.behave(s.client, "api-v2", "status=500")
         .expect("v2 fails");
@@ -284,6 +298,15 @@ spec:
     assert!(log.contains("\"GET / HTTP/1.1\" 503 UO"), "{log}");
     // Once the slot is free, requests go through again.
     assert_eq!(s.get("/", &[])[0]["status"], 200);
+    let m = s.c.metrics(1).expect("metrics");
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("sidelane_upstream_overflow_total{")
+                && l.contains("breaker=\"requests\"")
+                && l.contains("outbound|8080||api-server.production.svc.cluster.local")
+                && l.ends_with(" 1")),
+        "{m}"
+    );
 }
 
 #[test]
@@ -326,10 +349,9 @@ endpoints:
             .find(|v| v.name == "db")
             .map(|v| format!("{}:9000", v.vip4))
             .expect("db");
-    let endpoints = s
-        .c
-        .admin_get(1, "/proxy_config/endpoints?pod=sleep.production")
-        .expect("endpoints");
+    let endpoints =
+        s.c.admin_get(1, "/proxy_config/endpoints?pod=sleep.production")
+            .expect("endpoints");
     assert!(endpoints.contains("10.244.2.250:9000"), "{endpoints}");
     for _ in 0..9 {
         let start = std::time::Instant::now();

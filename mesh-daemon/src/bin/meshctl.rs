@@ -233,17 +233,18 @@ fn proxy_config(admin: SocketAddr, what: &str, pod: &str, output: &str) -> anyho
         }
         "clusters" => {
             println!(
-                "{:<45} {:<6} {:<8} {:<10} DESTINATION RULE",
-                "SERVICE FQDN", "PORT", "SUBSET", "ENDPOINTS"
+                "{:<45} {:<6} {:<8} {:<10} {:<24} POLICY",
+                "SERVICE FQDN", "PORT", "SUBSET", "ENDPOINTS", "DESTINATION RULE"
             );
             for r in &rows {
                 println!(
-                    "{:<45} {:<6} {:<8} {:<10} {}",
+                    "{:<45} {:<6} {:<8} {:<10} {:<24} {}",
                     s(r, "host"),
                     s(r, "port"),
                     s(r, "subset"),
                     s(r, "endpoints"),
-                    s(r, "destination_rule")
+                    s(r, "destination_rule"),
+                    s(r, "policy")
                 );
             }
         }

@@ -90,6 +90,8 @@ pub struct HttpEntry {
     pub authority: String,
     pub original_dst: SocketAddr,
     pub downstream_peer: SocketAddr,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
 }
 
 pub fn log_http(e: &HttpEntry) {
@@ -107,12 +109,14 @@ pub fn log_http(e: &HttpEntry) {
         &e.cluster
     };
     emit(format!(
-        "[{}] \"{} {} {}\" {} {flags} - \"-\" - - {} - \"-\" \"-\" \"-\" \"{}\" \"{upstream}\" {cluster} - {} {} - -",
+        "[{}] \"{} {} {}\" {} {flags} - - \"-\" {} {} {} - \"-\" \"-\" \"-\" \"{}\" \"{upstream}\" {cluster} - {} {} - -",
         humantime(e.start),
         e.method,
         e.path,
         e.protocol,
         e.status,
+        e.bytes_received,
+        e.bytes_sent,
         e.duration_ms,
         e.authority,
         e.original_dst,

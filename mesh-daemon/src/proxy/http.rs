@@ -21,13 +21,14 @@ use super::{
     ProxyInputs, access_log,
     cluster_state::{self, Choice, ClusterState, InFlight, Outcome, PodClusters, Slot, take_slot},
     cors::Decision,
+    observed::{Completion, Counted, Observed},
     pool::{Lease, PodPool, PoolError, Want},
     protocol::Protocol,
     replay::Replayable,
 };
 use crate::{
     config::istio::{networking::HeaderOperations, validate::GRPC_STATUS},
-    metrics::{RequestLabels, TcpLabels},
+    metrics::{BreakerLabels, ClusterLabels, RequestLabels, TcpLabels},
     netns::Netns,
     routing::{
         HttpRoute, RequestMatch, RouteAction, WeightedCluster,
@@ -113,6 +114,8 @@ fn local(status: StatusCode, body: &'static str) -> Response<Body> {
 }
 
 async fn handle(conn: &Downstream, req: Request<Incoming>) -> Response<Body> {
+    let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let req = req.map(|b| Counted::new(b, request_bytes.clone()).boxed());
     let start = (SystemTime::now(), Instant::now());
     let snap = conn.pod.inputs.snapshot.load_full();
     let no_labels = Default::default();
@@ -160,6 +163,8 @@ async fn handle(conn: &Downstream, req: Request<Incoming>) -> Response<Body> {
         authority: authority.clone(),
         original_dst: conn.original_dst,
         downstream_peer: conn.peer,
+        bytes_received: 0,
+        bytes_sent: 0,
     };
     let vh = snap
         .routing
@@ -190,7 +195,6 @@ async fn handle(conn: &Downstream, req: Request<Incoming>) -> Response<Body> {
         c.annotate(response.headers_mut(), origin);
     }
     log.status = response.status().as_u16();
-    log.duration_ms = start.1.elapsed().as_millis();
     let upstream = log.upstream_host.unwrap_or(conn.original_dst);
     let mut base = TcpLabels::new(
         &snap,
@@ -209,13 +213,14 @@ async fn handle(conn: &Downstream, req: Request<Incoming>) -> Response<Body> {
         base,
         response_code: log.status,
     };
-    let m = &conn.pod.inputs.metrics;
-    m.requests.get_or_create(&labels).inc();
-    m.request_duration
-        .get_or_create(&labels)
-        .observe(start.1.elapsed().as_secs_f64() * 1000.0);
-    access_log::log_http(&log);
-    response
+    let done = Completion {
+        metrics: conn.pod.inputs.metrics.clone(),
+        labels,
+        log,
+        started: start.1,
+        request_bytes,
+    };
+    response.map(|b| Observed::new(b, done).boxed())
 }
 
 fn empty() -> Body {
@@ -229,7 +234,7 @@ async fn act(
     route: &HttpRoute,
     matched: Option<&RequestMatch>,
     source_ns: &str,
-    req: Request<Incoming>,
+    req: Request<Body>,
     log: &mut access_log::HttpEntry,
 ) -> Response<Body> {
     let authority = log.authority.clone();
@@ -290,7 +295,7 @@ impl Upstream<'_> {
     async fn forward(
         &self,
         clusters: &[WeightedCluster],
-        mut req: Request<Incoming>,
+        mut req: Request<Body>,
         log: &mut access_log::HttpEntry,
     ) -> Response<Body> {
         let Some(dest) = pick_weighted(clusters, fastrand::u32(..)) else {
@@ -312,6 +317,7 @@ impl Upstream<'_> {
         let Some(request_slot) = take_slot(&state.requests, cluster.policy.limits.max_requests)
         else {
             log.response_flags = flags::OVERFLOW;
+            self.count_overflow(&cluster.name, "requests");
             return local(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW_BODY);
         };
 
@@ -360,6 +366,20 @@ impl Upstream<'_> {
         self.conn.protocol == Protocol::Http2 || h2_upgrade
     }
 
+    fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.conn.pod.inputs.metrics
+    }
+
+    fn count_overflow(&self, cluster: &str, breaker: &'static str) {
+        self.metrics()
+            .upstream_overflow
+            .get_or_create(&BreakerLabels {
+                cluster_name: cluster.to_owned(),
+                breaker,
+            })
+            .inc();
+    }
+
     /// The route's retry policy, as the mesh's Istio version builds it.
     fn retry_policy(&self) -> Option<&RetryPolicy> {
         if self.conn.pod.inputs.retry_503_by_default {
@@ -372,7 +392,7 @@ impl Upstream<'_> {
     /// Sends fire-and-forget copies to the route's mirrors and returns the request to send
     /// upstream. The body is buffered to be sent twice, up to [`MIRROR_BODY_LIMIT`] bytes of
     /// declared length; a larger or unsized body is not mirrored.
-    async fn mirror(&self, req: Request<Incoming>, authority: &str, path: &str) -> Request<Body> {
+    async fn mirror(&self, req: Request<Body>, authority: &str, path: &str) -> Request<Body> {
         let hits: Vec<&(
             WeightedCluster,
             Option<crate::config::istio::types::Percent>,
@@ -390,7 +410,7 @@ impl Upstream<'_> {
         let bodiless = length.is_none() && req.headers().get(header::TRANSFER_ENCODING).is_none();
         let fits = bodiless || length.is_some_and(|l| l <= MIRROR_BODY_LIMIT);
         if hits.is_empty() || !fits {
-            return req.map(|b| b.map_err(Into::into).boxed());
+            return req;
         }
         let (parts, body) = req.into_parts();
         let bytes = match body.collect().await {
@@ -555,6 +575,7 @@ impl Attempts<'_> {
                 // Overflow is the proxy's own limit: nothing to hold against the endpoint.
                 Err(Failure::Overflow) => {
                     log.response_flags = flags::OVERFLOW;
+                    self.up.count_overflow(&self.cluster.name, "pending");
                     return local(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW_BODY);
                 }
                 Err(f) => (*f, Outcome::LocalOriginFailure),
@@ -567,7 +588,15 @@ impl Attempts<'_> {
                     (Failure::Response { status, grpc }, Outcome::Status(status))
                 }
             };
-            self.state.report(self.cluster, ep, outcome);
+            if self.state.report(self.cluster, ep, outcome) {
+                self.up
+                    .metrics()
+                    .outlier_ejections
+                    .get_or_create(&ClusterLabels {
+                        cluster_name: self.cluster.name.clone(),
+                    })
+                    .inc();
+            }
             let wants_retry = policy.is_some_and(|p| p.retries(failure));
             let may_retry = policy.is_some_and(|p| retries < p.attempts);
             if wants_retry && may_retry {
@@ -577,6 +606,13 @@ impl Attempts<'_> {
                     take_slot(&self.state.retries, self.cluster.policy.limits.max_retries)
                 {
                     retries += 1;
+                    self.up
+                        .metrics()
+                        .upstream_retries
+                        .get_or_create(&ClusterLabels {
+                            cluster_name: self.cluster.name.clone(),
+                        })
+                        .inc();
                     let pause =
                         policy.map_or(Duration::ZERO, |p| p.backoff(retries, fastrand::f64()));
                     drop(result);

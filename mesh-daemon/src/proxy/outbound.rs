@@ -21,7 +21,7 @@ use super::{
     sockets::{SocketError, listen_in, socket_in},
 };
 use crate::{
-    metrics::TcpLabels,
+    metrics::{BreakerLabels, ClusterLabels, TcpLabels},
     netns::Netns,
     routing::{
         Cluster,
@@ -261,8 +261,17 @@ impl Conn {
     ) -> Result<Connected, &'static str> {
         let state = self.http.clusters.get(&cluster.name);
         let policy = &cluster.policy;
-        let slot =
-            take_slot(&state.connections, policy.limits.max_connections).ok_or(flags::OVERFLOW)?;
+        let Some(slot) = take_slot(&state.connections, policy.limits.max_connections) else {
+            self.inputs
+                .metrics
+                .upstream_overflow
+                .get_or_create(&BreakerLabels {
+                    cluster_name: cluster.name.clone(),
+                    breaker: "connections",
+                })
+                .inc();
+            return Err(flags::OVERFLOW);
+        };
         let mut tried = Vec::new();
         for _ in 0..TCP_CONNECT_ATTEMPTS {
             let choice = Choice {
@@ -307,7 +316,15 @@ impl Conn {
                     _held: Some((slot, in_flight)),
                 });
             }
-            state.report(cluster, addr, Outcome::LocalOriginFailure);
+            if state.report(cluster, addr, Outcome::LocalOriginFailure) {
+                self.inputs
+                    .metrics
+                    .outlier_ejections
+                    .get_or_create(&ClusterLabels {
+                        cluster_name: cluster.name.clone(),
+                    })
+                    .inc();
+            }
         }
         Err(if tried.is_empty() {
             flags::NO_HEALTHY_UPSTREAM

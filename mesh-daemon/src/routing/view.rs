@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 
+use super::policy::{ClusterPolicy, HashKey, LbPolicy};
 use super::table::{L4Match, Matcher, RequestMatch, RouteAction, Routing, WeightedCluster};
 
 #[derive(Debug, Serialize)]
@@ -24,6 +25,8 @@ pub struct ClusterView {
     pub subset: String,
     pub destination_rule: String,
     pub endpoints: usize,
+    /// The merged traffic policy in brief: balancing, limits that are set, outlier detection.
+    pub policy: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -203,12 +206,68 @@ pub fn clusters(r: &Routing, namespace: &str) -> Vec<ClusterView> {
                         subset: c.subset.unwrap_or_default(),
                         destination_rule: dr.map_or("-".into(), |d| d.rules.join(",")),
                         endpoints: c.endpoints.len(),
+                        policy: policy_summary(&c.policy),
                     });
                 }
             }
         }
     }
     out.into_iter().collect()
+}
+
+/// `LEAST_REQUEST`, `ROUND_ROBIN maxConnections=100 outlier=5x5xx/30s`, ...: what
+/// `proxy-config clusters` prints, Envoy's settings in Istio's words.
+pub fn policy_summary(p: &ClusterPolicy) -> String {
+    let mut parts = vec![match &p.lb {
+        LbPolicy::RoundRobin => "ROUND_ROBIN".to_owned(),
+        LbPolicy::LeastRequest => "LEAST_REQUEST".to_owned(),
+        LbPolicy::Random => "RANDOM".to_owned(),
+        LbPolicy::Hash(k) => format!(
+            "HASH({})",
+            match k {
+                HashKey::Header(h) => format!("header {h}"),
+                HashKey::Cookie { name, .. } => format!("cookie {name}"),
+                HashKey::SourceIp => "source ip".to_owned(),
+                HashKey::QueryParameter(q) => format!("query {q}"),
+            }
+        ),
+    }];
+    let l = &p.limits;
+    for (name, v) in [
+        ("maxConnections", l.max_connections),
+        ("http1MaxPendingRequests", l.max_pending_requests),
+        ("http2MaxRequests", l.max_requests),
+        ("maxRetries", l.max_retries),
+    ] {
+        if v != u32::MAX {
+            parts.push(format!("{name}={v}"));
+        }
+    }
+    if let Some(n) = l.max_requests_per_connection {
+        parts.push(format!("maxRequestsPerConnection={n}"));
+    }
+    if p.h2_upgrade {
+        parts.push("h2Upgrade".into());
+    }
+    if let Some(o) = &p.outlier {
+        let mut trips = Vec::new();
+        if let Some(n) = o.consecutive_5xx {
+            trips.push(format!("{n}x5xx"));
+        }
+        if let Some(n) = o.consecutive_gateway {
+            trips.push(format!("{n}xgateway"));
+        }
+        if let Some(n) = o.consecutive_local_origin {
+            trips.push(format!("{n}xlocal"));
+        }
+        parts.push(format!(
+            "outlier={}/{}s max{}%",
+            trips.join("+"),
+            o.base_ejection_time.as_secs_f64(),
+            o.max_ejection_percent
+        ));
+    }
+    parts.join(" ")
 }
 
 pub fn endpoints(r: &Routing, namespace: &str) -> Vec<EndpointView> {
