@@ -63,6 +63,50 @@ const SYSTEM_NAMESPACES: &[&str] = &[
     "local-path-storage",
 ];
 
+/// The settings of a traffic policy the proxy does not apply (load balancing, connection
+/// pools and outlier detection are applied).
+fn ignored_policy(
+    tp: &crate::config::istio::networking::TrafficPolicy,
+    at: &str,
+    out: &mut Vec<String>,
+) {
+    let mut check = |set: bool, what: &str| {
+        if set {
+            out.push(format!("{at}.{what}"));
+        }
+    };
+    check(tp.tls.is_some(), "tls (client TLS origination)");
+    check(tp.tunnel.is_some(), "tunnel");
+    check(tp.proxy_protocol.is_some(), "proxyProtocol");
+    if let Some(lb) = &tp.load_balancer {
+        check(
+            lb.locality_lb_setting.is_some(),
+            "loadBalancer.localityLbSetting",
+        );
+        check(
+            lb.warmup_duration_secs.is_some(),
+            "loadBalancer.warmupDurationSecs",
+        );
+    }
+    if let Some(pool) = &tp.connection_pool {
+        check(
+            pool.tcp
+                .as_ref()
+                .is_some_and(|t| t.max_connection_duration.is_some()),
+            "connectionPool.tcp.maxConnectionDuration",
+        );
+        check(
+            pool.http
+                .as_ref()
+                .is_some_and(|h| h.use_client_protocol.is_some()),
+            "connectionPool.http.useClientProtocol",
+        );
+    }
+    for (i, pl) in tp.port_level_settings.iter().enumerate() {
+        check(pl.tls.is_some(), &format!("portLevelSettings[{i}].tls"));
+    }
+}
+
 /// The parts of one Istio resource this build parses but does not act on, so that users
 /// never mistake a setting for one in force. Keep in step with what the proxy applies.
 fn not_enforced(o: &Objects, kind: &str, key: &str) -> Vec<String> {
@@ -78,28 +122,17 @@ fn not_enforced(o: &Objects, kind: &str, key: &str) -> Vec<String> {
                         .into(),
                 );
             }
-            for (i, r) in vs.spec.http.iter().enumerate() {
-                // Applied already: matches, weights, subsets, redirect, directResponse,
-                // rewrite, timeout, header operations, fault (delay and abort), mirror, CORS;
-                // and the tcp and tls routes.
-                if r.retries.is_some() {
-                    out.push(format!("spec.http[{i}].retries"));
-                }
-            }
         }
         "DestinationRule" => {
             let Some(dr) = o.destination_rules.get(key) else {
                 return out;
             };
-            if dr.spec.traffic_policy.is_some() {
-                out.push(
-                    "spec.trafficPolicy (load balancing, connection pools, outlier detection, TLS)"
-                        .into(),
-                );
+            if let Some(tp) = &dr.spec.traffic_policy {
+                ignored_policy(tp, "spec.trafficPolicy", &mut out);
             }
-            for (i, s) in dr.spec.subsets.iter().enumerate() {
-                if s.traffic_policy.is_some() {
-                    out.push(format!("spec.subsets[{i}].trafficPolicy"));
+            for (i, sub) in dr.spec.subsets.iter().enumerate() {
+                if let Some(tp) = &sub.traffic_policy {
+                    ignored_policy(tp, &format!("spec.subsets[{i}].trafficPolicy"), &mut out);
                 }
             }
             if dr.spec.workload_selector.is_some() {

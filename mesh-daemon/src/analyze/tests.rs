@@ -193,6 +193,18 @@ spec:
     retries: {attempts: 3, retryOn: 5xx}
     corsPolicy: {allowOrigins: [{exact: 'https://example.com'}]}
 ---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api-server, namespace: production}
+spec:
+  host: api-server
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    tls: {mode: SIMPLE}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {name: default, namespace: production}
@@ -207,8 +219,8 @@ spec: {mtls: {mode: STRICT}}
     assert_eq!(
         not_applied,
         [
-            "PeerAuthentication (the whole resource)",
-            "spec.http[0].retries"
+            "spec.trafficPolicy.tls (client TLS origination)",
+            "PeerAuthentication (the whole resource)"
         ],
         "{m:#?}"
     );
