@@ -228,6 +228,34 @@ spec:
         homes.extend(t.into_keys());
     }
     assert!(homes.len() >= 2, "six users all hashed to {homes:?}");
+
+    // A cookie with a TTL: the first response hands one out, and it keeps the client on one
+    // endpoint from then on.
+    let cookie = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api-server, namespace: production}
+spec:
+  host: api-server
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpCookie: {name: session, path: /, ttl: 60s}}}
+";
+    s.reconfigure(cookie);
+    let first = s.get("/", &[]).remove(0);
+    let set = first["headers"]["set-cookie"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        set.starts_with("session=\"") && set.contains("Max-Age=60") && set.contains("Path=/"),
+        "{first}"
+    );
+    let value = set.split(';').next().unwrap_or("").to_owned();
+    let t = by_pod(&s.get(
+        "/",
+        &["--count", "20", "--header", &format!("cookie: {value}")],
+    ));
+    assert_eq!(t.len(), 1, "the cookie did not stick: {t:?}");
+    assert_eq!(t.keys().next().map(String::as_str), first["pod"].as_str());
 }
 
 #[test]

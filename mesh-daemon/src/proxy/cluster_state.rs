@@ -446,4 +446,38 @@ mod tests {
         std::thread::sleep(Duration::from_millis(250));
         assert!(s.ejected().is_empty(), "a returns after its ejection time");
     }
+
+    #[test]
+    fn each_ejection_in_a_row_lasts_longer() {
+        let mut e = EndpointStats::default();
+        let o = outlier(100);
+        let now = Instant::now();
+        e.eject(now, &o);
+        let first = e.ejected_until.map(|t| t - now);
+        // Ejected again as soon as it is back: twice the base.
+        let back = now + Duration::from_millis(200);
+        e.eject(back, &o);
+        let second = e.ejected_until.map(|t| t - back);
+        assert_eq!(first, Some(Duration::from_millis(200)));
+        assert_eq!(second, Some(Duration::from_millis(400)));
+    }
+
+    #[test]
+    fn below_min_health_percent_ejections_are_ignored() {
+        let mut o = outlier(100);
+        o.min_health_percent = 60;
+        let (s, c) = (
+            Arc::new(ClusterState::default()),
+            cluster(2, LbPolicy::RoundRobin, Some(o)),
+        );
+        let a = c.endpoints[0].addr;
+        for _ in 0..5 {
+            s.report(&c, a, Outcome::Status(502));
+        }
+        assert_eq!(s.ejected(), [a]);
+        // One healthy of two is 50% < 60%: panic mode balances over both again.
+        let picks: std::collections::BTreeSet<SocketAddr> =
+            (0..4).map(|_| pick(&s, &c, None)).collect();
+        assert_eq!(picks.len(), 2);
+    }
 }

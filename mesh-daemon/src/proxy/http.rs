@@ -331,7 +331,31 @@ impl Upstream<'_> {
             apply_ops(req.headers_mut(), h.request.as_ref());
         }
         let source = cluster_state::source_hash(self.conn.source.as_deref(), &self.conn.source_uid);
-        let hash = hash_key(&cluster.policy.lb, &req, source);
+        let mut hash = hash_key(&cluster.policy.lb, &req, source);
+        // A hash cookie with a TTL that the client does not have yet: Envoy makes one up,
+        // hashes on it, and hands it out with the response so the client sticks from then on.
+        let new_cookie = match (&cluster.policy.lb, hash) {
+            (
+                LbPolicy::Hash(HashKey::Cookie {
+                    name,
+                    path,
+                    ttl: Some(ttl),
+                }),
+                None,
+            ) => {
+                let value = format!("{:016x}", fastrand::u64(..));
+                hash = Some(cluster_state::hash_key(value.as_bytes()));
+                let path = path
+                    .as_deref()
+                    .map_or(String::new(), |p| format!("; Path={p}"));
+                HeaderValue::from_str(&format!(
+                    "{name}=\"{value}\"; Max-Age={}{path}; HttpOnly",
+                    ttl.as_secs()
+                ))
+                .ok()
+            }
+            _ => None,
+        };
         let req = self.mirror(req, &authority, &path).await;
         let attempts = Attempts {
             up: self,
@@ -352,6 +376,9 @@ impl Upstream<'_> {
             None => sent.await,
         };
         let mut resp = result;
+        if let Some(c) = new_cookie {
+            resp.headers_mut().append(header::SET_COOKIE, c);
+        }
         if log.response_flags.is_empty() || log.response_flags == flags::RETRY_LIMIT {
             for h in ops.iter().flatten() {
                 apply_ops(resp.headers_mut(), h.response.as_ref());
@@ -767,7 +794,7 @@ fn hash_key<B>(lb: &LbPolicy, req: &Request<B>, source: u64) -> Option<u64> {
             .flat_map(|v| v.split(';'))
             .find_map(|c| {
                 let (k, v) = c.trim().split_once('=')?;
-                (k == name).then(|| cluster_state::hash_key(v.as_bytes()))
+                (k == name).then(|| cluster_state::hash_key(v.trim_matches('"').as_bytes()))
             }),
         HashKey::SourceIp => Some(source),
         HashKey::QueryParameter(name) => req.uri().query().and_then(|q| {
