@@ -188,15 +188,25 @@ pub fn bin_dir() -> Result<PathBuf> {
         })
 }
 
+/// Six hex digits (names of network interfaces are short) unlikely to be in use: process,
+/// time and a per-process counter, mixed (splitmix64's finaliser) so that tests started in
+/// the same microsecond by the same process still differ. [`Cluster::new`] then claims the
+/// ID by creating its run directory, and draws again if another run holds it.
 fn unique_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
+        .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    format!(
-        "{:06x}",
-        (std::process::id() ^ nanos.rotate_left(11)) & 0xff_ffff
-    )
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut x =
+        (u64::from(std::process::id()) << 32) ^ nanos ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    format!("{:06x}", x & 0xff_ffff)
 }
 
 /// A deterministic RFC 4122-shaped UID from a pod's coordinates.
@@ -242,8 +252,16 @@ impl Cluster {
                 "the netns cluster needs root (CAP_NET_ADMIN, CAP_BPF, CAP_SYS_ADMIN)".into(),
             ));
         }
-        let id = unique_id();
-        let run_dir = std::env::temp_dir().join(format!("sidelane-test-{id}"));
+        // Claimed by creating the run directory: `create_dir` fails if another run has it.
+        let (id, run_dir) = loop {
+            let id = unique_id();
+            let run_dir = std::env::temp_dir().join(format!("sidelane-test-{id}"));
+            match std::fs::create_dir(&run_dir) {
+                Ok(()) => break (id, run_dir),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(io_err("creating the run directory")(e)),
+            }
+        };
         let config_dir = run_dir.join("manifests");
         std::fs::create_dir_all(&config_dir).map_err(io_err("creating the run directory"))?;
         std::fs::create_dir_all(run_dir.join("logs"))

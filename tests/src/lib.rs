@@ -5,7 +5,8 @@
 
 pub mod cluster;
 pub mod manifests;
+pub mod scenario;
 pub mod sys;
 
 pub use cluster::{Cluster, PodRef, PodSpec, RunningClient, ServicePortSpec, ServiceRef};
-pub use sys::{HarnessError, leftovers};
+pub use sys::{HarnessError, Result, leftovers};

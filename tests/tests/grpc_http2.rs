@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use sidelane_tests::{Cluster, PodRef, PodSpec, RunningClient, ServicePortSpec};
+use sidelane_tests::{Cluster, PodRef, RunningClient, ServicePortSpec, scenario};
 
 const ROUTES: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -43,24 +43,14 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let mut c = Cluster::new(2).expect("cluster");
-    c.namespace("production", &[("istio-injection", "enabled")])
-        .expect("ns");
-    let mut backends = Vec::new();
-    for (name, version) in [("echo-v1", "v1"), ("echo-v2", "v2")] {
-        let pod = c
-            .add_pod(
-                PodSpec::new("production", name, 2)
-                    .label("app", "echo")
-                    .label("version", version)
-                    .serving(),
-            )
-            .expect("pod");
-        backends.push((pod, name, version));
-    }
-    let client = c
-        .add_pod(PodSpec::new("production", "sleep", 1).label("app", "sleep"))
-        .expect("client");
+    let versions = [("echo-v1", "v1"), ("echo-v2", "v2")];
+    let (mut c, client) = scenario::production("echo", &versions).expect("cluster");
+    // Backends are the first pods added, in order.
+    let backends: Vec<(PodRef, &str, &str)> = versions
+        .iter()
+        .enumerate()
+        .map(|(i, (name, version))| (PodRef(i), *name, *version))
+        .collect();
     c.add_service(
         "production",
         "echo",

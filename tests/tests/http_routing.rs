@@ -3,15 +3,10 @@
 use std::collections::BTreeMap;
 
 use serde_json::Value;
-use sidelane_tests::{Cluster, PodRef, PodSpec, ServicePortSpec};
-
-fn tutorial(f: &str) -> String {
-    std::fs::read_to_string(format!(
-        "{}/../demo/tutorial/{f}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .expect("tutorial file")
-}
+use sidelane_tests::{
+    Cluster, PodRef,
+    scenario::{self, tutorial},
+};
 
 struct Setup {
     c: Cluster,
@@ -19,51 +14,32 @@ struct Setup {
     url: String,
 }
 
-/// api-server v1 and v2 on node 2, a client on node 1, the tutorial's Service port 8080.
-fn setup() -> Setup {
-    let mut c = Cluster::new(2).expect("cluster");
-    c.namespace("production", &[("istio-injection", "enabled")])
-        .expect("ns");
-    for (name, version) in [("api-server-v1", "v1"), ("api-server-v2", "v2")] {
-        c.add_pod(
-            PodSpec::new("production", name, 2)
-                .label("app", "api-server")
-                .label("version", version)
-                .serving(),
-        )
-        .expect("pod");
+const VERSIONS: [(&str, &str); 2] = [("api-server-v1", "v1"), ("api-server-v2", "v2")];
+
+/// api-server v1 and v2 on node 2, a client on node 1, the tutorial's Service port 8080 and
+/// DestinationRule; `settings` are daemon environment variables.
+fn setup_with(settings: &[(&str, &str)], files: &[(&str, String)]) -> Setup {
+    let (mut c, client) = scenario::production("api-server", &VERSIONS).expect("cluster");
+    for (var, value) in settings {
+        c.daemon_setting(var, value);
     }
-    let client = c
-        .add_pod(PodSpec::new("production", "sleep", 1).label("app", "sleep"))
-        .expect("client");
-    let svc = c
-        .add_service(
-            "production",
-            "api-server",
-            &[("app", "api-server")],
-            &[ServicePortSpec::new("http", 8080, 8080)],
-        )
-        .expect("service");
+    let url = scenario::http_service(&mut c, "api-server", "api-server", 8080).expect("service");
     c.write_file("destinationrule.yaml", &tutorial("destinationrule.yaml"))
         .expect("dr");
-    c.start().expect("daemons");
-    c.wait_enrolled(client, true).expect("enrolled");
-    let url = format!("http://{}:8080", c.service(svc).vip4);
+    for (name, text) in files {
+        c.write_file(name, text).expect("config");
+    }
+    scenario::start(&mut c, client).expect("daemons");
     Setup { c, client, url }
 }
 
-/// Status or version of each response, counted.
+fn setup() -> Setup {
+    setup_with(&[], &[])
+}
+
+/// Version (or status) of each response, counted.
 fn tally(responses: &[Value]) -> BTreeMap<String, usize> {
-    let mut t = BTreeMap::new();
-    for r in responses {
-        let key = match (r["status"].as_u64(), r["version"].as_str()) {
-            (Some(200), Some(v)) => v.to_owned(),
-            (Some(s), _) => s.to_string(),
-            _ => format!("error {}", r["error"]),
-        };
-        *t.entry(key).or_default() += 1;
-    }
-    t
+    scenario::tally(responses, "version")
 }
 
 /// Applies a VirtualService file and waits until ten probe requests all see its effect.
@@ -600,43 +576,12 @@ spec:
 
 #[test]
 fn mirror_percentage_copies_its_share_with_the_istio_127_shadow_host_when_asked() {
-    let mut c = Cluster::new(2).expect("cluster");
-    c.daemon_setting("SIDELANE_COMPATIBILITY_VERSION", "1.27");
-    c.namespace("production", &[("istio-injection", "enabled")])
-        .expect("ns");
-    for (name, version) in [("api-server-v1", "v1"), ("api-server-v2", "v2")] {
-        c.add_pod(
-            PodSpec::new("production", name, 2)
-                .label("app", "api-server")
-                .label("version", version)
-                .serving(),
-        )
-        .expect("pod");
-    }
-    let client = c
-        .add_pod(PodSpec::new("production", "sleep", 1).label("app", "sleep"))
-        .expect("client");
-    let svc = c
-        .add_service(
-            "production",
-            "api-server",
-            &[("app", "api-server")],
-            &[ServicePortSpec::new("http", 8080, 8080)],
-        )
-        .expect("service");
-    c.write_file("destinationrule.yaml", &tutorial("destinationrule.yaml"))
-        .expect("dr");
     let quarter = tutorial("virtualservice-mirror.yaml").replace("value: 100.0", "value: 25.0");
     assert!(quarter.contains("value: 25.0"), "{quarter}");
-    c.write_file("virtualservice-mirror.yaml", &quarter)
-        .expect("vs");
-    c.start().expect("daemons");
-    c.wait_enrolled(client, true).expect("enrolled");
-    let s = Setup {
-        url: format!("http://{}:8080", c.service(svc).vip4),
-        c,
-        client,
-    };
+    let s = setup_with(
+        &[("SIDELANE_COMPATIBILITY_VERSION", "1.27")],
+        &[("virtualservice-mirror.yaml", quarter)],
+    );
     let r = tally(
         &s.c.http(s.client, &format!("{}/m", s.url), &["--count", "400"])
             .expect("http"),

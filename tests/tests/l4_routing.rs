@@ -3,7 +3,7 @@
 //! that declare no protocol, sniffed as Istio does (HTTP routed per request, the rest TCP).
 use std::collections::BTreeMap;
 
-use sidelane_tests::{Cluster, PodRef, PodSpec, ServicePortSpec};
+use sidelane_tests::{Cluster, PodRef, ServicePortSpec, scenario};
 
 const ROUTES: &str = r#"
 apiVersion: networking.istio.io/v1
@@ -55,21 +55,9 @@ struct Setup {
 
 /// v1 and v2 of one backend on node 2 behind three Services, a client on node 1.
 fn setup() -> Setup {
-    let mut c = Cluster::new(2).expect("cluster");
-    c.namespace("production", &[("istio-injection", "enabled")])
-        .expect("ns");
-    for (name, version) in [("backend-v1", "v1"), ("backend-v2", "v2")] {
-        c.add_pod(
-            PodSpec::new("production", name, 2)
-                .label("app", "backend")
-                .label("version", version)
-                .serving(),
-        )
-        .expect("pod");
-    }
-    let client = c
-        .add_pod(PodSpec::new("production", "sleep", 1).label("app", "sleep"))
-        .expect("client");
+    let (mut c, client) =
+        scenario::production("backend", &[("backend-v1", "v1"), ("backend-v2", "v2")])
+            .expect("cluster");
     let backend = [("app", "backend")];
     c.add_service(
         "production",
@@ -97,8 +85,7 @@ fn setup() -> Setup {
     )
     .expect("plain");
     c.write_file("routes.yaml", ROUTES).expect("routes");
-    c.start().expect("daemons");
-    c.wait_enrolled(client, true).expect("enrolled");
+    scenario::start(&mut c, client).expect("daemons");
     Setup { c, client }
 }
 

@@ -5,15 +5,10 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use serde_json::Value;
-use sidelane_tests::{Cluster, PodRef, PodSpec, ServicePortSpec};
-
-fn tutorial(f: &str) -> String {
-    std::fs::read_to_string(format!(
-        "{}/../demo/tutorial/{f}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .expect("tutorial file")
-}
+use sidelane_tests::{
+    Cluster, PodRef, ServicePortSpec,
+    scenario::{self, tutorial},
+};
 
 struct Setup {
     c: Cluster,
@@ -26,34 +21,15 @@ struct Setup {
 /// client on node 1, and `config` (DestinationRule, VirtualService) applied before the
 /// daemons start.
 fn setup(pods: &[(&str, &str, bool)], config: &str) -> Setup {
-    let mut c = Cluster::new(2).expect("cluster");
-    c.namespace("production", &[("istio-injection", "enabled")])
-        .expect("ns");
-    let mut crashed = Vec::new();
-    for (name, version, serving) in pods {
-        let spec = PodSpec::new("production", name, 2)
-            .label("app", "api-server")
-            .label("version", version)
-            .serving();
-        let pod = c.add_pod(spec).expect("pod");
+    // Backends are the first pods added, in order.
+    let backends: Vec<(&str, &str)> = pods.iter().map(|(n, v, _)| (*n, *v)).collect();
+    let (mut c, client) = scenario::production("api-server", &backends).expect("cluster");
+    for (i, (_, _, serving)) in pods.iter().enumerate() {
         if !serving {
-            crashed.push(pod);
+            c.stop_server(PodRef(i));
         }
     }
-    for pod in crashed {
-        c.stop_server(pod);
-    }
-    let client = c
-        .add_pod(PodSpec::new("production", "sleep", 1).label("app", "sleep"))
-        .expect("client");
-    let svc = c
-        .add_service(
-            "production",
-            "api-server",
-            &[("app", "api-server")],
-            &[ServicePortSpec::new("http", 8080, 8080)],
-        )
-        .expect("service");
+    let url = scenario::http_service(&mut c, "api-server", "api-server", 8080).expect("service");
     // The same pods' raw TCP echo, for the TCP policies.
     c.add_service(
         "production",
@@ -65,9 +41,7 @@ fn setup(pods: &[(&str, &str, bool)], config: &str) -> Setup {
     if !config.is_empty() {
         c.write_file("config.yaml", config).expect("config");
     }
-    c.start().expect("daemons");
-    c.wait_enrolled(client, true).expect("enrolled");
-    let url = format!("http://{}:8080", c.service(svc).vip4);
+    scenario::start(&mut c, client).expect("daemons");
     Setup { c, client, url }
 }
 
@@ -94,16 +68,7 @@ impl Setup {
 
 /// Pod name (or status, or error) of each response, counted.
 fn by_pod(responses: &[Value]) -> BTreeMap<String, usize> {
-    let mut t = BTreeMap::new();
-    for r in responses {
-        let key = match (r["status"].as_u64(), r["pod"].as_str()) {
-            (Some(200), Some(p)) => p.to_owned(),
-            (Some(s), _) => s.to_string(),
-            _ => format!("error {}", r["error"]),
-        };
-        *t.entry(key).or_default() += 1;
-    }
-    t
+    scenario::tally(responses, "pod")
 }
 
 const DR_PLAIN: &str = "apiVersion: networking.istio.io/v1

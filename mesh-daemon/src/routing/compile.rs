@@ -395,45 +395,46 @@ impl L4Context<'_> {
         })
     }
 
-    fn tls_route(&self, r: &networking::TlsRoute) -> Option<L4Route> {
-        let kept = r
-            .matches
-            .iter()
-            .filter_map(|m| {
-                // Istio matches SNI hosts as written: a short name is not expanded.
-                self.l4_match(
-                    m.port,
-                    &m.destination_subnets,
-                    &m.source_labels,
-                    &m.source_namespace,
-                    m.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
-                )
-            })
-            .collect();
+    /// A route from its match blocks (`None` for a block naming another port) and its
+    /// destinations; `None` when blocks were written and none applies on this port.
+    fn l4_route(
+        &self,
+        written: usize,
+        blocks: impl Iterator<Item = Option<L4Match>>,
+        route: &[networking::RouteDestination],
+    ) -> Option<L4Route> {
+        let kept: Vec<L4Match> = blocks.flatten().collect();
         Some(L4Route {
-            matches: self.blocks(r.matches.len(), kept)?,
-            clusters: self.destinations(&r.route),
+            matches: self.blocks(written, kept)?,
+            clusters: self.destinations(route),
         })
     }
 
+    fn tls_route(&self, r: &networking::TlsRoute) -> Option<L4Route> {
+        // Istio matches SNI hosts as written: a short name is not expanded.
+        let blocks = r.matches.iter().map(|m| {
+            self.l4_match(
+                m.port,
+                &m.destination_subnets,
+                &m.source_labels,
+                &m.source_namespace,
+                m.sni_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            )
+        });
+        self.l4_route(r.matches.len(), blocks, &r.route)
+    }
+
     fn tcp_route(&self, r: &networking::TcpRoute) -> Option<L4Route> {
-        let kept = r
-            .matches
-            .iter()
-            .filter_map(|m| {
-                self.l4_match(
-                    m.port,
-                    &m.destination_subnets,
-                    &m.source_labels,
-                    &m.source_namespace,
-                    vec![],
-                )
-            })
-            .collect();
-        Some(L4Route {
-            matches: self.blocks(r.matches.len(), kept)?,
-            clusters: self.destinations(&r.route),
-        })
+        let blocks = r.matches.iter().map(|m| {
+            self.l4_match(
+                m.port,
+                &m.destination_subnets,
+                &m.source_labels,
+                &m.source_namespace,
+                vec![],
+            )
+        });
+        self.l4_route(r.matches.len(), blocks, &r.route)
     }
 }
 
