@@ -75,6 +75,19 @@ pub struct ClusterState {
     pub connections: Arc<AtomicU32>,
     /// Requests waiting for a connection (the `http1MaxPendingRequests` breaker).
     pub pending: Arc<AtomicU32>,
+    /// When the latest ejection ends (nanoseconds after [`epoch`]): before it, some endpoint
+    /// may be ejected and choosing must look at each; after it, none is.
+    ejections_end: std::sync::atomic::AtomicU64,
+}
+
+/// A fixed instant to express times as plain numbers.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn nanos_since_epoch(t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// A counter slot taken against a limit; given back when dropped.
@@ -135,8 +148,68 @@ impl ClusterState {
         cluster: &Cluster,
         c: &Choice<'_>,
     ) -> Option<(SocketAddr, InFlight)> {
-        let policy = &cluster.policy;
         let now = Instant::now();
+        let addr = if c.tried.is_empty()
+            && nanos_since_epoch(now) >= self.ejections_end.load(Ordering::Acquire)
+        {
+            self.pick_unfiltered(cluster, c)?
+        } else {
+            self.pick_filtered(cluster, c, now)?
+        };
+        self.lock().entry(addr).or_default().active += 1;
+        Some((
+            addr,
+            InFlight {
+                state: self.clone(),
+                addr,
+            },
+        ))
+    }
+
+    /// The common case, nothing ejected and nothing tried yet: a pick among the endpoints of
+    /// the client's address family without building any list.
+    fn pick_unfiltered(&self, cluster: &Cluster, c: &Choice<'_>) -> Option<SocketAddr> {
+        let in_family = cluster
+            .endpoints
+            .iter()
+            .filter(|e| e.addr.is_ipv4() == c.v4)
+            .count();
+        let any_family = in_family == 0;
+        let n = if any_family {
+            cluster.endpoints.len()
+        } else {
+            in_family
+        };
+        if n == 0 {
+            return None;
+        }
+        let pool = || {
+            cluster
+                .endpoints
+                .iter()
+                .filter(move |e| any_family || e.addr.is_ipv4() == c.v4)
+        };
+        let nth = |i: usize| pool().nth(i).map(|e| e.addr);
+        match (&cluster.policy.lb, c.hash) {
+            (LbPolicy::Hash(_), Some(h)) => pool()
+                .max_by_key(|e| rendezvous_score(h, e))
+                .map(|e| e.addr),
+            (LbPolicy::RoundRobin, _) => nth(self.next.fetch_add(1, Ordering::Relaxed) % n),
+            (LbPolicy::LeastRequest, _) if n > 1 => {
+                let a = fastrand::usize(..n);
+                let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+                let (a, b) = (nth(a)?, nth(b)?);
+                let stats = self.lock();
+                let load = |x: &SocketAddr| stats.get(x).map_or(0, |s| s.active);
+                Some(if load(&b) < load(&a) { b } else { a })
+            }
+            _ => nth(fastrand::usize(..n)),
+        }
+    }
+
+    /// With ejections or earlier attempts to leave out, a pick among what is left.
+    fn pick_filtered(&self, cluster: &Cluster, c: &Choice<'_>, now: Instant) -> Option<SocketAddr> {
+        let policy = &cluster.policy;
         let family: Vec<&Endpoint> = {
             let same: Vec<&Endpoint> = cluster
                 .endpoints
@@ -182,16 +255,7 @@ impl ClusterState {
             }
             _ => fastrand::usize(..pool.len()),
         };
-        let addr = pool[i].addr;
-        stats.entry(addr).or_default().active += 1;
-        drop(stats);
-        Some((
-            addr,
-            InFlight {
-                state: self.clone(),
-                addr,
-            },
-        ))
+        Some(pool[i].addr)
     }
 
     /// Counts an attempt's outcome against its endpoint and ejects it when a threshold is
@@ -255,6 +319,10 @@ impl ClusterState {
         }
         if let Some(e) = stats.get_mut(&addr) {
             e.eject(now, &o);
+            if let Some(until) = e.ejected_until {
+                self.ejections_end
+                    .fetch_max(nanos_since_epoch(until), Ordering::AcqRel);
+            }
         }
         true
     }
@@ -302,13 +370,16 @@ impl EndpointStats {
 /// stays on its endpoint while that endpoint stays, and only the keys of a removed
 /// endpoint move, as with Envoy's ring hash.
 fn rendezvous(pool: &[&Endpoint], key: u64) -> usize {
-    let score = |e: &Endpoint| {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        e.addr.hash(&mut h);
-        h.finish()
-    };
-    (0..pool.len()).max_by_key(|&i| score(pool[i])).unwrap_or(0)
+    (0..pool.len())
+        .max_by_key(|&i| rendezvous_score(key, pool[i]))
+        .unwrap_or(0)
+}
+
+fn rendezvous_score(key: u64, e: &Endpoint) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    e.addr.hash(&mut h);
+    h.finish()
 }
 
 /// The `useSourceIp` key of a client pod: its first address (every connection from the
