@@ -523,7 +523,7 @@ fn compile_route(
         retry_before_1_24: super::retry::RetryPolicy::from_route(r.retries.as_ref(), true),
         fault: r.fault.clone(),
         mirrors,
-        rewrite: r.rewrite.clone(),
+        rewrite: r.rewrite.as_ref().map(Rewrite::compile),
         cors: r.cors_policy.as_ref().map(compile_cors),
         headers: r.headers.clone(),
     })

@@ -2,8 +2,9 @@
 //! destination is drawn by weight.
 use std::collections::BTreeMap;
 
+use super::table::Rewrite;
 use super::table::{HttpRoute, Matcher, RequestMatch, VirtualHost, WeightedCluster};
-use crate::config::istio::networking::{HttpRedirect, HttpRewrite, RedirectPortSelection};
+use crate::config::istio::networking::{HttpRedirect, RedirectPortSelection};
 
 /// What route matching may look at in a request.
 pub struct RequestView<'a> {
@@ -101,11 +102,7 @@ impl VirtualHost {
 /// the path for exact and regex matches; a route without a URI condition matched the prefix
 /// "/"), as Istio documents it; a regex rewrite substitutes every match, with Istio's RE2
 /// style `\1` group references. The query string is kept.
-pub fn rewrite_path(
-    rw: &HttpRewrite,
-    matched_uri: Option<&Matcher>,
-    path_and_query: &str,
-) -> String {
+pub fn rewrite_path(rw: &Rewrite, matched_uri: Option<&Matcher>, path_and_query: &str) -> String {
     let (p, query) = match path_and_query.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (path_and_query, None),
@@ -118,20 +115,8 @@ pub fn rewrite_path(
             Some(Matcher::Exact(_) | Matcher::Regex(_)) => uri.clone(),
             _ => format!("{uri}{}", p.strip_prefix('/').unwrap_or(p)),
         }
-    } else if let Some(rr) = &rw.uri_regex_rewrite {
-        let replacement = rr.rewrite.chars().fold(String::new(), |mut out, c| {
-            if out.ends_with('\\') && c.is_ascii_digit() {
-                out.pop();
-                out.push_str(&format!("${{{c}}}"));
-            } else {
-                out.push(c);
-            }
-            out
-        });
-        match regex::Regex::new(&rr.pattern) {
-            Ok(re) => re.replace_all(p, replacement.as_str()).into_owned(),
-            Err(_) => p.to_owned(),
-        }
+    } else if let Some((re, replacement)) = &rw.uri_regex {
+        re.replace_all(p, replacement.as_str()).into_owned()
     } else {
         p.to_owned()
     };
@@ -264,10 +249,12 @@ mod tests {
 
     #[test]
     fn rewrites_follow_istio() {
-        use crate::config::istio::networking::RegexRewrite;
-        let uri = |u: &str| HttpRewrite {
-            uri: Some(u.into()),
-            ..Default::default()
+        use crate::config::istio::networking::{HttpRewrite, RegexRewrite};
+        let uri = |u: &str| {
+            Rewrite::compile(&HttpRewrite {
+                uri: Some(u.into()),
+                ..Default::default()
+            })
         };
         let prefix = Matcher::Prefix("/legacy/".into());
         assert_eq!(
@@ -280,13 +267,13 @@ mod tests {
             "/auth/login?next=/"
         );
         assert_eq!(rewrite_path(&uri("/base/"), None, "/x/y"), "/base/x/y");
-        let regex = HttpRewrite {
+        let regex = Rewrite::compile(&HttpRewrite {
             uri_regex_rewrite: Some(RegexRewrite {
                 pattern: "^/service/([^/]+)(/.*)$".into(),
                 rewrite: "\\2/instance/\\1".into(),
             }),
             ..Default::default()
-        };
+        });
         assert_eq!(
             rewrite_path(&regex, None, "/service/foo/v1/api?q"),
             "/v1/api/instance/foo?q"

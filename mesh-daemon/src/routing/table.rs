@@ -10,8 +10,7 @@ use crate::{
     config::hosts,
     config::istio::{
         networking::{
-            Headers, HttpDirectResponse, HttpFaultInjection, HttpRedirect, HttpRewrite,
-            TrafficPolicy,
+            Headers, HttpDirectResponse, HttpFaultInjection, HttpRedirect, TrafficPolicy,
         },
         types::{Duration, Percent, StringMatch},
     },
@@ -136,6 +135,51 @@ pub struct Cors {
     pub forward_unmatched_preflights: bool,
 }
 
+/// A route's `rewrite`, its regex compiled once and its `\1` references turned into the
+/// regex crate's `${1}`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Rewrite {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    #[serde(serialize_with = "regex_rewrite_str")]
+    pub uri_regex: Option<(regex::Regex, String)>,
+}
+
+fn regex_rewrite_str<S: serde::Serializer>(
+    r: &Option<(regex::Regex, String)>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match r {
+        Some((re, to)) => s.serialize_str(&format!("{} -> {to}", re.as_str())),
+        None => s.serialize_none(),
+    }
+}
+
+impl Rewrite {
+    /// `None` for the regex when it does not compile (validation has rejected such routes).
+    pub fn compile(rw: &crate::config::istio::networking::HttpRewrite) -> Self {
+        let uri_regex = rw.uri_regex_rewrite.as_ref().and_then(|rr| {
+            let replacement = rr.rewrite.chars().fold(String::new(), |mut out, c| {
+                if out.ends_with('\\') && c.is_ascii_digit() {
+                    out.pop();
+                    out.push_str(&format!("${{{c}}}"));
+                } else {
+                    out.push(c);
+                }
+                out
+            });
+            regex::Regex::new(&rr.pattern)
+                .ok()
+                .map(|re| (re, replacement))
+        });
+        Self {
+            uri: rw.uri.clone(),
+            authority: rw.authority.clone(),
+            uri_regex,
+        }
+    }
+}
+
 /// A weighted destination, already resolved to its cluster.
 #[derive(Clone, Debug, Serialize)]
 pub struct WeightedCluster {
@@ -167,7 +211,7 @@ pub struct HttpRoute {
     pub retry_before_1_24: Option<RetryPolicy>,
     pub fault: Option<HttpFaultInjection>,
     pub mirrors: Vec<(WeightedCluster, Option<Percent>)>,
-    pub rewrite: Option<HttpRewrite>,
+    pub rewrite: Option<Rewrite>,
     pub cors: Option<Cors>,
     pub headers: Option<Headers>,
 }
