@@ -281,6 +281,32 @@ impl Metrics {
         }
     }
 
+    /// A request or connection refused by `cluster`'s `breaker` (503 UO).
+    pub fn count_overflow(&self, cluster: &str, breaker: &'static str) {
+        self.upstream_overflow
+            .get_or_create(&BreakerLabels {
+                cluster_name: cluster.to_owned(),
+                breaker,
+            })
+            .inc();
+    }
+
+    pub fn count_retry(&self, cluster: &str) {
+        self.upstream_retries
+            .get_or_create(&ClusterLabels {
+                cluster_name: cluster.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn count_ejection(&self, cluster: &str) {
+        self.outlier_ejections
+            .get_or_create(&ClusterLabels {
+                cluster_name: cluster.to_owned(),
+            })
+            .inc();
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {

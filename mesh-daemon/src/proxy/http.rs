@@ -28,11 +28,11 @@ use super::{
 };
 use crate::{
     config::istio::{networking::HeaderOperations, validate::GRPC_STATUS},
-    metrics::{BreakerLabels, ClusterLabels, RequestLabels, TcpLabels},
+    metrics::{RequestLabels, TcpLabels},
     netns::Netns,
     routing::{
         HttpRoute, RequestMatch, RouteAction, WeightedCluster,
-        eval::{RequestView, pick_weighted, redirect_location, rewrite_path},
+        eval::{RequestView, pick_weighted, query_param, redirect_location, rewrite_path},
         policy::{HashKey, LbPolicy},
         retry::{Failure, RetryPolicy},
     },
@@ -317,7 +317,7 @@ impl Upstream<'_> {
         let Some(request_slot) = take_slot(&state.requests, cluster.policy.limits.max_requests)
         else {
             log.response_flags = flags::OVERFLOW;
-            self.count_overflow(&cluster.name, "requests");
+            self.metrics().count_overflow(&cluster.name, "requests");
             return local(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW_BODY);
         };
 
@@ -395,16 +395,6 @@ impl Upstream<'_> {
 
     fn metrics(&self) -> &crate::metrics::Metrics {
         &self.conn.pod.inputs.metrics
-    }
-
-    fn count_overflow(&self, cluster: &str, breaker: &'static str) {
-        self.metrics()
-            .upstream_overflow
-            .get_or_create(&BreakerLabels {
-                cluster_name: cluster.to_owned(),
-                breaker,
-            })
-            .inc();
     }
 
     /// The route's retry policy, as the mesh's Istio version builds it.
@@ -602,7 +592,9 @@ impl Attempts<'_> {
                 // Overflow is the proxy's own limit: nothing to hold against the endpoint.
                 Err(Failure::Overflow) => {
                     log.response_flags = flags::OVERFLOW;
-                    self.up.count_overflow(&self.cluster.name, "pending");
+                    self.up
+                        .metrics()
+                        .count_overflow(&self.cluster.name, "pending");
                     return local(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW_BODY);
                 }
                 Err(f) => (*f, Outcome::LocalOriginFailure),
@@ -616,13 +608,7 @@ impl Attempts<'_> {
                 }
             };
             if self.state.report(self.cluster, ep, outcome) {
-                self.up
-                    .metrics()
-                    .outlier_ejections
-                    .get_or_create(&ClusterLabels {
-                        cluster_name: self.cluster.name.clone(),
-                    })
-                    .inc();
+                self.up.metrics().count_ejection(&self.cluster.name);
             }
             let wants_retry = policy.is_some_and(|p| p.retries(failure));
             let may_retry = policy.is_some_and(|p| retries < p.attempts);
@@ -633,13 +619,7 @@ impl Attempts<'_> {
                     take_slot(&self.state.retries, self.cluster.policy.limits.max_retries)
                 {
                     retries += 1;
-                    self.up
-                        .metrics()
-                        .upstream_retries
-                        .get_or_create(&ClusterLabels {
-                            cluster_name: self.cluster.name.clone(),
-                        })
-                        .inc();
+                    self.up.metrics().count_retry(&self.cluster.name);
                     let pause =
                         policy.map_or(Duration::ZERO, |p| p.backoff(retries, fastrand::f64()));
                     drop(result);
@@ -797,12 +777,9 @@ fn hash_key<B>(lb: &LbPolicy, req: &Request<B>, source: u64) -> Option<u64> {
                 (k == name).then(|| cluster_state::hash_key(v.trim_matches('"').as_bytes()))
             }),
         HashKey::SourceIp => Some(source),
-        HashKey::QueryParameter(name) => req.uri().query().and_then(|q| {
-            q.split('&').find_map(|kv| {
-                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                (k == name).then(|| cluster_state::hash_key(v.as_bytes()))
-            })
-        }),
+        HashKey::QueryParameter(name) => {
+            query_param(req.uri().query(), name).map(|v| cluster_state::hash_key(v.as_bytes()))
+        }
     }
 }
 

@@ -18,10 +18,10 @@ use super::{
     forward::{abort, forward},
     http::{self, Downstream, PodHttp},
     protocol::Protocol,
-    sockets::{SocketError, listen_in, socket_in},
+    sockets::{SocketError, connect_in, listen_in},
 };
 use crate::{
-    metrics::{BreakerLabels, ClusterLabels, TcpLabels},
+    metrics::TcpLabels,
     netns::Netns,
     routing::{
         Cluster,
@@ -255,6 +255,7 @@ impl Conn {
     /// policy, connect-failures counted for outlier detection and retried elsewhere.
     async fn connect_cluster(
         &self,
+        snap: &Snapshot,
         cluster: &Cluster,
         v4: bool,
         last_tried: &mut Option<SocketAddr>,
@@ -264,30 +265,22 @@ impl Conn {
         let Some(slot) = take_slot(&state.connections, policy.limits.max_connections) else {
             self.inputs
                 .metrics
-                .upstream_overflow
-                .get_or_create(&BreakerLabels {
-                    cluster_name: cluster.name.clone(),
-                    breaker: "connections",
-                })
-                .inc();
+                .count_overflow(&cluster.name, "connections");
             return Err(flags::OVERFLOW);
+        };
+        // Of the hash keys only the source address exists for a TCP connection.
+        let hash = match &policy.lb {
+            LbPolicy::Hash(HashKey::SourceIp) => Some(source_hash(
+                snap.pods_by_uid.get(&self.pod_uid).map(|p| &**p),
+                &self.pod_uid,
+            )),
+            _ => None,
         };
         let mut tried = Vec::new();
         for _ in 0..TCP_CONNECT_ATTEMPTS {
             let choice = Choice {
                 v4,
-                hash: match &policy.lb {
-                    LbPolicy::Hash(HashKey::SourceIp) => Some(source_hash(
-                        self.inputs
-                            .snapshot
-                            .load()
-                            .pods_by_uid
-                            .get(&self.pod_uid)
-                            .map(|p| &**p),
-                        &self.pod_uid,
-                    )),
-                    _ => None,
-                },
+                hash,
                 tried: &tried,
             };
             let Some((addr, in_flight)) = state.choose(cluster, &choice) else {
@@ -317,13 +310,7 @@ impl Conn {
                 });
             }
             if state.report(cluster, addr, Outcome::LocalOriginFailure) {
-                self.inputs
-                    .metrics
-                    .outlier_ejections
-                    .get_or_create(&ClusterLabels {
-                        cluster_name: cluster.name.clone(),
-                    })
-                    .inc();
+                self.inputs.metrics.count_ejection(&cluster.name);
             }
         }
         Err(if tried.is_empty() {
@@ -365,7 +352,7 @@ impl Conn {
             TcpTarget::NoCluster => ("BlackHoleCluster".to_owned(), Err(flags::NO_CLUSTER)),
             TcpTarget::Cluster(c) => {
                 let connected = self
-                    .connect_cluster(&c, orig.is_ipv4(), &mut upstream_addr)
+                    .connect_cluster(snap, &c, orig.is_ipv4(), &mut upstream_addr)
                     .await;
                 (c.name, connected)
             }
@@ -439,24 +426,15 @@ impl Conn {
     }
 
     async fn connect(&self, addr: SocketAddr, limit: std::time::Duration) -> Option<TcpStream> {
-        let sock = match socket_in(&self.netns, &self.inputs.host, addr) {
-            Ok(s) => s,
-            Err(e) => {
+        match connect_in(&self.netns, &self.inputs.host, addr, limit).await {
+            Ok(s) => Some(s),
+            // Entering the pod's namespace failed: the daemon's problem, not the endpoint's.
+            Err(e @ SocketError::Netns(_)) => {
                 tracing::warn!(pod = %self.pod_uid, %addr, error = %e, "cannot open upstream socket");
-                return None;
-            }
-        };
-        match tokio::time::timeout(limit, sock.connect(addr)).await {
-            Ok(Ok(s)) => {
-                s.set_nodelay(true).ok();
-                Some(s)
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(pod = %self.pod_uid, %addr, error = %e, "upstream connect failed");
                 None
             }
-            Err(_) => {
-                tracing::debug!(pod = %self.pod_uid, %addr, "upstream connect timed out");
+            Err(e) => {
+                tracing::debug!(pod = %self.pod_uid, %addr, error = %e, "upstream connect failed");
                 None
             }
         }

@@ -19,7 +19,7 @@ use super::{
     ProxyInputs,
     cluster_state::{ClusterState, Slot, take_slot},
     http::Body,
-    sockets::socket_in,
+    sockets::{SocketError, connect_in},
 };
 use crate::{netns::Netns, routing::policy::ClusterPolicy};
 
@@ -28,10 +28,8 @@ use crate::{netns::Netns, routing::policy::ClusterPolicy};
 pub enum PoolError {
     #[error("connection pool overflow")]
     Overflow,
-    #[error("connect failed: {0}")]
-    Connect(std::io::Error),
-    #[error("connect timed out")]
-    ConnectTimeout,
+    #[error(transparent)]
+    Connect(#[from] SocketError),
     #[error("HTTP handshake failed: {0}")]
     Handshake(hyper::Error),
 }
@@ -336,13 +334,13 @@ impl PodPool {
         w: &Want<'_>,
         slot: Slot,
     ) -> Result<Lease, PoolError> {
-        let sock = socket_in(&self.netns, &self.inputs.host, w.endpoint)
-            .map_err(|e| PoolError::Connect(std::io::Error::other(e)))?;
-        let stream = tokio::time::timeout(w.policy.connect_timeout, sock.connect(w.endpoint))
-            .await
-            .map_err(|_| PoolError::ConnectTimeout)?
-            .map_err(PoolError::Connect)?;
-        stream.set_nodelay(true).ok();
+        let stream = connect_in(
+            &self.netns,
+            &self.inputs.host,
+            w.endpoint,
+            w.policy.connect_timeout,
+        )
+        .await?;
         let io = TokioIo::new(stream);
         let per_conn = w
             .policy

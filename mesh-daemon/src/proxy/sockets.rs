@@ -3,7 +3,7 @@ use std::net::SocketAddr;
 
 use mesh_common::DAEMON_SOCKET_MARK;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::netns::{HostNetns, Netns, NetnsError};
 
@@ -16,6 +16,11 @@ pub enum SocketError {
         what: &'static str,
         addr: SocketAddr,
         source: std::io::Error,
+    },
+    #[error("connecting to {addr} timed out after {after:?}")]
+    ConnectTimeout {
+        addr: SocketAddr,
+        after: std::time::Duration,
     },
 }
 
@@ -65,4 +70,25 @@ pub fn socket_in(ns: &Netns, host: &HostNetns, dst: SocketAddr) -> Result<TcpSoc
         })?;
     s.set_tcp_nodelay(true).ok();
     Ok(TcpSocket::from_std_stream(s.into()))
+}
+
+/// Connects to `addr` from inside `ns` within `limit`, with Nagle off: the one way the
+/// proxy opens upstream connections (HTTP pool and TCP alike).
+pub async fn connect_in(
+    ns: &Netns,
+    host: &HostNetns,
+    addr: SocketAddr,
+    limit: std::time::Duration,
+) -> Result<TcpStream, SocketError> {
+    let sock = socket_in(ns, host, addr)?;
+    let stream = tokio::time::timeout(limit, sock.connect(addr))
+        .await
+        .map_err(|_| SocketError::ConnectTimeout { addr, after: limit })?
+        .map_err(|source| SocketError::Io {
+            what: "connecting to",
+            addr,
+            source,
+        })?;
+    stream.set_nodelay(true).ok();
+    Ok(stream)
 }
