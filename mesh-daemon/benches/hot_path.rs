@@ -92,10 +92,11 @@ fn bench(c: &mut Criterion) {
     });
     g.finish();
 
-    let mut cluster = snap
+    let mut cluster = (*snap
         .routing
         .cluster("bench", HOST, 80, None)
-        .expect("cluster");
+        .expect("cluster"))
+    .clone();
     let mut g = c.benchmark_group("endpoint choice, 100 endpoints");
     let policies = [
         ("round robin", LbPolicy::RoundRobin),

@@ -342,7 +342,7 @@ impl Cluster {
             [&format!("10.200.0.{i}/24"), &format!("fd00:200::{i}/64")],
         )?;
         sys::ip(&["-n", &netns, "link", "add", "cbr0", "type", "bridge"])?;
-        addr_add(&netns, "cbr0", &format!("10.244.{i}.1/24"))?;
+        addr_add(&netns, "cbr0", &format!("{}/24", self.node_gateway4(i)))?;
         addr_add(&netns, "cbr0", &format!("fd00:244:{i}::1/64"))?;
         sys::ip(&["-n", &netns, "link", "set", "cbr0", "up"])?;
         sys::sysctl_in(&netns, "net.ipv4.ip_forward", "1")?;
@@ -370,6 +370,11 @@ impl Cluster {
     /// The node's cgroup, where its daemon attaches the programs.
     pub fn node_cgroup(&self, node: usize) -> &Path {
         &self.nodes[node - 1].cgroup
+    }
+
+    /// The node's address on its pods' bridge: how pods reach a program on their node.
+    pub fn node_gateway4(&self, node: usize) -> String {
+        format!("10.244.{node}.1")
     }
 
     pub fn node_netns(&self, node: usize) -> &str {
@@ -676,6 +681,18 @@ impl Cluster {
         }
     }
 
+    /// Starts a host-level program on a node (its network namespace, beside the daemon),
+    /// as a node-local proxy would run. It is killed with the cluster at the latest.
+    pub fn spawn_on_node(&self, node: usize, cmd: &mut Command) -> Result<Child> {
+        let n = &self.nodes[node - 1];
+        sys::spawn_in(&n.netns, &n.cgroup.join("system"), cmd)
+    }
+
+    /// This run's own directory (removed with the cluster): for files other programs need.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
     pub fn daemon_pid(&self, node: usize) -> Option<u32> {
         self.nodes[node - 1].daemon.as_ref().map(Child::id)
     }
@@ -742,11 +759,22 @@ impl Cluster {
 
     /// Runs `program <args>` in a pod (its network namespace and cgroup) to the end.
     pub fn run_in(&self, pod: PodRef, program: &Path, args: &[&str]) -> Result<String> {
+        self.run_in_for(pod, program, args, CLIENT_TIMEOUT)
+    }
+
+    /// [`Cluster::run_in`] for programs that run longer, killed after `timeout`.
+    pub fn run_in_for(
+        &self,
+        pod: PodRef,
+        program: &Path,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<String> {
         let p = self.pod(pod);
         let mut cmd = Command::new(program);
         cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
         let child = sys::spawn_in(&p.netns, &p.cgroup, &mut cmd)?;
-        let out = sys::wait_output(child, CLIENT_TIMEOUT, "a client in a pod")?;
+        let out = sys::wait_output(child, timeout, "a client in a pod")?;
         if !out.status.success() {
             return Err(HarnessError::Other(format!(
                 "client failed: {}",

@@ -32,6 +32,16 @@ enum Cmd {
         #[arg(long)]
         no_lint: bool,
     },
+    /// Set up, build for release, then measure Sidelane against a direct connection, nginx
+    /// and haproxy in the netns cluster (results in target/bench/<time>/).
+    Bench {
+        /// Run the criterion micro-benchmarks of the hot path instead.
+        #[arg(long)]
+        micro: bool,
+        /// Passed on to sidelane-bench, e.g. `-- --only http1-keepalive --latency-secs 20`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Set up, then build a demo cluster, apply the tutorial's YAML and show the traffic.
     Demo,
 }
@@ -56,6 +66,16 @@ fn main() -> anyhow::Result<()> {
             }
             build(false)?;
             test(filter.as_deref())
+        }
+        Cmd::Bench { micro, args } => {
+            setup::run()?;
+            if micro {
+                return cargo(&["bench", "--package", "mesh-daemon"]).status_ok("cargo bench");
+            }
+            setup::bench_tools()?;
+            require_root()?;
+            build(true)?;
+            bench(&args)
         }
         Cmd::Demo => {
             setup::run()?;
@@ -124,6 +144,37 @@ fn build(release: bool) -> anyhow::Result<()> {
         args = vec!["build", "--bins", "--release"];
     }
     cargo(&args).status_ok("cargo build")
+}
+
+fn target_dir() -> anyhow::Result<std::path::PathBuf> {
+    Ok(std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or(workspace_root()?.join("target")))
+}
+
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    let release = target_dir()?.join("release");
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let out = target_dir()?.join("bench").join(stamp.to_string());
+    let result = Command::new(release.join("sidelane-bench"))
+        .arg("--out")
+        .arg(&out)
+        .arg("--oha")
+        .arg(setup::oha())
+        .args(args)
+        .env("SIDELANE_BIN_DIR", &release)
+        .status_ok("sidelane-bench");
+    let left = leftovers();
+    if !left.is_empty() {
+        bail!(
+            "the benchmark left resources behind:\n  {}",
+            left.join("\n  ")
+        );
+    }
+    result
 }
 
 fn lint() -> anyhow::Result<()> {

@@ -10,6 +10,19 @@ const BPF_LINKER_VERSION: &str = "0.13";
 /// Debian packages the tests and the demo use: `ip` for the netns cluster, bpftool to show
 /// the pinned maps.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("bpftool", "bpftool")];
+/// What `cargo xtask bench` adds: the reference proxies, nginx's stream module (for its L4
+/// baseline), and iperf3 for TCP bulk transfer.
+const BENCH_DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("nginx", "nginx"),
+    (
+        "/usr/lib/nginx/modules/ngx_stream_module.so",
+        "libnginx-mod-stream",
+    ),
+    ("haproxy", "haproxy"),
+    ("iperf3", "iperf3"),
+];
+/// The HTTP load generator of the benchmarks: open loop with latency correction, HTTP/2.
+const OHA_VERSION: &str = "1.16.0";
 /// Python modules the tests use, by import name and package: grpcio is the real gRPC client
 /// and server of the gRPC tests.
 const PYTHON_PACKAGES: &[(&str, &str)] = &[("grpc", "grpcio")];
@@ -17,13 +30,36 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[("grpc", "grpcio")];
 pub fn run() -> anyhow::Result<()> {
     nightly_components()?;
     bpf_linker()?;
-    debian_packages()?;
+    debian_packages(DEBIAN_PACKAGES)?;
     python_packages()?;
     bpffs()?;
     if cgroup2_mount().is_none() {
         bail!("no cgroup2 filesystem is mounted; Sidelane needs cgroup v2 (unified or hybrid)");
     }
     Ok(())
+}
+
+/// The benchmarks' tools, on top of [`run`]'s.
+pub fn bench_tools() -> anyhow::Result<()> {
+    debian_packages(BENCH_DEBIAN_PACKAGES)?;
+    let have = output(&oha().to_string_lossy(), &["--version"]).unwrap_or_default();
+    if !have.contains(OHA_VERSION) {
+        println!("setup: building oha {OHA_VERSION} (the HTTP load generator; a few minutes)");
+        Command::new("cargo")
+            .args(["install", "oha", "--locked", "--version", OHA_VERSION])
+            .env_remove("CARGO_TARGET_DIR")
+            .status_ok("cargo install oha")?;
+    }
+    Ok(())
+}
+
+/// Where `cargo install` puts oha.
+pub fn oha() -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
+    home.join("bin/oha")
 }
 
 fn output(cmd: &str, args: &[&str]) -> Option<String> {
@@ -108,10 +144,17 @@ fn bpf_linker() -> anyhow::Result<()> {
         .status_ok("cargo install bpf-linker")
 }
 
-fn debian_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+/// Installs the packages of `wanted` whose file (absolute path) or command is missing.
+fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = wanted
         .iter()
-        .filter(|(bin, _)| output("which", &[bin]).is_none())
+        .filter(|(file, _)| {
+            if file.starts_with('/') {
+                !std::path::Path::new(file).exists()
+            } else {
+                output("which", &[file]).is_none()
+            }
+        })
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
@@ -125,11 +168,39 @@ fn debian_packages() -> anyhow::Result<()> {
         .arg("update")
         .arg("-qq")
         .status_ok("apt-get update")?;
+    let _no_services = NoServiceStarts::new();
     Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status_ok("apt-get install")
+}
+
+/// Keeps packages (nginx, haproxy, iperf3) from starting their system services while they
+/// install: a host nginx on port 80 is not ours to start. Debian's invoke-rc.d asks
+/// /usr/sbin/policy-rc.d, and 101 means "not allowed"; one already there is left alone.
+struct NoServiceStarts(Option<PathBuf>);
+
+impl NoServiceStarts {
+    fn new() -> Self {
+        let path = PathBuf::from("/usr/sbin/policy-rc.d");
+        if path.exists() {
+            return Self(None);
+        }
+        let written = std::fs::write(&path, "#!/bin/sh\nexit 101\n").and_then(|()| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+        });
+        Self(written.ok().map(|()| path))
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 /// Installs into the `python3` first on PATH, the one the tests run.

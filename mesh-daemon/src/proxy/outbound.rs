@@ -111,6 +111,9 @@ impl Outbound {
                 loop {
                     match l.accept().await {
                         Ok((stream, peer)) => {
+                            // Small HTTP/2 frames and responses go out at once: with Nagle
+                            // they wait for the client's delayed ACK (up to 40 ms).
+                            stream.set_nodelay(true).ok();
                             let this = this.clone();
                             tokio::spawn(async move { this.handle(stream, peer).await });
                         }
@@ -140,7 +143,7 @@ enum TcpTarget {
     Passthrough(SocketAddr),
     /// A route named a subset no DestinationRule defines for this client.
     NoCluster,
-    Cluster(Box<Cluster>),
+    Cluster(Arc<Cluster>),
 }
 
 /// Connect attempts for a TCP connection, each on another endpoint when there is one: the
@@ -248,7 +251,7 @@ impl Conn {
             Some(route) => pick_weighted(&route.clusters, fastrand::u32(..))
                 .and_then(|wc| routing.cluster(source_ns, &wc.host, wc.port, wc.subset.as_deref())),
         };
-        cluster.map_or(TcpTarget::NoCluster, |c| TcpTarget::Cluster(Box::new(c)))
+        cluster.map_or(TcpTarget::NoCluster, TcpTarget::Cluster)
     }
 
     /// An upstream connection for `cluster`: within its `maxConnections`, balanced by its
@@ -354,7 +357,7 @@ impl Conn {
                 let connected = self
                     .connect_cluster(snap, &c, orig.is_ipv4(), &mut upstream_addr)
                     .await;
-                (c.name, connected)
+                (c.name.clone(), connected)
             }
         };
         let upstream_addr = upstream.as_ref().map(|c| c.addr).ok().or(upstream_addr);

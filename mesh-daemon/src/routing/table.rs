@@ -17,7 +17,11 @@ use crate::{
     state::Endpoint,
 };
 
-use super::{policy::ClusterPolicy, retry::RetryPolicy};
+use super::{
+    cluster_cache::{ClusterCache, ClusterQuery},
+    policy::ClusterPolicy,
+    retry::RetryPolicy,
+};
 
 /// Who may see a resource (`exportTo`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -306,6 +310,9 @@ pub struct Routing {
     /// The wildcard keys of `destination_rules`, longest (most specific) first, so a lookup
     /// scans these few and not every rule.
     pub wildcard_rule_hosts: Vec<String>,
+    /// Clusters resolved so far from this snapshot (see [`Routing::cluster`]).
+    #[serde(skip)]
+    pub cluster_cache: ClusterCache,
 }
 
 /// JSON object keys must be strings: `(host, port)` is written `host:port`, sorted.
@@ -440,8 +447,26 @@ impl Routing {
 
     /// The cluster a client in `namespace` reaches for `host:port`, narrowed to `subset`.
     /// `None` when the subset is not defined for this client: Envoy answers such routes
-    /// with 503 (no cluster).
+    /// with 503 (no cluster). Resolved once per snapshot and shared.
     pub fn cluster(
+        &self,
+        namespace: &str,
+        host: &str,
+        port: u16,
+        subset: Option<&str>,
+    ) -> Option<Arc<Cluster>> {
+        let query = ClusterQuery {
+            namespace,
+            host,
+            port,
+            subset,
+        };
+        self.cluster_cache.get_or_build(query, || {
+            self.resolve_cluster(namespace, host, port, subset)
+        })
+    }
+
+    fn resolve_cluster(
         &self,
         namespace: &str,
         host: &str,

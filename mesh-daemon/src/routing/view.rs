@@ -200,10 +200,10 @@ pub fn clusters(r: &Routing, namespace: &str) -> Vec<ClusterView> {
             for subset in &subsets {
                 if let Some(c) = r.cluster(namespace, &svc.host, *port, *subset) {
                     out.insert(ClusterView {
-                        name: c.name,
-                        host: c.host,
+                        name: c.name.clone(),
+                        host: c.host.clone(),
                         port: c.port,
-                        subset: c.subset.unwrap_or_default(),
+                        subset: c.subset.clone().unwrap_or_default(),
                         destination_rule: dr.map_or("-".into(), |d| d.rules.join(",")),
                         endpoints: c.endpoints.len(),
                         policy: policy_summary(&c.policy),
@@ -275,7 +275,7 @@ pub fn endpoints(r: &Routing, namespace: &str) -> Vec<EndpointView> {
     for c in clusters(r, namespace) {
         let subset = (!c.subset.is_empty()).then_some(c.subset.as_str());
         if let Some(cl) = r.cluster(namespace, &c.host, c.port, subset) {
-            out.extend(cl.endpoints.into_iter().map(|e| EndpointView {
+            out.extend(cl.endpoints.iter().map(|e| EndpointView {
                 endpoint: e.addr.to_string(),
                 status: "HEALTHY",
                 cluster: cl.name.clone(),

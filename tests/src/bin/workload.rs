@@ -220,6 +220,8 @@ async fn serve(id: Arc<Identity>, http_port: u16, tcp_port: u16) -> anyhow::Resu
     });
     loop {
         let (stream, peer) = http.accept().await?;
+        // As real servers do: without it, small HTTP/2 frames wait on delayed ACKs.
+        stream.set_nodelay(true).ok();
         let id = id.clone();
         tokio::spawn(async move {
             // A second handle on the socket lets a handler turn the close into a reset.

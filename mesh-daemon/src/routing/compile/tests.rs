@@ -122,6 +122,13 @@ fn the_tutorial_canary_compiles_to_three_routes_with_subset_clusters() {
     );
     // A subset no DestinationRule defines has no cluster (Envoy answers 503).
     assert!(r.cluster("production", HOST, 8080, Some("v3")).is_none());
+    // Resolved once per snapshot: later requests share the first one's cluster, and a
+    // different client namespace or subset is a different cluster.
+    let again = r.cluster("production", HOST, 8080, Some("v1")).expect("v1");
+    assert!(std::sync::Arc::ptr_eq(&v1, &again));
+    assert!(!std::sync::Arc::ptr_eq(&v1, &v2));
+    let other_ns = r.cluster("default", HOST, 8080, Some("v1"));
+    assert!(other_ns.is_none_or(|c| !std::sync::Arc::ptr_eq(&v1, &c)));
 }
 
 #[test]

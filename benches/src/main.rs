@@ -1,0 +1,170 @@
+//! `sidelane-bench` (run it with `cargo xtask bench`): what the mesh costs. Builds the netns
+//! cluster, then for every scenario and placement loads the same server directly, through
+//! Sidelane, through nginx and through haproxy, one after the other in the same run, and
+//! writes `results.json`, `results.txt` and one latency plot per HTTP scenario.
+//! `benches/README.md` says what each figure means.
+mod baselines;
+mod load;
+mod measure;
+mod plot;
+mod procstat;
+mod report;
+mod topology;
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::Context as _;
+use clap::Parser;
+
+use measure::Plan;
+use report::{Report, Row, Scenario};
+use topology::{Bench, Placement, Via};
+
+#[derive(Parser)]
+struct Args {
+    /// Directory for results.json, results.txt and the plots.
+    #[arg(long)]
+    out: PathBuf,
+    /// The oha binary.
+    #[arg(long, default_value = "oha")]
+    oha: PathBuf,
+    /// Seconds of closed-loop load per saturation measurement.
+    #[arg(long, default_value_t = 5)]
+    saturation_secs: u32,
+    /// Seconds of open-loop load per latency measurement.
+    #[arg(long, default_value_t = 10)]
+    latency_secs: u32,
+    /// Requests per second of the latency measurement.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Seconds of each TCP bulk transfer.
+    #[arg(long, default_value_t = 5)]
+    bulk_secs: u32,
+    /// Only measurements whose "scenario placement via" contains every one of these words
+    /// (for example `http1-keepalive same-node`).
+    #[arg(long, num_args = 1..)]
+    only: Vec<String>,
+}
+
+fn selected(only: &[String], s: Scenario, p: Placement, v: Via) -> bool {
+    let name = format!("{} {} {}", s.label(), p.label(), v.label());
+    only.iter().all(|w| name.contains(w.as_str()))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let plan = Plan {
+        oha: args.oha.clone(),
+        saturation_secs: args.saturation_secs,
+        latency_secs: args.latency_secs,
+        rate: args.rate,
+        bulk_secs: args.bulk_secs,
+    };
+    println!("building the benchmark cluster (2 nodes, the mesh, nginx and haproxy on node 1)");
+    let bench = Bench::build()?;
+    let idle_rss_mb: BTreeMap<String, f64> = [Via::Sidelane, Via::Nginx, Via::Haproxy]
+        .into_iter()
+        .map(|v| {
+            let pids = bench.pids(v);
+            (
+                v.label().to_owned(),
+                procstat::rss_bytes(&pids) as f64 / 1e6,
+            )
+        })
+        .collect();
+
+    let mut rows = Vec::new();
+    for scenario in Scenario::ALL {
+        for placement in Placement::ALL {
+            for via in Via::ALL {
+                if !selected(&args.only, scenario, placement, via) {
+                    continue;
+                }
+                println!(
+                    "measuring {} {} via {}",
+                    scenario.label(),
+                    placement.label(),
+                    via.label()
+                );
+                let row = if scenario == Scenario::TcpBulk {
+                    measure::bulk(&bench, &plan, placement, via)
+                } else {
+                    measure::http(&bench, &plan, scenario, placement, via)
+                };
+                rows.push(row.unwrap_or_else(|e| {
+                    eprintln!("  failed: {e:#}");
+                    Row::failed(scenario, placement, via, format!("{e:#}"))
+                }));
+            }
+        }
+    }
+
+    let report = Report {
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        cpus: std::thread::available_parallelism().map_or(0, usize::from),
+        saturation_secs: args.saturation_secs,
+        latency_secs: args.latency_secs,
+        rate: args.rate,
+        bulk_secs: args.bulk_secs,
+        idle_rss_mb,
+        rows,
+    };
+    write_outputs(&args.out, &report)?;
+    let failed = report.rows.iter().filter(|r| r.error.is_some()).count();
+    anyhow::ensure!(failed == 0, "{failed} measurement(s) failed; see above");
+    Ok(())
+}
+
+fn write_outputs(out: &std::path::Path, report: &Report) -> anyhow::Result<()> {
+    let table = report.table();
+    let targets = report.targets().join("\n");
+    println!("\n{table}\n{targets}");
+    std::fs::write(out.join("results.txt"), format!("{table}\n{targets}\n"))?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(report)?,
+    )?;
+    for scenario in Scenario::ALL {
+        for placement in Placement::ALL {
+            let lines: Vec<plot::Series<'_>> = report
+                .rows
+                .iter()
+                .filter(|r| r.scenario == scenario && r.placement == placement)
+                .filter_map(|r| {
+                    let l = r.latency.as_ref()?;
+                    Some(plot::Series {
+                        name: r.via.label(),
+                        points: l
+                            .run
+                            .latency_ms
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), *v))
+                            .collect(),
+                    })
+                })
+                .collect();
+            if lines.is_empty() {
+                continue;
+            }
+            let title = format!(
+                "{} {}: latency at {} requests/s (open loop)",
+                scenario.label(),
+                placement.label(),
+                report.rate
+            );
+            let file = out.join(format!(
+                "latency-{}-{}.svg",
+                scenario.label(),
+                placement.label()
+            ));
+            std::fs::write(&file, plot::latency_svg(&title, &lines))?;
+        }
+    }
+    println!("\nwritten to {}", out.display());
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! One measurement: a scenario over one path, with the proxy's CPU and memory read around
+//! the load.
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    baselines::Listener,
+    load::{self, HttpKind, HttpRun, Load},
+    procstat::{CpuMeter, PeakRss},
+    report::{Bulk, Latency, Row, Saturation, Scenario},
+    topology::{Bench, Placement, Target, Via},
+};
+
+/// How long and how hard to load each path.
+pub struct Plan {
+    pub oha: PathBuf,
+    pub saturation_secs: u32,
+    pub latency_secs: u32,
+    pub rate: u32,
+    pub bulk_secs: u32,
+}
+
+/// Concurrent requests of a saturation run: enough to keep both cores busy.
+const SATURATION_WORKERS: u32 = 64;
+/// Slack beyond a run's own duration before its generator is killed.
+const GRACE: Duration = Duration::from_secs(30);
+
+pub fn http_kind(s: Scenario) -> Option<HttpKind> {
+    match s {
+        Scenario::Http1KeepAlive => Some(HttpKind::KeepAlive),
+        Scenario::Http2Multiplexed => Some(HttpKind::Multiplexed),
+        Scenario::Http1NewConnection => Some(HttpKind::NewConnection),
+        Scenario::TcpBulk => None,
+    }
+}
+
+fn oha(b: &Bench, plan: &Plan, t: &Target, kind: HttpKind, load: Load) -> anyhow::Result<HttpRun> {
+    let url = format!("http://{}:{}/", t.host, t.port);
+    let args = load::oha_args(kind, &url, load);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let secs = match load {
+        Load::Saturate { secs, .. } | Load::Rate { secs, .. } => secs,
+    };
+    let out = b
+        .cluster
+        .run_in_for(
+            t.client,
+            &plan.oha,
+            &args,
+            Duration::from_secs(u64::from(secs)) + GRACE,
+        )
+        .with_context(|| format!("oha {url}"))?;
+    load::parse_oha(&out)
+}
+
+fn per_1000(cpu_s: f64, pids: &[u32], responses: u64) -> Option<f64> {
+    (!pids.is_empty() && responses > 0).then(|| cpu_s / responses as f64 * 1000.0)
+}
+
+pub fn http(
+    b: &Bench,
+    plan: &Plan,
+    scenario: Scenario,
+    placement: Placement,
+    via: Via,
+) -> anyhow::Result<Row> {
+    let kind = http_kind(scenario).context("not an HTTP scenario")?;
+    let listener = match kind {
+        HttpKind::Multiplexed => Listener::Http2,
+        HttpKind::KeepAlive | HttpKind::NewConnection => Listener::Http1,
+    };
+    let t = b.target(placement, via, listener);
+    // Warm-up: connections pooled, code paged in, and the path shown to answer at all.
+    let warm = oha(
+        b,
+        plan,
+        &t,
+        kind,
+        Load::Saturate {
+            secs: 1,
+            workers: 8,
+        },
+    )?;
+    if warm.ok == 0 {
+        bail!(
+            "no response with status 200 in warm-up: {:?}",
+            warm.failures
+        );
+    }
+
+    let cpu = CpuMeter::start(&t.pids);
+    let run = oha(
+        b,
+        plan,
+        &t,
+        kind,
+        Load::Saturate {
+            secs: plan.saturation_secs,
+            workers: SATURATION_WORKERS,
+        },
+    )?;
+    let saturation = Saturation {
+        cpu_s_per_1000: per_1000(cpu.seconds(), &t.pids, run.responses()),
+        run,
+    };
+
+    let rss = PeakRss::start(t.pids.clone());
+    let cpu = CpuMeter::start(&t.pids);
+    let run = oha(
+        b,
+        plan,
+        &t,
+        kind,
+        Load::Rate {
+            secs: plan.latency_secs,
+            rps: plan.rate,
+        },
+    )?;
+    let peak = rss.finish();
+    let latency = Latency {
+        target_rps: plan.rate,
+        cpu_s_per_1000: per_1000(cpu.seconds(), &t.pids, run.responses()),
+        peak_rss_mb: (!t.pids.is_empty()).then(|| peak as f64 / 1e6),
+        run,
+    };
+    Ok(Row {
+        scenario,
+        placement,
+        via,
+        saturation: Some(saturation),
+        latency: Some(latency),
+        bulk: None,
+        error: None,
+    })
+}
+
+pub fn bulk(b: &Bench, plan: &Plan, placement: Placement, via: Via) -> anyhow::Result<Row> {
+    let t = b.target(placement, via, Listener::Tcp);
+    let args = load::iperf_args(&t.host, t.port, plan.bulk_secs);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let cpu = CpuMeter::start(&t.pids);
+    let out = b
+        .cluster
+        .run_in_for(
+            t.client,
+            std::path::Path::new("iperf3"),
+            &args,
+            Duration::from_secs(u64::from(plan.bulk_secs)) + GRACE,
+        )
+        .context("iperf3")?;
+    let bps = load::parse_iperf(&out)?;
+    let gib = bps * f64::from(plan.bulk_secs) / 8.0 / f64::from(1u32 << 30);
+    let cpu_s = cpu.seconds();
+    Ok(Row {
+        scenario: Scenario::TcpBulk,
+        placement,
+        via,
+        saturation: None,
+        latency: None,
+        bulk: Some(Bulk {
+            gbit_per_s: bps / 1e9,
+            cpu_s_per_gib: (!t.pids.is_empty() && gib > 0.0).then(|| cpu_s / gib),
+        }),
+        error: None,
+    })
+}

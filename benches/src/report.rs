@@ -1,0 +1,334 @@
+//! Results: what each measurement found, as JSON for machines and a table for people, with
+//! every figure that the issue sets a target for put as a ratio to direct in the same run.
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use serde::Serialize;
+
+use crate::{
+    load::HttpRun,
+    topology::{Placement, Via},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    Http1KeepAlive,
+    Http2Multiplexed,
+    Http1NewConnection,
+    TcpBulk,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 4] = [
+        Scenario::Http1KeepAlive,
+        Scenario::Http2Multiplexed,
+        Scenario::Http1NewConnection,
+        Scenario::TcpBulk,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Scenario::Http1KeepAlive => "http1-keepalive",
+            Scenario::Http2Multiplexed => "http2-multiplexed",
+            Scenario::Http1NewConnection => "http1-new-connection",
+            Scenario::TcpBulk => "tcp-bulk",
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Saturation {
+    pub run: HttpRun,
+    /// Proxy CPU seconds per 1000 responses (none for direct).
+    pub cpu_s_per_1000: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    pub target_rps: u32,
+    pub run: HttpRun,
+    pub cpu_s_per_1000: Option<f64>,
+    /// The proxy's highest resident memory during the run.
+    pub peak_rss_mb: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Bulk {
+    pub gbit_per_s: f64,
+    /// Proxy CPU seconds per GiB carried.
+    pub cpu_s_per_gib: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub scenario: Scenario,
+    pub placement: Placement,
+    pub via: Via,
+    pub saturation: Option<Saturation>,
+    pub latency: Option<Latency>,
+    pub bulk: Option<Bulk>,
+    /// Why this measurement has no figures.
+    pub error: Option<String>,
+}
+
+impl Row {
+    pub fn failed(scenario: Scenario, placement: Placement, via: Via, error: String) -> Self {
+        Row {
+            scenario,
+            placement,
+            via,
+            saturation: None,
+            latency: None,
+            bulk: None,
+            error: Some(error),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub kernel: String,
+    pub cpus: usize,
+    pub saturation_secs: u32,
+    pub latency_secs: u32,
+    pub rate: u32,
+    pub bulk_secs: u32,
+    /// Resident memory of each proxy before any load, in MB.
+    pub idle_rss_mb: BTreeMap<String, f64>,
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    fn find(&self, scenario: Scenario, placement: Placement, via: Via) -> Option<&Row> {
+        self.rows
+            .iter()
+            .find(|r| r.scenario == scenario && r.placement == placement && r.via == via)
+    }
+
+    /// The table printed at the end of a run.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<21} {:<10} {:<8} {:>9} {:>6} {:>7} {:>7} {:>7} {:>8} {:>7} {:>8} {:>7} {:>7}",
+            "scenario",
+            "placement",
+            "via",
+            "max rps",
+            "xdir",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "+p99",
+            "CPU/1k",
+            "RSS MB",
+            "errors"
+        );
+        for r in self.rows.iter().filter(|r| r.scenario != Scenario::TcpBulk) {
+            let direct = self.find(r.scenario, r.placement, Via::Direct);
+            let direct_rps = direct.and_then(|d| Some(d.saturation.as_ref()?.run.rps));
+            let direct_p99 = direct.and_then(|d| d.latency.as_ref()?.run.percentile("p99"));
+            let head = format!(
+                "{:<21} {:<10} {:<8}",
+                r.scenario.label(),
+                r.placement.label(),
+                r.via.label()
+            );
+            if let Some(e) = &r.error {
+                let _ = writeln!(out, "{head} failed: {e}");
+                continue;
+            }
+            let sat = r.saturation.as_ref();
+            let lat = r.latency.as_ref();
+            let p = |q: &str| lat.and_then(|l| l.run.percentile(q));
+            let errors = sat.map_or(0, |s| s.run.failures.values().sum::<u64>())
+                + lat.map_or(0, |l| l.run.failures.values().sum::<u64>());
+            let _ = writeln!(
+                out,
+                "{head} {:>9} {:>6} {:>7} {:>7} {:>7} {:>8} {:>7} {:>8} {:>7} {:>7}",
+                num(sat.map(|s| s.run.rps), 0),
+                num(ratio(sat.map(|s| s.run.rps), direct_rps), 2),
+                num(p("p50"), 3),
+                num(p("p90"), 3),
+                num(p("p99"), 3),
+                num(p("p99.9"), 3),
+                num(p("p99").zip(direct_p99).map(|(a, b)| a - b), 3),
+                num(lat.and_then(|l| l.cpu_s_per_1000), 4),
+                num(lat.and_then(|l| l.peak_rss_mb), 1),
+                errors
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n{:<21} {:<10} {:<8} {:>9} {:>6} {:>9}",
+            "scenario", "placement", "via", "Gbit/s", "xdir", "CPU/GiB"
+        );
+        for r in self.rows.iter().filter(|r| r.scenario == Scenario::TcpBulk) {
+            let head = format!(
+                "{:<21} {:<10} {:<8}",
+                r.scenario.label(),
+                r.placement.label(),
+                r.via.label()
+            );
+            if let Some(e) = &r.error {
+                let _ = writeln!(out, "{head} failed: {e}");
+                continue;
+            }
+            let direct = self
+                .find(r.scenario, r.placement, Via::Direct)
+                .and_then(|d| Some(d.bulk.as_ref()?.gbit_per_s));
+            let gbps = r.bulk.as_ref().map(|b| b.gbit_per_s);
+            let _ = writeln!(
+                out,
+                "{head} {:>9} {:>6} {:>9}",
+                num(gbps, 2),
+                num(ratio(gbps, direct), 2),
+                num(r.bulk.as_ref().and_then(|b| b.cpu_s_per_gib), 3)
+            );
+        }
+        let idle: Vec<String> = self
+            .idle_rss_mb
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.1} MB"))
+            .collect();
+        let _ = writeln!(out, "\nidle RSS: {}", idle.join(", "));
+        let _ = writeln!(
+            out,
+            "columns: max rps = closed-loop saturation; xdir = ratio to direct; latencies at {} rps open loop \
+             (corrected for coordinated omission); +p99 = p99 minus direct's; CPU/1k = proxy CPU-seconds \
+             per 1000 requests at that rate; RSS = proxy peak resident memory at that rate",
+            self.rate
+        );
+        out
+    }
+
+    /// The issue's targets, each as found in this run.
+    pub fn targets(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for placement in Placement::ALL {
+            let s = Scenario::Http1KeepAlive;
+            let get = |via| self.find(s, placement, via);
+            let p99 = |via| get(via)?.latency.as_ref()?.run.percentile("p99");
+            let rps = |via| Some(get(via)?.saturation.as_ref()?.run.rps);
+            let mesh_lat = get(Via::Sidelane).and_then(|r| r.latency.as_ref());
+            let verdict = |ok: Option<bool>| match ok {
+                Some(true) => "met",
+                Some(false) => "NOT met",
+                None => "not measured",
+            };
+            let added = p99(Via::Sidelane).zip(p99(Via::Direct)).map(|(m, d)| m - d);
+            out.push(format!(
+                "{} {}: p99 added over direct at {} rps: {} ms (target <= 0.2): {}",
+                s.label(),
+                placement.label(),
+                self.rate,
+                num(added, 3),
+                verdict(added.map(|a| a <= 0.2))
+            ));
+            let vs_nginx = ratio(rps(Via::Sidelane), rps(Via::Nginx));
+            out.push(format!(
+                "{} {}: saturation throughput / nginx's: {} (target >= 1): {}",
+                s.label(),
+                placement.label(),
+                num(vs_nginx, 2),
+                verdict(vs_nginx.map(|r| r >= 1.0))
+            ));
+            let cpu = mesh_lat.and_then(|l| l.cpu_s_per_1000);
+            out.push(format!(
+                "{} {}: daemon CPU-seconds per 1000 requests: {} (target <= 0.1): {}",
+                s.label(),
+                placement.label(),
+                num(cpu, 4),
+                verdict(cpu.map(|c| c <= 0.1))
+            ));
+            let rss = mesh_lat.and_then(|l| l.peak_rss_mb);
+            out.push(format!(
+                "{} {}: daemon RSS under that load: {} MB (target <= 30): {}",
+                s.label(),
+                placement.label(),
+                num(rss, 1),
+                verdict(rss.map(|r| r <= 30.0))
+            ));
+        }
+        out
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    a.zip(b).filter(|(_, b)| *b > 0.0).map(|(a, b)| a / b)
+}
+
+fn num(v: Option<f64>, decimals: usize) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.decimals$}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(rps: f64, p99: f64) -> HttpRun {
+        HttpRun {
+            rps,
+            ok: 1000,
+            failures: BTreeMap::new(),
+            latency_ms: [("p50".to_owned(), p99 / 2.0), ("p99".to_owned(), p99)].into(),
+        }
+    }
+
+    fn row(via: Via, rps: f64, p99: f64, cpu: Option<f64>) -> Row {
+        Row {
+            scenario: Scenario::Http1KeepAlive,
+            placement: Placement::SameNode,
+            via,
+            saturation: Some(Saturation {
+                run: run(rps, p99),
+                cpu_s_per_1000: cpu,
+            }),
+            latency: Some(Latency {
+                target_rps: 1000,
+                run: run(1000.0, p99),
+                cpu_s_per_1000: cpu,
+                peak_rss_mb: cpu.map(|_| 12.0),
+            }),
+            bulk: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn targets_are_ratios_to_the_same_run() {
+        let report = Report {
+            kernel: "6.18".into(),
+            cpus: 2,
+            saturation_secs: 5,
+            latency_secs: 10,
+            rate: 1000,
+            bulk_secs: 5,
+            idle_rss_mb: BTreeMap::new(),
+            rows: vec![
+                row(Via::Direct, 20000.0, 0.5, None),
+                row(Via::Sidelane, 9000.0, 0.8, Some(0.05)),
+                row(Via::Nginx, 10000.0, 0.6, Some(0.04)),
+            ],
+        };
+        let t = report.targets().join("\n");
+        assert!(
+            t.contains("p99 added over direct at 1000 rps: 0.300 ms (target <= 0.2): NOT met"),
+            "{t}"
+        );
+        assert!(t.contains("/ nginx's: 0.90 (target >= 1): NOT met"), "{t}");
+        assert!(
+            t.contains("per 1000 requests: 0.0500 (target <= 0.1): met"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "cross-node: p99 added over direct at 1000 rps: - ms (target <= 0.2): not measured"
+            ),
+            "{t}"
+        );
+        let table = report.table();
+        assert!(table.contains("sidelane      9000   0.45"), "{table}");
+    }
+}
