@@ -189,6 +189,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     // Programs and maps stay pinned: pods stay redirected (and fail closed) until the next
     // daemon takes over.
     tracing::info!("shutting down; eBPF programs stay attached for the next daemon");
+    mesh_daemon::proxy::access_log::flush();
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(())
 }

@@ -89,6 +89,24 @@ pub struct RequestLabels {
     pub response_code: u16,
 }
 
+/// Handles on one label set's request series; they stay the registry's own series.
+#[derive(Clone, Debug)]
+pub struct RequestSeries {
+    requests: Counter,
+    duration_ms: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl RequestSeries {
+    pub fn record(&self, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
+        self.requests.inc();
+        self.duration_ms.observe(duration_ms);
+        self.request_bytes.observe(request_bytes as f64);
+        self.response_bytes.observe(response_bytes as f64);
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
     pub decision: &'static str,
@@ -278,6 +296,17 @@ impl Metrics {
             bpf_decisions,
             outbound_connections,
             outbound_failures,
+        }
+    }
+
+    /// The four series one request updates, looked up together so that a caller can keep
+    /// them: finding a series hashes every one of its two dozen labels.
+    pub fn request_series(&self, labels: &RequestLabels) -> RequestSeries {
+        RequestSeries {
+            requests: self.requests.get_or_create_owned(labels),
+            duration_ms: self.request_duration.get_or_create_owned(labels),
+            request_bytes: self.request_bytes.get_or_create_owned(labels),
+            response_bytes: self.response_bytes.get_or_create_owned(labels),
         }
     }
 

@@ -77,11 +77,50 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), ManifestDirError> {
     Ok(())
 }
 
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    matches!(
+        kind,
+        EventKind::Create(_)
+            | EventKind::Modify(_)
+            | EventKind::Remove(_)
+            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Any
+            | EventKind::Other
+    )
+}
+
+/// What the manifest files are now, from their metadata alone (reading them would be
+/// events again): path, size, modification time and inode of each. `None` when the
+/// directory cannot be listed.
+fn fingerprint(dir: &Path) -> Option<u64> {
+    use std::{
+        hash::{Hash as _, Hasher as _},
+        os::unix::fs::MetadataExt as _,
+    };
+    let mut files = Vec::new();
+    collect(dir, &mut files).ok()?;
+    files.sort();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        f.hash(&mut h);
+        if let Ok(m) = std::fs::metadata(&f) {
+            (m.len(), m.mtime(), m.mtime_nsec(), m.ino()).hash(&mut h);
+        }
+    }
+    Some(h.finish())
+}
+
 /// Watches `dir` and sends a fresh [`Objects`] after every change (and once at start).
 pub fn watch(dir: PathBuf, tx: mpsc::Sender<Objects>) -> Result<WatchGuard, ManifestDirError> {
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        let _ = ev_tx.send(ev.is_ok());
+        // Opening and reading are events too (inotify's IN_OPEN): without this filter every
+        // load, this daemon's own or another's on a shared directory, set off the next one.
+        // An error may mean lost events: reload to be safe.
+        if ev.as_ref().map_or(true, |e| is_change(&e.kind)) {
+            let _ = ev_tx.send(());
+        }
     })
     .map_err(|source| ManifestDirError::Watch {
         path: dir.clone(),
@@ -94,15 +133,22 @@ pub fn watch(dir: PathBuf, tx: mpsc::Sender<Objects>) -> Result<WatchGuard, Mani
             source,
         })?;
     let task = tokio::spawn(async move {
+        let mut last = None;
         loop {
-            match load(&dir) {
-                Ok(objects) => {
-                    if tx.send(objects).await.is_err() {
-                        return;
+            // The resync and events that changed nothing (a touch) leave the snapshot and
+            // everything cached with it alone.
+            let seen = fingerprint(&dir);
+            if seen.is_none() || seen != last {
+                match load(&dir) {
+                    Ok(objects) => {
+                        last = seen;
+                        if tx.send(objects).await.is_err() {
+                            return;
+                        }
                     }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "manifest directory unreadable; keeping the last good configuration")
+                    Err(e) => {
+                        tracing::warn!(error = %e, "manifest directory unreadable; keeping the last good configuration")
+                    }
                 }
             }
             // Wait for a change (or the resync), then for the burst of events to settle.
@@ -125,5 +171,42 @@ pub struct WatchGuard {
 impl Drop for WatchGuard {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\n  namespace: default\nspec:\n  ports:\n  - port: 80\n";
+
+    #[tokio::test]
+    async fn reloads_on_a_change_and_not_on_a_read() {
+        let dir = std::env::temp_dir().join(format!(
+            "sidelane-manifest-watch-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("svc.yaml");
+        std::fs::write(&file, SERVICE).expect("write");
+        let (tx, mut rx) = mpsc::channel(8);
+        let guard = watch(dir.clone(), tx).expect("watch");
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert!(matches!(first, Ok(Some(ref o)) if o.services.len() == 1));
+
+        // Somebody reads the files (as every daemon on a shared directory does).
+        for _ in 0..5 {
+            std::fs::read_to_string(&file).expect("read");
+            let _ = load(&dir);
+        }
+        let quiet = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await;
+        assert!(quiet.is_err(), "reading the manifests reloaded them");
+
+        std::fs::write(&file, SERVICE.replace("name: a", "name: b")).expect("rewrite");
+        let changed = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert!(matches!(changed, Ok(Some(ref o)) if o.services.contains_key("default/b")));
+        drop(guard);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -21,14 +21,13 @@ use super::{
     ProxyInputs, access_log,
     cluster_state::{self, Choice, ClusterState, InFlight, Outcome, PodClusters, Slot, take_slot},
     cors::Decision,
-    observed::{Completion, Counted, Observed},
+    observed::{Completion, Counted, Observed, SeriesCache},
     pool::{Lease, PodPool, PoolError, Want},
     protocol::Protocol,
     replay::Replayable,
 };
 use crate::{
     config::istio::{networking::HeaderOperations, validate::GRPC_STATUS},
-    metrics::{RequestLabels, TcpLabels},
     netns::Netns,
     routing::{
         HttpRoute, RequestMatch, RouteAction, WeightedCluster,
@@ -64,7 +63,7 @@ mod flags {
 /// One pod's HTTP side: its upstream connection pool and what its proxy remembers about
 /// each cluster (balancing, outlier detection, circuit breakers; the TCP path shares it).
 pub struct PodHttp {
-    inputs: Arc<ProxyInputs>,
+    pub(super) inputs: Arc<ProxyInputs>,
     pool: Arc<PodPool>,
     pub clusters: PodClusters,
 }
@@ -88,6 +87,8 @@ pub struct Downstream {
     pub protocol: Protocol,
     pub original_dst: SocketAddr,
     pub peer: SocketAddr,
+    /// Request metric series this connection has used lately.
+    pub series: SeriesCache,
 }
 
 /// Serves one client connection (HTTP/1.1 or HTTP/2) until it closes.
@@ -113,7 +114,7 @@ fn local(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
-async fn handle(conn: &Downstream, req: Request<Incoming>) -> Response<Body> {
+async fn handle(conn: &Arc<Downstream>, req: Request<Incoming>) -> Response<Body> {
     let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let req = req.map(|b| Counted::new(b, request_bytes.clone()).boxed());
     let start = (SystemTime::now(), Instant::now());
@@ -152,9 +153,9 @@ async fn handle(conn: &Downstream, req: Request<Incoming>) -> Response<Body> {
     };
     let mut log = access_log::HttpEntry {
         start: start.0,
-        method: req.method().to_string(),
+        method: req.method().clone(),
         path: path_and_query.clone(),
-        protocol: format!("{:?}", req.version()),
+        version: req.version(),
         status: 0,
         response_flags: "",
         duration_ms: 0,
@@ -195,27 +196,12 @@ async fn handle(conn: &Downstream, req: Request<Incoming>) -> Response<Body> {
         c.annotate(response.headers_mut(), origin);
     }
     log.status = response.status().as_u16();
-    let upstream = log.upstream_host.unwrap_or(conn.original_dst);
-    let mut base = TcpLabels::new(
-        &snap,
-        &conn.source_uid,
-        Some(&conn.service),
-        upstream,
-        // Istio's request_protocol: "grpc" for gRPC calls, "http" for every other request.
-        if grpc { "grpc" } else { "http" },
-    );
-    base.response_flags = if log.response_flags.is_empty() {
-        "-"
-    } else {
-        log.response_flags
-    };
-    let labels = RequestLabels {
-        base,
-        response_code: log.status,
-    };
     let done = Completion {
-        metrics: conn.pod.inputs.metrics.clone(),
-        labels,
+        conn: conn.clone(),
+        upstream: log.upstream_host.unwrap_or(conn.original_dst),
+        snap,
+        // Istio's request_protocol: "grpc" for gRPC calls, "http" for every other request.
+        request_protocol: if grpc { "grpc" } else { "http" },
         log,
         started: start.1,
         request_bytes,

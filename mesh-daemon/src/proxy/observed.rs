@@ -3,9 +3,10 @@
 //! histograms and the access-log line. A client that goes away early still gets its line
 //! (flag DC, downstream connection termination).
 use std::{
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -15,8 +16,14 @@ use std::{
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
-use super::{access_log, http::Body};
-use crate::metrics::{Metrics, RequestLabels};
+use super::{
+    access_log,
+    http::{Body, Downstream},
+};
+use crate::{
+    metrics::{RequestLabels, RequestSeries, TcpLabels},
+    state::Snapshot,
+};
 
 /// A body that counts the bytes passing through it into a shared counter.
 pub struct Counted<B> {
@@ -60,10 +67,53 @@ where
     }
 }
 
+/// What picks a request's metric series, besides the connection it came on (which fixes
+/// the source and the Service): the snapshot the labels were read from, the endpoint, and
+/// the outcome.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct SeriesKey {
+    generation: u64,
+    upstream: IpAddr,
+    response_code: u16,
+    response_flags: &'static str,
+    request_protocol: &'static str,
+}
+
+/// The series a downstream connection has recorded into lately. A keep-alive connection
+/// sends request after request to the same few endpoints with the same outcome, so its
+/// requests find their series here instead of building two dozen labels and hashing them
+/// four times each.
+#[derive(Default)]
+pub struct SeriesCache(Mutex<Vec<(SeriesKey, RequestSeries)>>);
+
+/// Enough for a connection spread over a handful of endpoints and outcomes.
+const SERIES_PER_CONNECTION: usize = 8;
+
+impl SeriesCache {
+    fn get(&self, key: SeriesKey, build: impl FnOnce() -> RequestSeries) -> RequestSeries {
+        let mut entries = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(i) = entries.iter().position(|(k, _)| *k == key) {
+            return entries[i].1.clone();
+        }
+        let series = build();
+        if entries.len() == SERIES_PER_CONNECTION {
+            entries.remove(0);
+        }
+        entries.push((key, series.clone()));
+        series
+    }
+}
+
 /// Everything recorded for one request once its response is over.
 pub struct Completion {
-    pub metrics: Arc<Metrics>,
-    pub labels: RequestLabels,
+    pub conn: Arc<Downstream>,
+    pub snap: Arc<Snapshot>,
+    /// The endpoint that answered, or the original destination if none did.
+    pub upstream: SocketAddr,
+    pub request_protocol: &'static str,
     pub log: access_log::HttpEntry,
     pub started: Instant,
     pub request_bytes: Arc<AtomicU64>,
@@ -73,20 +123,41 @@ impl Completion {
     fn record(mut self, response_bytes: u64, complete: bool) {
         if !complete && self.log.response_flags.is_empty() {
             self.log.response_flags = "DC";
-            self.labels.base.response_flags = "DC";
         }
-        let ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = self.started.elapsed();
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
-        let m = &self.metrics;
-        m.requests.get_or_create(&self.labels).inc();
-        m.request_duration.get_or_create(&self.labels).observe(ms);
-        m.request_bytes
-            .get_or_create(&self.labels)
-            .observe(request_bytes as f64);
-        m.response_bytes
-            .get_or_create(&self.labels)
-            .observe(response_bytes as f64);
-        self.log.duration_ms = self.started.elapsed().as_millis();
+        let key = SeriesKey {
+            generation: self.snap.generation,
+            upstream: self.upstream.ip(),
+            response_code: self.log.status,
+            response_flags: if self.log.response_flags.is_empty() {
+                "-"
+            } else {
+                self.log.response_flags
+            },
+            request_protocol: self.request_protocol,
+        };
+        let conn = &self.conn;
+        let series = conn.series.get(key, || {
+            let mut base = TcpLabels::new(
+                &self.snap,
+                &conn.source_uid,
+                Some(&conn.service),
+                self.upstream,
+                key.request_protocol,
+            );
+            base.response_flags = key.response_flags;
+            conn.pod.inputs.metrics.request_series(&RequestLabels {
+                base,
+                response_code: key.response_code,
+            })
+        });
+        series.record(
+            elapsed.as_secs_f64() * 1000.0,
+            request_bytes,
+            response_bytes,
+        );
+        self.log.duration_ms = elapsed.as_millis();
         self.log.bytes_received = request_bytes;
         self.log.bytes_sent = response_bytes;
         access_log::log_http(&self.log);

@@ -211,6 +211,7 @@ impl Conn {
                 protocol,
                 original_dst: orig,
                 peer,
+                series: Default::default(),
             });
             http::serve(down, client).await;
             return;
