@@ -597,3 +597,50 @@ fn mirror_percentage_copies_its_share_with_the_istio_127_shadow_host_when_asked(
     let (ip, port) = vip.rsplit_once(':').expect("vip:port");
     assert_eq!(host, format!("{ip}-shadow:{port}"));
 }
+
+#[test]
+fn hop_by_hop_headers_stay_on_their_connection_and_upstream_connections_are_reused() {
+    // No DestinationRule: HTTP/1.1 upstream, where a forwarded `Connection: close` would end
+    // the pooled connection after each request.
+    let (mut c, client) = scenario::production("api-server", &VERSIONS).expect("cluster");
+    let url = scenario::http_service(&mut c, "api-server", "api-server", 8080).expect("service");
+    scenario::start(&mut c, client).expect("daemons");
+    let r = c
+        .http(
+            client,
+            &format!("{url}/hop"),
+            &[
+                "--count",
+                "6",
+                "--new-conn",
+                "--header",
+                "connection: close, x-hop",
+                "--header",
+                "x-hop: this connection only",
+                "--header",
+                "keep-alive: timeout=5",
+                "--header",
+                "x-end-to-end: kept",
+            ],
+        )
+        .expect("http");
+    assert_eq!(r.len(), 6, "{r:?}");
+    for resp in &r {
+        assert_eq!(resp["status"], 200, "{r:?}");
+        let seen = &resp["body"]["headers"];
+        for hop in ["connection", "x-hop", "keep-alive"] {
+            assert!(seen.get(hop).is_none(), "{hop} reached the server: {seen}");
+        }
+        assert_eq!(seen["x-end-to-end"], "kept", "{seen}");
+    }
+    // Six client connections, each closed after its request; upstream, the pool kept at
+    // most one connection per endpoint (two endpoints) open for all of them.
+    let peers: std::collections::BTreeSet<&str> = r
+        .iter()
+        .filter_map(|x| x["body"]["peer"].as_str())
+        .collect();
+    assert!(
+        peers.len() <= 2,
+        "upstream connections not reused: {peers:?}"
+    );
+}

@@ -21,6 +21,7 @@ use super::{
     ProxyInputs, access_log,
     cluster_state::{self, Choice, ClusterState, InFlight, Outcome, PodClusters, Slot, take_slot},
     cors::Decision,
+    hop_by_hop,
     observed::{Completion, Counted, Observed, SeriesCache},
     pool::{Lease, PodPool, PoolError, Want},
     protocol::Protocol,
@@ -308,6 +309,7 @@ impl Upstream<'_> {
         };
 
         let (path, authority) = self.rewritten();
+        hop_by_hop::strip(req.headers_mut());
         if let Ok(v) = HeaderValue::from_str(&authority) {
             req.headers_mut().insert(header::HOST, v);
         }
@@ -362,6 +364,7 @@ impl Upstream<'_> {
             None => sent.await,
         };
         let mut resp = result;
+        hop_by_hop::strip(resp.headers_mut());
         if let Some(c) = new_cookie {
             resp.headers_mut().append(header::SET_COOKIE, c);
         }

@@ -1,0 +1,78 @@
+//! Hop-by-hop headers (RFC 9110 7.6.1) describe one connection, not the message, so a proxy
+//! removes them before it forwards either way, as Envoy does. Passed on, a client's
+//! `Connection: close` closed the pooled upstream connection after every request, and an
+//! upstream's closed the client's.
+use http::{HeaderMap, HeaderName, header};
+
+/// Fixed hop-by-hop names besides those a `Connection` header lists. `TE` is handled apart:
+/// `te: trailers` is end to end in practice (gRPC needs it).
+const ALWAYS: [HeaderName; 4] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+pub fn strip(headers: &mut HeaderMap) {
+    // A protocol upgrade (WebSocket) needs `Connection: upgrade` and `Upgrade` to reach the
+    // server; those requests are left as they came.
+    if headers.contains_key(header::UPGRADE) {
+        return;
+    }
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed.iter().chain(ALWAYS.iter()) {
+        headers.remove(name);
+    }
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, http::HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn removes_connection_headers_and_what_they_name() {
+        let mut h = map(&[
+            ("connection", "close, x-session-hop"),
+            ("keep-alive", "timeout=5"),
+            ("x-session-hop", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip, trailers"),
+            ("x-end-to-end", "kept"),
+        ]);
+        strip(&mut h);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-end-to-end", "te"]);
+        assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+    }
+
+    #[test]
+    fn leaves_upgrades_alone() {
+        let mut h = map(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        strip(&mut h);
+        assert_eq!(h.len(), 2);
+    }
+}
