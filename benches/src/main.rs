@@ -46,6 +46,9 @@ struct Args {
     only: Vec<String>,
 }
 
+/// How long the proxies' idle CPU is measured.
+const IDLE_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn selected(only: &[String], s: Scenario, p: Placement, v: Via) -> bool {
     let name = format!("{} {} {}", s.label(), p.label(), v.label());
     only.iter().all(|w| name.contains(w.as_str()))
@@ -64,13 +67,30 @@ fn main() -> anyhow::Result<()> {
     };
     println!("building the benchmark cluster (2 nodes, the mesh, nginx and haproxy on node 1)");
     let bench = Bench::build()?;
-    let idle_rss_mb: BTreeMap<String, f64> = [Via::Sidelane, Via::Nginx, Via::Haproxy]
+    let proxies = [Via::Sidelane, Via::Nginx, Via::Haproxy];
+    let idle_rss_mb: BTreeMap<String, f64> = proxies
         .into_iter()
         .map(|v| {
             let pids = bench.pids(v);
             (
                 v.label().to_owned(),
                 procstat::rss_bytes(&pids) as f64 / 1e6,
+            )
+        })
+        .collect();
+    // What each costs with no traffic at all: the daemon also watches pods and config.
+    let meters: Vec<_> = proxies
+        .iter()
+        .map(|v| procstat::CpuMeter::start(&bench.pids(*v)))
+        .collect();
+    std::thread::sleep(IDLE_WINDOW);
+    let idle_cpu_percent: BTreeMap<String, f64> = proxies
+        .iter()
+        .zip(&meters)
+        .map(|(v, m)| {
+            (
+                v.label().to_owned(),
+                m.seconds() / IDLE_WINDOW.as_secs_f64() * 100.0,
             )
         })
         .collect();
@@ -112,6 +132,7 @@ fn main() -> anyhow::Result<()> {
         rate: args.rate,
         bulk_secs: args.bulk_secs,
         idle_rss_mb,
+        idle_cpu_percent,
         rows,
     };
     write_outputs(&args.out, &report)?;

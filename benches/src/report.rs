@@ -95,6 +95,8 @@ pub struct Report {
     pub bulk_secs: u32,
     /// Resident memory of each proxy before any load, in MB.
     pub idle_rss_mb: BTreeMap<String, f64>,
+    /// CPU each proxy uses with no traffic, in percent of one core.
+    pub idle_cpu_percent: BTreeMap<String, f64>,
     pub rows: Vec<Row>,
 }
 
@@ -193,6 +195,12 @@ impl Report {
             .map(|(k, v)| format!("{k} {v:.1} MB"))
             .collect();
         let _ = writeln!(out, "\nidle RSS: {}", idle.join(", "));
+        let idle_cpu: Vec<String> = self
+            .idle_cpu_percent
+            .iter()
+            .map(|(k, v)| format!("{k} {v:.2}%"))
+            .collect();
+        let _ = writeln!(out, "idle CPU (of one core): {}", idle_cpu.join(", "));
         let _ = writeln!(
             out,
             "columns: max rps = closed-loop saturation; xdir = ratio to direct; latencies at {} rps open loop \
@@ -306,6 +314,7 @@ mod tests {
             rate: 1000,
             bulk_secs: 5,
             idle_rss_mb: BTreeMap::new(),
+            idle_cpu_percent: BTreeMap::new(),
             rows: vec![
                 row(Via::Direct, 20000.0, 0.5, None),
                 row(Via::Sidelane, 9000.0, 0.8, Some(0.05)),

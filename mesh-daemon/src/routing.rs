@@ -13,10 +13,10 @@
 //!   merged (subsets added, first traffic policy kept).
 //! * A destination without a port goes to the Service's only port, or to the port the
 //!   client dialled.
-pub mod cluster_cache;
 pub mod compile;
 pub mod eval;
 pub mod l4;
+pub mod memo;
 pub mod policy;
 pub mod retry;
 pub mod table;

@@ -18,7 +18,7 @@ use crate::{
 };
 
 use super::{
-    cluster_cache::{ClusterCache, ClusterQuery},
+    memo::{self, ClusterQuery, HostPort},
     policy::ClusterPolicy,
     retry::RetryPolicy,
 };
@@ -302,9 +302,10 @@ pub struct ServiceInfo {
 pub struct Routing {
     pub root_namespace: String,
     pub services: HashMap<String, Arc<ServiceInfo>>,
-    /// (host, port) -> candidate VirtualServices, most precedent first.
+    /// (host, port) -> candidate VirtualServices, most precedent first. Looked up with a
+    /// borrowed [`HostPort`] on every request.
     #[serde(serialize_with = "host_port_keys")]
-    pub virtual_hosts: HashMap<(String, u16), Vec<Arc<VirtualHost>>>,
+    pub virtual_hosts: hashbrown::HashMap<(String, u16), Vec<Arc<VirtualHost>>>,
     /// host -> DestinationRules by namespace.
     pub destination_rules: HashMap<String, Vec<Arc<DestinationPolicy>>>,
     /// The wildcard keys of `destination_rules`, longest (most specific) first, so a lookup
@@ -312,12 +313,15 @@ pub struct Routing {
     pub wildcard_rule_hosts: Vec<String>,
     /// Clusters resolved so far from this snapshot (see [`Routing::cluster`]).
     #[serde(skip)]
-    pub cluster_cache: ClusterCache,
+    pub clusters: memo::Clusters,
+    /// Default routes built so far (see [`Routing::virtual_host`]).
+    #[serde(skip)]
+    pub default_routes: memo::DefaultRoutes,
 }
 
 /// JSON object keys must be strings: `(host, port)` is written `host:port`, sorted.
 fn host_port_keys<S: serde::Serializer, V: Serialize>(
-    m: &HashMap<(String, u16), V>,
+    m: &hashbrown::HashMap<(String, u16), V>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
     let sorted: BTreeMap<String, &V> = m
@@ -343,7 +347,7 @@ impl Routing {
         has: impl Fn(&VirtualHost) -> bool,
     ) -> Option<&Arc<VirtualHost>> {
         self.virtual_hosts
-            .get(&(host.to_owned(), port))
+            .get(&HostPort(host, port))
             .and_then(|c| c.iter().find(|v| has(v) && v.visibility.allows(namespace)))
     }
 
@@ -381,6 +385,12 @@ impl Routing {
         if let Some(vh) = self.applicable(namespace, host, port, |v| !v.routes.is_empty()) {
             return Some(vh.clone());
         }
+        self.default_routes
+            .get_or_build(HostPort(host, port), || self.default_route(host, port))
+    }
+
+    /// The route to the whole Service that a port without VirtualService gets.
+    fn default_route(&self, host: &str, port: u16) -> Option<Arc<VirtualHost>> {
         self.services
             .get(host)
             .filter(|s| s.ports.contains(&port))
@@ -461,8 +471,9 @@ impl Routing {
             port,
             subset,
         };
-        self.cluster_cache.get_or_build(query, || {
+        self.clusters.get_or_build(query, || {
             self.resolve_cluster(namespace, host, port, subset)
+                .map(Arc::new)
         })
     }
 
