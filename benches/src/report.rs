@@ -72,6 +72,23 @@ pub struct Row {
 }
 
 impl Row {
+    /// The row's first columns; `None` after writing the whole line of a failed row.
+    fn head(&self, out: &mut String) -> Option<String> {
+        let head = format!(
+            "{:<21} {:<10} {:<8}",
+            self.scenario.label(),
+            self.placement.label(),
+            self.via.label()
+        );
+        match &self.error {
+            Some(e) => {
+                let _ = writeln!(out, "{head} failed: {e}");
+                None
+            }
+            None => Some(head),
+        }
+    }
+
     pub fn failed(scenario: Scenario, placement: Placement, via: Via, error: String) -> Self {
         Row {
             scenario,
@@ -131,16 +148,9 @@ impl Report {
             let direct = self.find(r.scenario, r.placement, Via::Direct);
             let direct_rps = direct.and_then(|d| Some(d.saturation.as_ref()?.run.rps));
             let direct_p99 = direct.and_then(|d| d.latency.as_ref()?.run.percentile("p99"));
-            let head = format!(
-                "{:<21} {:<10} {:<8}",
-                r.scenario.label(),
-                r.placement.label(),
-                r.via.label()
-            );
-            if let Some(e) = &r.error {
-                let _ = writeln!(out, "{head} failed: {e}");
+            let Some(head) = r.head(&mut out) else {
                 continue;
-            }
+            };
             let sat = r.saturation.as_ref();
             let lat = r.latency.as_ref();
             let p = |q: &str| lat.and_then(|l| l.run.percentile(q));
@@ -167,16 +177,9 @@ impl Report {
             "scenario", "placement", "via", "Gbit/s", "xdir", "CPU/GiB"
         );
         for r in self.rows.iter().filter(|r| r.scenario == Scenario::TcpBulk) {
-            let head = format!(
-                "{:<21} {:<10} {:<8}",
-                r.scenario.label(),
-                r.placement.label(),
-                r.via.label()
-            );
-            if let Some(e) = &r.error {
-                let _ = writeln!(out, "{head} failed: {e}");
+            let Some(head) = r.head(&mut out) else {
                 continue;
-            }
+            };
             let direct = self
                 .find(r.scenario, r.placement, Via::Direct)
                 .and_then(|d| Some(d.bulk.as_ref()?.gbit_per_s));
