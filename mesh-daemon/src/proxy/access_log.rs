@@ -7,7 +7,7 @@ use std::{
     io::Write as _,
     net::SocketAddr,
     sync::{
-        Mutex, OnceLock,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
@@ -135,7 +135,8 @@ pub struct HttpEntry {
     pub response_flags: &'static str,
     pub duration_ms: u128,
     pub upstream_host: Option<SocketAddr>,
-    pub cluster: String,
+    /// The cluster the request was sent to (shared with the snapshot, not copied).
+    pub cluster: Option<Arc<crate::routing::Cluster>>,
     pub authority: String,
     pub original_dst: SocketAddr,
     pub downstream_peer: SocketAddr,
@@ -159,7 +160,7 @@ pub fn log_http(e: &HttpEntry) {
             e.duration_ms,
             e.authority,
             OrDash(e.upstream_host),
-            or_dash(&e.cluster),
+            e.cluster.as_ref().map_or("-", |c| c.name.as_str()),
             e.original_dst,
             e.downstream_peer
         )

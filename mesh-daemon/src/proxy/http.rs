@@ -155,14 +155,15 @@ async fn handle(conn: &Arc<Downstream>, req: Request<Incoming>) -> Response<Body
     let mut log = access_log::HttpEntry {
         start: start.0,
         method: req.method().clone(),
-        path: path_and_query.clone(),
+        // Both moved in once routing no longer borrows them.
+        path: String::new(),
         version: req.version(),
         status: 0,
         response_flags: "",
         duration_ms: 0,
         upstream_host: None,
-        cluster: String::new(),
-        authority: authority.clone(),
+        cluster: None,
+        authority: String::new(),
         original_dst: conn.original_dst,
         downstream_peer: conn.peer,
         bytes_received: 0,
@@ -189,7 +190,12 @@ async fn handle(conn: &Arc<Downstream>, req: Request<Incoming>) -> Response<Body
                 if let Some((c, Decision::Annotate(origin))) = decision {
                     cors_origin = Some((c, origin));
                 }
-                act(conn, &snap, route, matched, source_ns, req, &mut log).await
+                let target = RequestTarget {
+                    source_ns,
+                    authority: &authority,
+                    path_and_query: &path_and_query,
+                };
+                act(conn, &snap, route, matched, &target, req, &mut log).await
             }
         },
     };
@@ -197,6 +203,8 @@ async fn handle(conn: &Arc<Downstream>, req: Request<Incoming>) -> Response<Body
         c.annotate(response.headers_mut(), origin);
     }
     log.status = response.status().as_u16();
+    log.authority = authority;
+    log.path = path_and_query;
     let done = Completion {
         conn: conn.clone(),
         upstream: log.upstream_host.unwrap_or(conn.original_dst),
@@ -214,18 +222,24 @@ fn empty() -> Body {
     http_body_util::Empty::new().map_err(|e| match e {}).boxed()
 }
 
+/// Who sent the request and what it asked for, as the routing saw it.
+struct RequestTarget<'a> {
+    source_ns: &'a str,
+    authority: &'a str,
+    path_and_query: &'a str,
+}
+
 /// What the selected route does with the request: answer it, redirect it, or send it on.
 async fn act(
     conn: &Downstream,
     snap: &crate::state::Snapshot,
     route: &HttpRoute,
     matched: Option<&RequestMatch>,
-    source_ns: &str,
+    target: &RequestTarget<'_>,
     req: Request<Body>,
     log: &mut access_log::HttpEntry,
 ) -> Response<Body> {
-    let authority = log.authority.clone();
-    let path_and_query = log.path.clone();
+    let (authority, path_and_query) = (target.authority, target.path_and_query);
     match &route.action {
         RouteAction::DirectResponse(d) => {
             let body = d
@@ -243,7 +257,7 @@ async fn act(
                     .unwrap_or(StatusCode::MOVED_PERMANENTLY),
                 "",
             );
-            let location = redirect_location(rd, &authority, &path_and_query);
+            let location = redirect_location(rd, authority, path_and_query);
             if let Ok(v) = HeaderValue::from_str(&location) {
                 r.headers_mut().insert(header::LOCATION, v);
             }
@@ -255,11 +269,11 @@ async fn act(
                 let upstream = Upstream {
                     conn,
                     snap,
-                    source_ns,
+                    source_ns: target.source_ns,
                     route,
                     matched,
-                    authority: &authority,
-                    path_and_query: &path_and_query,
+                    authority,
+                    path_and_query,
                 };
                 upstream.forward(clusters, req, log).await
             }
@@ -298,7 +312,7 @@ impl Upstream<'_> {
             log.response_flags = flags::NO_CLUSTER;
             return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
-        log.cluster = cluster.name.clone();
+        log.cluster = Some(cluster.clone());
         let state = self.conn.pod.clusters.get(&cluster.name);
         // The http2MaxRequests breaker: Envoy answers overflow at once, flagged UO.
         let Some(request_slot) = take_slot(&state.requests, cluster.policy.limits.max_requests)
@@ -318,8 +332,9 @@ impl Upstream<'_> {
         for h in ops.iter().flatten() {
             apply_ops(req.headers_mut(), h.request.as_ref());
         }
-        let source = cluster_state::source_hash(self.conn.source.as_deref(), &self.conn.source_uid);
-        let mut hash = hash_key(&cluster.policy.lb, &req, source);
+        let mut hash = hash_key(&cluster.policy.lb, &req, || {
+            cluster_state::source_hash(self.conn.source.as_deref(), &self.conn.source_uid)
+        });
         // A hash cookie with a TTL that the client does not have yet: Envoy makes one up,
         // hashes on it, and hands it out with the response so the client sticks from then on.
         let new_cookie = match (&cluster.policy.lb, hash) {
@@ -746,7 +761,9 @@ fn classify(e: &hyper::Error) -> Failure {
 }
 
 /// The request's consistent-hash key under `lb`, when it hashes and the key is there.
-fn hash_key<B>(lb: &LbPolicy, req: &Request<B>, source: u64) -> Option<u64> {
+/// The request's hash key under `lb`; `source` (the client's address hashed) is only
+/// worked out when the policy asks for it.
+fn hash_key<B>(lb: &LbPolicy, req: &Request<B>, source: impl FnOnce() -> u64) -> Option<u64> {
     let LbPolicy::Hash(key) = lb else {
         return None;
     };
@@ -765,7 +782,7 @@ fn hash_key<B>(lb: &LbPolicy, req: &Request<B>, source: u64) -> Option<u64> {
                 let (k, v) = c.trim().split_once('=')?;
                 (k == name).then(|| cluster_state::hash_key(v.trim_matches('"').as_bytes()))
             }),
-        HashKey::SourceIp => Some(source),
+        HashKey::SourceIp => Some(source()),
         HashKey::QueryParameter(name) => {
             query_param(req.uri().query(), name).map(|v| cluster_state::hash_key(v.as_bytes()))
         }
