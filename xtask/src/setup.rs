@@ -47,6 +47,7 @@ pub fn bench_tools() -> anyhow::Result<()> {
         println!("setup: building oha {OHA_VERSION} (the HTTP load generator; a few minutes)");
         Command::new("cargo")
             .args(["install", "oha", "--locked", "--version", OHA_VERSION])
+            .env_remove("RUSTC")
             .env_remove("CARGO_TARGET_DIR")
             .status_ok("cargo install oha")?;
     }
