@@ -28,9 +28,12 @@ struct Args {
     /// The oha binary.
     #[arg(long, default_value = "oha")]
     oha: PathBuf,
-    /// Seconds of closed-loop load per saturation measurement.
-    #[arg(long, default_value_t = 5)]
+    /// Seconds of closed-loop load per saturation round.
+    #[arg(long, default_value_t = 3)]
     saturation_secs: u32,
+    /// Saturation rounds per path, taken in turn across the paths; the median counts.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
     /// Seconds of open-loop load per latency measurement.
     #[arg(long, default_value_t = 10)]
     latency_secs: u32,
@@ -98,25 +101,28 @@ fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for scenario in Scenario::ALL {
         for placement in Placement::ALL {
-            for via in Via::ALL {
-                if !selected(&args.only, scenario, placement, via) {
-                    continue;
+            let vias: Vec<Via> = Via::ALL
+                .into_iter()
+                .filter(|v| selected(&args.only, scenario, placement, *v))
+                .collect();
+            if vias.is_empty() {
+                continue;
+            }
+            println!("measuring {} {}", scenario.label(), placement.label());
+            if scenario == Scenario::TcpBulk {
+                for via in vias {
+                    let row = measure::bulk(&bench, &plan, placement, via);
+                    rows.push(row.unwrap_or_else(|e| failed(scenario, placement, via, &e)));
                 }
-                println!(
-                    "measuring {} {} via {}",
-                    scenario.label(),
-                    placement.label(),
-                    via.label()
-                );
-                let row = if scenario == Scenario::TcpBulk {
-                    measure::bulk(&bench, &plan, placement, via)
-                } else {
-                    measure::http(&bench, &plan, scenario, placement, via)
-                };
-                rows.push(row.unwrap_or_else(|e| {
-                    eprintln!("  failed: {e:#}");
-                    Row::failed(scenario, placement, via, format!("{e:#}"))
-                }));
+            } else {
+                rows.extend(http_group(
+                    &bench,
+                    &plan,
+                    scenario,
+                    placement,
+                    &vias,
+                    args.rounds,
+                ));
             }
         }
     }
@@ -139,6 +145,59 @@ fn main() -> anyhow::Result<()> {
     let failed = report.rows.iter().filter(|r| r.error.is_some()).count();
     anyhow::ensure!(failed == 0, "{failed} measurement(s) failed; see above");
     Ok(())
+}
+
+fn failed(scenario: Scenario, placement: Placement, via: Via, e: &anyhow::Error) -> Row {
+    eprintln!("  {} failed: {e:#}", via.label());
+    Row::failed(scenario, placement, via, format!("{e:#}"))
+}
+
+/// One HTTP scenario and placement over every path: saturation in `rounds` rounds that take
+/// the paths in turn (so drift during the run touches every path alike; the median round
+/// counts), then each path's latency run.
+fn http_group(
+    bench: &Bench,
+    plan: &Plan,
+    scenario: Scenario,
+    placement: Placement,
+    vias: &[Via],
+    rounds: u32,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut paths = Vec::new();
+    for &via in vias {
+        match measure::http_path(bench, plan, scenario, placement, via) {
+            Ok(p) => paths.push((via, p, Vec::new(), None)),
+            Err(e) => rows.push(failed(scenario, placement, via, &e)),
+        }
+    }
+    for _ in 0..rounds.max(1) {
+        for (_, p, runs, error) in paths.iter_mut().filter(|p| p.3.is_none()) {
+            match measure::saturation(bench, plan, p) {
+                Ok(s) => runs.push(s),
+                Err(e) => *error = Some(e),
+            }
+        }
+    }
+    for (via, p, runs, error) in paths {
+        let measured = match error {
+            Some(e) => Err(e),
+            None => measure::latency(bench, plan, &p).map(|l| (measure::median(runs), l)),
+        };
+        rows.push(match measured {
+            Ok((saturation, latency)) => Row {
+                scenario,
+                placement,
+                via,
+                saturation,
+                latency: Some(latency),
+                bulk: None,
+                error: None,
+            },
+            Err(e) => failed(scenario, placement, via, &e),
+        });
+    }
+    rows
 }
 
 fn write_outputs(out: &std::path::Path, report: &Report) -> anyhow::Result<()> {

@@ -58,24 +58,34 @@ fn per_1000(cpu_s: f64, pids: &[u32], responses: u64) -> Option<f64> {
     (!pids.is_empty() && responses > 0).then(|| cpu_s / responses as f64 * 1000.0)
 }
 
-pub fn http(
+/// An HTTP scenario over one path, warmed up and ready to measure.
+pub struct HttpPath {
+    target: Target,
+    kind: HttpKind,
+}
+
+/// Where `via` sends `scenario`'s traffic, after a warm-up: connections pooled, code paged
+/// in, and the path shown to answer at all.
+pub fn http_path(
     b: &Bench,
     plan: &Plan,
     scenario: Scenario,
     placement: Placement,
     via: Via,
-) -> anyhow::Result<Row> {
+) -> anyhow::Result<HttpPath> {
     let kind = http_kind(scenario).context("not an HTTP scenario")?;
     let listener = match kind {
         HttpKind::Multiplexed => Listener::Http2,
         HttpKind::KeepAlive | HttpKind::NewConnection => Listener::Http1,
     };
-    let t = b.target(placement, via, listener);
-    // Warm-up: connections pooled, code paged in, and the path shown to answer at all.
+    let path = HttpPath {
+        target: b.target(placement, via, listener),
+        kind,
+    };
     let warm = oha(
         b,
         plan,
-        &t,
+        &path.target,
         kind,
         Load::Saturate {
             secs: 1,
@@ -88,51 +98,59 @@ pub fn http(
             warm.failures
         );
     }
+    Ok(path)
+}
 
+/// One closed-loop run at saturation.
+pub fn saturation(b: &Bench, plan: &Plan, p: &HttpPath) -> anyhow::Result<Saturation> {
+    let t = &p.target;
     let cpu = CpuMeter::start(&t.pids);
     let run = oha(
         b,
         plan,
-        &t,
-        kind,
+        t,
+        p.kind,
         Load::Saturate {
             secs: plan.saturation_secs,
             workers: SATURATION_WORKERS,
         },
     )?;
-    let saturation = Saturation {
+    Ok(Saturation {
         cpu_s_per_1000: per_1000(cpu.seconds(), &t.pids, run.responses()),
         run,
-    };
+    })
+}
 
+/// The open-loop run at the plan's rate, with the proxy's CPU and peak memory.
+pub fn latency(b: &Bench, plan: &Plan, p: &HttpPath) -> anyhow::Result<Latency> {
+    let t = &p.target;
     let rss = PeakRss::start(t.pids.clone());
     let cpu = CpuMeter::start(&t.pids);
     let run = oha(
         b,
         plan,
-        &t,
-        kind,
+        t,
+        p.kind,
         Load::Rate {
             secs: plan.latency_secs,
             rps: plan.rate,
         },
-    )?;
+    );
     let peak = rss.finish();
-    let latency = Latency {
+    let run = run?;
+    Ok(Latency {
         target_rps: plan.rate,
         cpu_s_per_1000: per_1000(cpu.seconds(), &t.pids, run.responses()),
         peak_rss_mb: (!t.pids.is_empty()).then(|| peak as f64 / 1e6),
         run,
-    };
-    Ok(Row {
-        scenario,
-        placement,
-        via,
-        saturation: Some(saturation),
-        latency: Some(latency),
-        bulk: None,
-        error: None,
     })
+}
+
+/// The run with the median throughput: one slow or lucky round does not decide a ratio.
+pub fn median(mut runs: Vec<Saturation>) -> Option<Saturation> {
+    runs.sort_by(|a, b| a.run.rps.total_cmp(&b.run.rps));
+    let mid = runs.len() / 2;
+    runs.into_iter().nth(mid)
 }
 
 pub fn bulk(b: &Bench, plan: &Plan, placement: Placement, via: Via) -> anyhow::Result<Row> {
