@@ -136,6 +136,7 @@ fn main() -> anyhow::Result<()> {
         saturation_secs: args.saturation_secs,
         latency_secs: args.latency_secs,
         rate: args.rate,
+        rounds: args.rounds,
         bulk_secs: args.bulk_secs,
         idle_rss_mb,
         idle_cpu_percent,
@@ -163,26 +164,44 @@ fn http_group(
     vias: &[Via],
     rounds: u32,
 ) -> Vec<Row> {
+    /// One path's saturation rounds so far; a failed round ends its measurement.
+    struct Rounds {
+        via: Via,
+        path: measure::HttpPath,
+        runs: Vec<report::Saturation>,
+        error: Option<anyhow::Error>,
+    }
     let mut rows = Vec::new();
     let mut paths = Vec::new();
     for &via in vias {
         match measure::http_path(bench, plan, scenario, placement, via) {
-            Ok(p) => paths.push((via, p, Vec::new(), None)),
+            Ok(path) => paths.push(Rounds {
+                via,
+                path,
+                runs: Vec::new(),
+                error: None,
+            }),
             Err(e) => rows.push(failed(scenario, placement, via, &e)),
         }
     }
     for _ in 0..rounds.max(1) {
-        for (_, p, runs, error) in paths.iter_mut().filter(|p| p.3.is_none()) {
-            match measure::saturation(bench, plan, p) {
-                Ok(s) => runs.push(s),
-                Err(e) => *error = Some(e),
+        for p in paths.iter_mut().filter(|p| p.error.is_none()) {
+            match measure::saturation(bench, plan, &p.path) {
+                Ok(s) => p.runs.push(s),
+                Err(e) => p.error = Some(e),
             }
         }
     }
-    for (via, p, runs, error) in paths {
+    for Rounds {
+        via,
+        path,
+        runs,
+        error,
+    } in paths
+    {
         let measured = match error {
             Some(e) => Err(e),
-            None => measure::latency(bench, plan, &p).map(|l| (measure::median(runs), l)),
+            None => measure::latency(bench, plan, &path).map(|l| (measure::median(runs), l)),
         };
         rows.push(match measured {
             Ok((saturation, latency)) => Row {

@@ -26,7 +26,7 @@ const SATURATION_WORKERS: u32 = 64;
 /// Slack beyond a run's own duration before its generator is killed.
 const GRACE: Duration = Duration::from_secs(30);
 
-pub fn http_kind(s: Scenario) -> Option<HttpKind> {
+fn http_kind(s: Scenario) -> Option<HttpKind> {
     match s {
         Scenario::Http1KeepAlive => Some(HttpKind::KeepAlive),
         Scenario::Http2Multiplexed => Some(HttpKind::Multiplexed),

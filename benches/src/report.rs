@@ -107,6 +107,8 @@ pub struct Report {
     pub kernel: String,
     pub cpus: usize,
     pub saturation_secs: u32,
+    /// Saturation rounds per path (the median one is reported).
+    pub rounds: u32,
     pub latency_secs: u32,
     pub rate: u32,
     pub bulk_secs: u32,
@@ -313,6 +315,7 @@ mod tests {
             kernel: "6.18".into(),
             cpus: 2,
             saturation_secs: 5,
+            rounds: 3,
             latency_secs: 10,
             rate: 1000,
             bulk_secs: 5,

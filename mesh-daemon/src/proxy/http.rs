@@ -207,7 +207,6 @@ async fn handle(conn: &Arc<Downstream>, req: Request<Incoming>) -> Response<Body
     log.path = path_and_query;
     let done = Completion {
         conn: conn.clone(),
-        upstream: log.upstream_host.unwrap_or(conn.original_dst),
         snap,
         // Istio's request_protocol: "grpc" for gRPC calls, "http" for every other request.
         request_protocol: if grpc { "grpc" } else { "http" },
@@ -760,9 +759,8 @@ fn classify(e: &hyper::Error) -> Failure {
     Failure::Reset
 }
 
-/// The request's consistent-hash key under `lb`, when it hashes and the key is there.
-/// The request's hash key under `lb`; `source` (the client's address hashed) is only
-/// worked out when the policy asks for it.
+/// The request's consistent-hash key under `lb`, when it hashes and the key is there;
+/// `source` (the client's address hashed) is only worked out when the policy asks for it.
 fn hash_key<B>(lb: &LbPolicy, req: &Request<B>, source: impl FnOnce() -> u64) -> Option<u64> {
     let LbPolicy::Hash(key) = lb else {
         return None;

@@ -3,7 +3,7 @@
 //! histograms and the access-log line. A client that goes away early still gets its line
 //! (flag DC, downstream connection termination).
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -111,8 +111,6 @@ impl SeriesCache {
 pub struct Completion {
     pub conn: Arc<Downstream>,
     pub snap: Arc<Snapshot>,
-    /// The endpoint that answered, or the original destination if none did.
-    pub upstream: SocketAddr,
     pub request_protocol: &'static str,
     pub log: access_log::HttpEntry,
     pub started: Instant,
@@ -125,10 +123,12 @@ impl Completion {
             self.log.response_flags = "DC";
         }
         let elapsed = self.started.elapsed();
+        // The endpoint that answered, or the original destination if none did.
+        let upstream = self.log.upstream_host.unwrap_or(self.conn.original_dst);
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
         let key = SeriesKey {
             generation: self.snap.generation,
-            upstream: self.upstream.ip(),
+            upstream: upstream.ip(),
             response_code: self.log.status,
             response_flags: if self.log.response_flags.is_empty() {
                 "-"
@@ -143,7 +143,7 @@ impl Completion {
                 &self.snap,
                 &conn.source_uid,
                 Some(&conn.service),
-                self.upstream,
+                upstream,
                 key.request_protocol,
             );
             base.response_flags = key.response_flags;

@@ -68,6 +68,7 @@ pub fn socket_in(ns: &Netns, host: &HostNetns, dst: SocketAddr) -> Result<TcpSoc
             addr: dst,
             source,
         })?;
+    // Set before connecting, it holds for the connection.
     s.set_tcp_nodelay(true).ok();
     Ok(TcpSocket::from_std_stream(s.into()))
 }
@@ -89,6 +90,5 @@ pub async fn connect_in(
             addr,
             source,
         })?;
-    stream.set_nodelay(true).ok();
     Ok(stream)
 }

@@ -2,8 +2,7 @@
 //! destination is drawn by weight.
 use std::collections::BTreeMap;
 
-use super::table::Rewrite;
-use super::table::{HttpRoute, Matcher, RequestMatch, VirtualHost, WeightedCluster};
+use super::table::{HttpRoute, Matcher, RequestMatch, Rewrite, VirtualHost, WeightedCluster};
 use crate::config::istio::networking::{HttpRedirect, RedirectPortSelection};
 
 /// What route matching may look at in a request.

@@ -477,7 +477,9 @@ impl Routing {
         })
     }
 
-    fn resolve_cluster(
+    /// [`Routing::cluster`] worked out afresh and not kept: for `meshctl proxy-config`,
+    /// whose listing of every cluster for a namespace must not fill the request path's memo.
+    pub(super) fn resolve_cluster(
         &self,
         namespace: &str,
         host: &str,

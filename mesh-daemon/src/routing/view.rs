@@ -198,12 +198,12 @@ pub fn clusters(r: &Routing, namespace: &str) -> Vec<ClusterView> {
             .collect();
         for port in &svc.ports {
             for subset in &subsets {
-                if let Some(c) = r.cluster(namespace, &svc.host, *port, *subset) {
+                if let Some(c) = r.resolve_cluster(namespace, &svc.host, *port, *subset) {
                     out.insert(ClusterView {
-                        name: c.name.clone(),
-                        host: c.host.clone(),
+                        name: c.name,
+                        host: c.host,
                         port: c.port,
-                        subset: c.subset.clone().unwrap_or_default(),
+                        subset: c.subset.unwrap_or_default(),
                         destination_rule: dr.map_or("-".into(), |d| d.rules.join(",")),
                         endpoints: c.endpoints.len(),
                         policy: policy_summary(&c.policy),
@@ -274,8 +274,8 @@ pub fn endpoints(r: &Routing, namespace: &str) -> Vec<EndpointView> {
     let mut out = Vec::new();
     for c in clusters(r, namespace) {
         let subset = (!c.subset.is_empty()).then_some(c.subset.as_str());
-        if let Some(cl) = r.cluster(namespace, &c.host, c.port, subset) {
-            out.extend(cl.endpoints.iter().map(|e| EndpointView {
+        if let Some(cl) = r.resolve_cluster(namespace, &c.host, c.port, subset) {
+            out.extend(cl.endpoints.into_iter().map(|e| EndpointView {
                 endpoint: e.addr.to_string(),
                 status: "HEALTHY",
                 cluster: cl.name.clone(),
