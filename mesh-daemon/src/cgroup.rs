@@ -1,4 +1,4 @@
-//! cgroup v2: where it is mounted, and which pod a process's cgroup path belongs to.
+//! cgroup v2: where it is mounted, and which pod a kubelet cgroup directory belongs to.
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,20 +37,6 @@ fn parse_v2_mount(mountinfo: &str) -> Option<PathBuf> {
             None
         }
     })
-}
-
-/// The cgroup v2 path of a process, relative to the cgroup2 root ("/kubepods/...").
-pub fn process_cgroup(proc_root: &Path, pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_owned)
-}
-
-/// True when `path` is `parent` or below it (both cgroup-relative, "/" is the root).
-pub fn is_below(path: &str, parent: &str) -> bool {
-    let parent = parent.trim_end_matches('/');
-    parent.is_empty() || path == parent || path.starts_with(&format!("{parent}/"))
 }
 
 /// Extracts the pod UID from a kubelet cgroup path, for both cgroup drivers:
@@ -108,13 +94,5 @@ mod tests {
         );
         assert_eq!(pod_uid("/system.slice/sshd.service"), None);
         assert_eq!(pod_uid("/kubepods/podnotauid/x"), None);
-    }
-
-    #[test]
-    fn below() {
-        assert!(is_below("/a/b", "/"));
-        assert!(is_below("/a/b", "/a"));
-        assert!(is_below("/a", "/a"));
-        assert!(!is_below("/ab", "/a"));
     }
 }

@@ -164,7 +164,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let reconciler = Reconciler {
         node_name: settings.node_name.clone(),
         proc_root: settings.proc_root.clone(),
-        cgroup: format!("/{cgroup_rel}"),
+        cgroup_dir: cgroup_path.clone(),
         scan_interval: DEFAULT_SCAN_INTERVAL,
         pods_map: pods,
         inputs,

@@ -46,8 +46,8 @@ impl Drop for Active {
 pub struct Reconciler {
     pub node_name: String,
     pub proc_root: std::path::PathBuf,
-    /// cgroup-relative path under which this node's pods live.
-    pub cgroup: String,
+    /// The daemon's cgroup directory (inside the cgroup2 mount): this node's pods are below.
+    pub cgroup_dir: std::path::PathBuf,
     pub scan_interval: Duration,
     pub pods_map: PodsMap,
     pub inputs: Arc<ProxyInputs>,
@@ -64,10 +64,11 @@ impl Reconciler {
         let mut first = true;
         loop {
             let proc_root = self.proc_root.clone();
-            let cgroup = self.cgroup.clone();
-            let found = tokio::task::spawn_blocking(move || discovery::scan(&proc_root, &cgroup))
-                .await
-                .unwrap_or_default();
+            let cgroup_dir = self.cgroup_dir.clone();
+            let found =
+                tokio::task::spawn_blocking(move || discovery::scan(&proc_root, &cgroup_dir))
+                    .await
+                    .unwrap_or_default();
             let snap = self.inputs.snapshot.load_full();
             let status = self.reconcile(&snap, &found, &mut active);
             if first {
