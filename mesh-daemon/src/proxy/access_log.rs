@@ -3,7 +3,7 @@
 //! `[START] "- - -" 0 FLAGS - "-" RECEIVED SENT DURATION - "-" "-" "-" "-" "UPSTREAM_HOST"
 //!  CLUSTER UPSTREAM_LOCAL DOWNSTREAM_LOCAL DOWNSTREAM_PEER - -`
 use std::{
-    fmt,
+    cell::Cell,
     io::Write as _,
     net::SocketAddr,
     sync::{
@@ -93,18 +93,6 @@ fn emit(line: impl FnOnce(&mut Vec<u8>) -> std::io::Result<()>) {
     buf.push(b'\n');
 }
 
-/// `-` for a value that is absent, as Envoy writes it.
-struct OrDash<T>(Option<T>);
-
-impl<T: fmt::Display> fmt::Display for OrDash<T> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            Some(v) => v.fmt(f),
-            None => f.write_str("-"),
-        }
-    }
-}
-
 fn or_dash(s: &str) -> &str {
     if s.is_empty() { "-" } else { s }
 }
@@ -129,7 +117,7 @@ pub struct HttpEntry {
     pub start: SystemTime,
     pub method: http::Method,
     pub path: String,
-    /// Written as Envoy writes `%PROTOCOL%`: `HTTP/1.1`, `HTTP/2.0`.
+    /// Written as Envoy writes `%PROTOCOL%`: `HTTP/1.1`, `HTTP/2`.
     pub version: http::Version,
     pub status: u16,
     pub response_flags: &'static str,
@@ -145,86 +133,213 @@ pub struct HttpEntry {
 }
 
 pub fn log_http(e: &HttpEntry) {
-    emit(|out| {
-        write!(
-            out,
-            "[{}] \"{} {} {:?}\" {} {} - - \"-\" {} {} {} - \"-\" \"-\" \"-\" \"{}\" \"{}\" {} - {} {} - -",
-            Rfc3339(e.start),
-            e.method,
-            e.path,
-            e.version,
-            e.status,
-            or_dash(e.response_flags),
-            e.bytes_received,
-            e.bytes_sent,
-            e.duration_ms,
-            e.authority,
-            OrDash(e.upstream_host),
-            e.cluster.as_ref().map_or("-", |c| c.name.as_str()),
-            e.original_dst,
-            e.downstream_peer
-        )
-    });
+    emit(|out| http_line(out, e));
 }
 
 pub fn log_tcp(e: &TcpEntry<'_>) {
-    emit(|out| {
-        write!(
-            out,
-            "[{}] \"- - -\" 0 {} - \"-\" {} {} {} - \"-\" \"-\" \"-\" \"-\" \"{}\" {} {} {} {} - -",
-            Rfc3339(e.start),
-            or_dash(e.response_flags),
-            e.received,
-            e.sent,
-            e.duration_ms,
-            OrDash(e.upstream_host),
-            e.cluster,
-            OrDash(e.upstream_local),
-            e.original_dst,
-            e.downstream_peer
-        )
-    });
+    emit(|out| tcp_line(out, e));
 }
 
-/// RFC 3339 UTC with milliseconds, computed without a time-zone database.
-struct Rfc3339(SystemTime);
+fn http_line(out: &mut Vec<u8>, e: &HttpEntry) -> std::io::Result<()> {
+    timestamp(out, e.start);
+    out.push(b'"');
+    out.extend_from_slice(e.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(e.path.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(protocol(e.version).as_bytes());
+    out.extend_from_slice(b"\" ");
+    number(out, u64::from(e.status));
+    out.push(b' ');
+    out.extend_from_slice(or_dash(e.response_flags).as_bytes());
+    out.extend_from_slice(b" - - \"-\" ");
+    number(out, e.bytes_received);
+    out.push(b' ');
+    number(out, e.bytes_sent);
+    out.push(b' ');
+    number(out, u64::try_from(e.duration_ms).unwrap_or(u64::MAX));
+    out.extend_from_slice(b" - \"-\" \"-\" \"-\" \"");
+    out.extend_from_slice(e.authority.as_bytes());
+    out.extend_from_slice(b"\" \"");
+    address_or_dash(out, e.upstream_host)?;
+    out.extend_from_slice(b"\" ");
+    out.extend_from_slice(
+        e.cluster
+            .as_ref()
+            .map_or("-", |c| c.name.as_str())
+            .as_bytes(),
+    );
+    out.extend_from_slice(b" - ");
+    write!(out, "{} {}", e.original_dst, e.downstream_peer)?;
+    out.extend_from_slice(b" - -");
+    Ok(())
+}
 
-impl fmt::Display for Rfc3339 {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let d = self
-            .0
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        let secs = d.as_secs() as i64;
-        let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-        // Civil-from-days (Howard Hinnant's algorithm).
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        write!(
-            f,
-            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-            rem / 3600,
-            rem % 3600 / 60,
-            rem % 60,
-            d.subsec_millis()
-        )
+fn tcp_line(out: &mut Vec<u8>, e: &TcpEntry<'_>) -> std::io::Result<()> {
+    timestamp(out, e.start);
+    out.extend_from_slice(b"\"- - -\" 0 ");
+    out.extend_from_slice(or_dash(e.response_flags).as_bytes());
+    out.extend_from_slice(b" - \"-\" ");
+    number(out, e.received);
+    out.push(b' ');
+    number(out, e.sent);
+    out.push(b' ');
+    number(out, u64::try_from(e.duration_ms).unwrap_or(u64::MAX));
+    out.extend_from_slice(b" - \"-\" \"-\" \"-\" \"-\" \"");
+    address_or_dash(out, e.upstream_host)?;
+    out.extend_from_slice(b"\" ");
+    out.extend_from_slice(e.cluster.as_bytes());
+    out.push(b' ');
+    address_or_dash(out, e.upstream_local)?;
+    write!(out, " {} {} - -", e.original_dst, e.downstream_peer)
+}
+
+/// Envoy's `%PROTOCOL%`.
+fn protocol(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
     }
+}
+
+/// Lines are written for every request: integers go through itoa, not `core::fmt`.
+fn number(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+fn address_or_dash(out: &mut Vec<u8>, a: Option<SocketAddr>) -> std::io::Result<()> {
+    match a {
+        Some(a) => write!(out, "{a}"),
+        None => {
+            out.push(b'-');
+            Ok(())
+        }
+    }
+}
+
+/// `[2025-11-25T16:00:00.123Z] `: RFC 3339 UTC with milliseconds. The part up to the second
+/// is worked out once a second per thread, not once a line.
+fn timestamp(out: &mut Vec<u8>, t: SystemTime) {
+    thread_local! {
+        static LAST: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
+    }
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let date = LAST.with(|last| match last.get() {
+        (s, date) if s == secs => date,
+        _ => {
+            let date = civil_seconds(secs);
+            last.set((secs, date));
+            date
+        }
+    });
+    let ms = d.subsec_millis();
+    out.push(b'[');
+    out.extend_from_slice(&date);
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (ms / 100) as u8,
+        b'0' + (ms / 10 % 10) as u8,
+        b'0' + (ms % 10) as u8,
+        b'Z',
+        b']',
+        b' ',
+    ]);
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of seconds since the epoch, without a time-zone database.
+fn civil_seconds(secs: u64) -> [u8; 19] {
+    let secs = i64::try_from(secs).unwrap_or(i64::MAX);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let text = format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+    );
+    let mut out = [b'0'; 19];
+    let n = text.len().min(19);
+    out[..n].copy_from_slice(&text.as_bytes()[..n]);
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn at(ms: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("a socket address")
+    }
+
+    #[test]
+    fn lines_are_envoys_default_formats() {
+        let mut out = Vec::new();
+        let http = HttpEntry {
+            start: at(1_764_086_400_123),
+            method: http::Method::GET,
+            path: "/status/503?x=1".into(),
+            version: http::Version::HTTP_2,
+            status: 503,
+            response_flags: "URX",
+            duration_ms: 12,
+            upstream_host: Some(addr("10.244.1.12:8080")),
+            cluster: None,
+            authority: "httpbin:8000".into(),
+            original_dst: addr("10.96.0.10:8000"),
+            downstream_peer: addr("127.0.0.1:40000"),
+            bytes_received: 0,
+            bytes_sent: 95,
+        };
+        http_line(&mut out, &http).expect("formatting");
+        out.push(b'\n');
+        let tcp = TcpEntry {
+            start: at(1_764_086_400_999),
+            duration_ms: 7,
+            response_flags: "",
+            received: 10,
+            sent: 20,
+            upstream_host: None,
+            cluster: "PassthroughCluster",
+            upstream_local: None,
+            original_dst: addr("[fd00::1]:443"),
+            downstream_peer: "-",
+        };
+        tcp_line(&mut out, &tcp).expect("formatting");
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "[2025-11-25T16:00:00.123Z] \"GET /status/503?x=1 HTTP/2\" 503 URX - - \"-\" 0 95 12 - \
+             \"-\" \"-\" \"-\" \"httpbin:8000\" \"10.244.1.12:8080\" - - 10.96.0.10:8000 127.0.0.1:40000 - -\n\
+             [2025-11-25T16:00:00.999Z] \"- - -\" 0 - - \"-\" 10 20 7 - \"-\" \"-\" \"-\" \"-\" \"-\" \
+             PassthroughCluster - [fd00::1]:443 - - -"
+        );
+    }
+
     #[test]
     fn timestamps_are_rfc3339() {
-        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_764_086_400_123);
-        assert_eq!(Rfc3339(t).to_string(), "2025-11-25T16:00:00.123Z");
+        let mut out = Vec::new();
+        for ms in [1_764_086_400_123, 1_764_086_400_999, 951_782_400_007] {
+            timestamp(&mut out, SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "[2025-11-25T16:00:00.123Z] [2025-11-25T16:00:00.999Z] [2000-02-29T00:00:00.007Z] "
+        );
     }
 }

@@ -14,6 +14,13 @@ const ALWAYS: [HeaderName; 4] = [
 ];
 
 pub fn strip(headers: &mut HeaderMap) {
+    // Most messages carry none of these: one pass over the names (no hashing) settles it.
+    let any = headers
+        .keys()
+        .any(|k| k == header::TE || k == header::UPGRADE || ALWAYS.iter().any(|a| a == k));
+    if !any {
+        return;
+    }
     // A protocol upgrade (WebSocket) needs `Connection: upgrade` and `Upgrade` to reach the
     // server; those requests are left as they came.
     if headers.contains_key(header::UPGRADE) {
