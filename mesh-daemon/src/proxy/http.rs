@@ -23,7 +23,7 @@ use super::{
     cors::Decision,
     hop_by_hop,
     observed::{Completion, Counted, Observed, SeriesCache},
-    pool::{Lease, LeasedBody, PodPool, PoolError, Want},
+    pool::{Lease, PodPool, PoolError, Want},
     protocol::Protocol,
     replay::Replayable,
 };
@@ -488,7 +488,7 @@ impl Upstream<'_> {
                         policy: &cluster.policy,
                         state: &state,
                     };
-                    let lease = pool.lease(&want).await.ok()?;
+                    let mut lease = pool.lease(&want).await.ok()?;
                     set_target(&mut copy, &lease, &path);
                     let resp = lease.send(copy).await.ok()?;
                     resp.into_body().collect().await.ok()
@@ -565,7 +565,7 @@ impl Attempts<'_> {
                 state: self.state,
             };
             let attempt = async {
-                let lease = match pool.lease(&want).await {
+                let mut lease = match pool.lease(&want).await {
                     Ok(l) => l,
                     Err(PoolError::Overflow) => return Err(Failure::Overflow),
                     Err(e) => {
@@ -575,10 +575,14 @@ impl Attempts<'_> {
                 };
                 let mut req = Request::from_parts(parts.clone(), attempt_body);
                 set_target(&mut req, &lease, self.path);
-                lease.send(req).await.map_err(|e| {
-                    tracing::debug!(%ep, error = %e, "upstream request failed");
-                    classify(&e)
-                })
+                match lease.send(req).await {
+                    Ok(resp) => Ok((resp, lease)),
+                    Err(e) => {
+                        tracing::debug!(%ep, error = %e, "upstream request failed");
+                        lease.discard();
+                        Err(classify(&e))
+                    }
+                }
             };
             let per_try = policy.and_then(|p| p.per_try_timeout);
             let result = match per_try {
@@ -597,7 +601,7 @@ impl Attempts<'_> {
                     return local(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW_BODY);
                 }
                 Err(f) => (*f, Outcome::LocalOriginFailure),
-                Ok(resp) => {
+                Ok((resp, _)) => {
                     let status = resp.status().as_u16();
                     let grpc = resp
                         .headers()
@@ -628,13 +632,14 @@ impl Attempts<'_> {
             }
             let exhausted = wants_retry && retries > 0;
             return match result {
-                Ok(resp) => {
+                Ok((resp, lease)) => {
                     if exhausted {
                         log.response_flags = flags::RETRY_LIMIT;
                     }
-                    // The connection (held by the body), the endpoint's in-flight count and
-                    // the cluster's request slot stay taken until the body has been read.
+                    // The connection, the endpoint's in-flight count and the cluster's
+                    // request slot stay taken until the response body has been read.
                     let held = Held {
+                        _lease: lease,
                         _in_flight: in_flight,
                         _slot: request_slot,
                     };
@@ -674,13 +679,14 @@ impl Attempts<'_> {
 
 /// What a response keeps taken until its body is done.
 struct Held {
+    _lease: Lease,
     _in_flight: InFlight,
     _slot: Slot,
 }
 
-/// An upstream response body that gives its counters back at its end.
+/// An upstream response body that gives its connection and counters back at its end.
 struct HeldBody {
-    inner: LeasedBody,
+    inner: Incoming,
     held: Option<Held>,
 }
 

@@ -4,29 +4,16 @@
 //! which it is answered 503 UO), `http.maxRequestsPerConnection`, `http.idleTimeout`, and
 //! HTTP/2 multiplexing (one connection per endpoint) for http2/grpc ports and
 //! `h2UpgradePolicy: UPGRADE`.
-//!
-//! An HTTP/1.1 connection carries one exchange at a time, so it has no task of its own: the
-//! request holding it drives its I/O, while sending and then while its response body is
-//! read (the body is polled by the client's connection task). A spawned connection task
-//! cost two cross-task hand-offs per request (request in, response out) plus one per body
-//! frame. HTTP/2 connections are shared by many requests and keep their own task.
 use std::{
     collections::HashMap,
-    future::Future as _,
     net::SocketAddr,
-    pin::{Pin, pin},
     sync::{Arc, Mutex},
-    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use hyper::{
-    body::{Frame, Incoming},
-    client::conn::{http1, http2},
-};
+use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::{net::TcpStream, sync::Notify};
+use tokio::sync::Notify;
 
 use super::{
     ProxyInputs,
@@ -54,9 +41,8 @@ impl PoolError {
     }
 }
 
-/// A connection lent to one request. [`Lease::send`] hands it to the response body, which
-/// gives it back at its end: an HTTP/1.1 connection goes back to the idle list if its
-/// exchange finished and it has requests left.
+/// A connection lent to one request; HTTP/1.1 connections go back to the idle list when
+/// dropped, if they are still good and have requests left.
 pub struct Lease {
     /// Always `Some` until dropped.
     sender: Option<Sender>,
@@ -66,74 +52,34 @@ pub struct Lease {
     generation: u64,
     idle_timeout: Duration,
     pool: Arc<PodPool>,
-    /// Requests are left on the connection and nothing has failed on it.
     keep: bool,
-    /// HTTP/1.1: the response has been read to its end, so the connection is between
-    /// exchanges and can be lent again.
-    finished: bool,
 }
 
 enum Sender {
-    H1(Box<H1>),
+    H1(http1::SendRequest<Body>),
     H2(http2::SendRequest<Body>),
 }
 
-/// An HTTP/1.1 connection and the I/O state machine that whoever holds it polls.
-struct H1 {
-    sender: http1::SendRequest<Body>,
-    /// `None` once the connection has ended.
-    conn: Option<http1::Connection<TokioIo<TcpStream>, Body>>,
-    /// The cluster's connection slot, free again when the connection is dropped.
-    _slot: Slot,
-}
-
-impl H1 {
-    /// Moves the connection's I/O along; false once it has ended (closed by the peer or
-    /// failed).
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(conn) = self.conn.as_mut()
-            && Pin::new(conn).poll(cx).is_ready()
-        {
-            self.conn = None;
-        }
-        self.conn.is_some()
-    }
-
+impl Sender {
     async fn send(
         &mut self,
         req: http::Request<Body>,
-    ) -> Result<http::Response<Incoming>, hyper::Error> {
-        let H1 { sender, conn, .. } = self;
-        let mut drive = |cx: &mut Context<'_>| {
-            if let Some(c) = conn.as_mut()
-                && Pin::new(c).poll(cx).is_ready()
-            {
-                *conn = None;
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
+        match self {
+            Sender::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await
             }
-        };
-        // An ended connection fails both: hyper answers pending requests with an error.
-        std::future::poll_fn(|cx| {
-            drive(cx);
-            sender.poll_ready(cx)
-        })
-        .await?;
-        let mut response = pin!(sender.send_request(req));
-        std::future::poll_fn(|cx| {
-            drive(cx);
-            response.as_mut().poll(cx)
-        })
-        .await
+            Sender::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+        }
     }
 
-    fn is_closed(&self) -> bool {
-        self.conn.is_none() || self.sender.is_closed()
-    }
-}
-
-impl Sender {
     fn is_closed(&self) -> bool {
         match self {
-            Sender::H1(c) => c.is_closed(),
+            Sender::H1(s) => s.is_closed(),
             Sender::H2(s) => s.is_closed(),
         }
     }
@@ -145,61 +91,29 @@ impl Lease {
         matches!(self.sender, Some(Sender::H2(_)))
     }
 
-    /// Sends `req`; the response's body keeps the connection until it has been read.
     pub async fn send(
-        mut self,
+        &mut self,
         req: http::Request<Body>,
-    ) -> Result<http::Response<LeasedBody>, hyper::Error> {
-        let sent = match self.sender.as_mut() {
-            Some(Sender::H1(c)) => c.send(req).await,
-            Some(Sender::H2(s)) => match s.ready().await {
-                Ok(()) => s.send_request(req).await,
-                Err(e) => Err(e),
-            },
-            // Unreachable: the sender is only taken in drop.
-            None => return Err(missing_sender()),
-        };
-        match sent {
-            Ok(resp) => Ok(resp.map(|inner| LeasedBody {
-                inner,
-                lease: Some(self),
-            })),
-            Err(e) => {
-                // Whatever failed is not lent again.
-                self.keep = false;
-                Err(e)
-            }
-        }
-    }
-
-    /// Moves an HTTP/1.1 connection's I/O along (HTTP/2 has its own task); false once it
-    /// has ended.
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
         match self.sender.as_mut() {
-            Some(Sender::H1(c)) => c.drive(cx),
-            Some(Sender::H2(s)) => !s.is_closed(),
-            None => false,
+            Some(s) => s.send(req).await,
+            // Unreachable: the sender is only taken in drop.
+            None => s_missing(),
         }
     }
 
-    /// An idle HTTP/1.1 connection is polled by no one, so a close by the peer shows only
-    /// when it is next driven: do that now, before a request is trusted to it.
-    async fn still_open(&mut self) -> bool {
-        std::future::poll_fn(|cx| Poll::Ready(self.drive(cx))).await
+    /// The request failed on this connection: do not lend it again.
+    pub fn discard(&mut self) {
+        self.keep = false;
     }
-}
-
-/// Never built: a lease's sender is there until the lease is dropped.
-fn missing_sender() -> hyper::Error {
-    unreachable!("a lease keeps its sender until it is dropped")
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         match self.sender.take() {
-            Some(Sender::H1(c)) if self.keep && self.finished && !c.is_closed() => {
+            Some(Sender::H1(s)) if self.keep && !s.is_closed() => {
                 let idle = Idle {
-                    sender: Sender::H1(c),
+                    sender: Sender::H1(s),
                     uses: self.uses,
                     active: 0,
                     generation: 0,
@@ -234,69 +148,6 @@ impl Drop for Lease {
     }
 }
 
-/// An upstream response body holding its connection: polling it drives an HTTP/1.1
-/// connection's I/O, and its end gives the connection back.
-pub struct LeasedBody {
-    inner: Incoming,
-    lease: Option<Lease>,
-}
-
-impl LeasedBody {
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        if let Some(l) = self.lease.as_mut() {
-            l.drive(cx);
-        }
-    }
-
-    fn finish(&mut self) {
-        if let Some(mut l) = self.lease.take() {
-            l.finished = true;
-        }
-    }
-}
-
-impl hyper::body::Body for LeasedBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        this.drive(cx);
-        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if polled.is_pending() {
-            // hyper reads body data only once the body has asked for it: the ask just made
-            // may have given the connection work, so drive it once more before waiting.
-            this.drive(cx);
-            polled = Pin::new(&mut this.inner).poll_frame(cx);
-        }
-        if matches!(polled, Poll::Ready(None)) {
-            this.finish();
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for LeasedBody {
-    fn drop(&mut self) {
-        // A body known to be empty (HEAD, 204, 304, `content-length: 0`) is often never
-        // polled: its exchange is over all the same.
-        if hyper::body::Body::is_end_stream(&self.inner) {
-            self.finish();
-        }
-    }
-}
-
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Key {
     cluster: String,
@@ -323,6 +174,10 @@ struct Conns {
     generation: u64,
     /// Keys with a sweep already scheduled: one timer per key, not one per request.
     sweeping: std::collections::HashSet<Key>,
+}
+
+fn s_missing() -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
+    unreachable!("a lease keeps its sender until it is dropped")
 }
 
 /// What a request needs the pool to know.
@@ -386,12 +241,7 @@ impl PodPool {
                     _ => {}
                 }
                 match oldest {
-                    Some(since) => {
-                        wait = timeout.saturating_sub(since.elapsed());
-                        drop(c);
-                        // What was dropped gave its connection slot back.
-                        this.returned.notify_waiters();
-                    }
+                    Some(since) => wait = timeout.saturating_sub(since.elapsed()),
                     None => {
                         c.sweeping.remove(&key);
                         drop(c);
@@ -416,12 +266,8 @@ impl PodPool {
         loop {
             // Registered before looking, so a return between the look and the wait is seen.
             let returned = self.returned.notified();
-            while let Some(mut l) = self.reuse(&key, w.policy) {
-                if l.still_open().await {
-                    return Ok(l);
-                }
-                // Closed while idle: dropping it freed its slot; look again.
-                l.keep = false;
+            if let Some(l) = self.reuse(&key, w.policy) {
+                return Ok(l);
             }
             if let Some(slot) = take_slot(&w.state.connections, limits.max_connections) {
                 return self.connect(key, w, slot).await;
@@ -461,7 +307,6 @@ impl PodPool {
                 idle_timeout: policy.http_idle_timeout,
                 pool: self.clone(),
                 keep: true,
-                finished: false,
             });
         }
         let list = c.idle.get_mut(key)?;
@@ -478,7 +323,6 @@ impl PodPool {
                 generation: 0,
                 idle_timeout: policy.http_idle_timeout,
                 pool: self.clone(),
-                finished: false,
             });
         }
         None
@@ -503,14 +347,14 @@ impl PodPool {
             .limits
             .max_requests_per_connection
             .unwrap_or(u32::MAX);
+        let pool = self.clone();
         let idle_timeout = w.policy.http_idle_timeout;
+        // The connection task holds the cluster's connection slot: it is free again when the
+        // connection is gone (its last sender dropped, or the peer closed it).
         if key.h2 {
             let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
                 .await
                 .map_err(PoolError::Handshake)?;
-            // The connection task holds the cluster's connection slot: it is free again when
-            // the connection is gone (its last sender dropped, or the peer closed it).
-            let pool = self.clone();
             tokio::spawn(async move {
                 let _slot = slot;
                 let _ = conn.await;
@@ -538,23 +382,22 @@ impl PodPool {
                 idle_timeout,
                 pool: self.clone(),
                 keep: 1 < per_conn,
-                finished: false,
             });
         }
         let (sender, conn) = http1::handshake(io).await.map_err(PoolError::Handshake)?;
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _ = conn.await;
+            pool.returned.notify_waiters();
+        });
         Ok(Lease {
-            sender: Some(Sender::H1(Box::new(H1 {
-                sender,
-                conn: Some(conn),
-                _slot: slot,
-            }))),
+            sender: Some(Sender::H1(sender)),
             key,
             uses: 1,
             generation: 0,
             idle_timeout,
             pool: self.clone(),
             keep: 1 < per_conn,
-            finished: false,
         })
     }
 }
