@@ -153,11 +153,7 @@ fn http_line(out: &mut Vec<u8>, e: &HttpEntry) -> std::io::Result<()> {
     out.push(b' ');
     out.extend_from_slice(or_dash(e.response_flags).as_bytes());
     out.extend_from_slice(b" - - \"-\" ");
-    number(out, e.bytes_received);
-    out.push(b' ');
-    number(out, e.bytes_sent);
-    out.push(b' ');
-    number(out, u64::try_from(e.duration_ms).unwrap_or(u64::MAX));
+    counts(out, e.bytes_received, e.bytes_sent, e.duration_ms);
     out.extend_from_slice(b" - \"-\" \"-\" \"-\" \"");
     out.extend_from_slice(e.authority.as_bytes());
     out.extend_from_slice(b"\" \"");
@@ -180,11 +176,7 @@ fn tcp_line(out: &mut Vec<u8>, e: &TcpEntry<'_>) -> std::io::Result<()> {
     out.extend_from_slice(b"\"- - -\" 0 ");
     out.extend_from_slice(or_dash(e.response_flags).as_bytes());
     out.extend_from_slice(b" - \"-\" ");
-    number(out, e.received);
-    out.push(b' ');
-    number(out, e.sent);
-    out.push(b' ');
-    number(out, u64::try_from(e.duration_ms).unwrap_or(u64::MAX));
+    counts(out, e.received, e.sent, e.duration_ms);
     out.extend_from_slice(b" - \"-\" \"-\" \"-\" \"-\" \"");
     address_or_dash(out, e.upstream_host)?;
     out.extend_from_slice(b"\" ");
@@ -208,6 +200,15 @@ fn protocol(v: http::Version) -> &'static str {
 /// Lines are written for every request: integers go through itoa, not `core::fmt`.
 fn number(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// `%BYTES_RECEIVED% %BYTES_SENT% %DURATION%`, which both formats share.
+fn counts(out: &mut Vec<u8>, received: u64, sent: u64, duration_ms: u128) {
+    number(out, received);
+    out.push(b' ');
+    number(out, sent);
+    out.push(b' ');
+    number(out, u64::try_from(duration_ms).unwrap_or(u64::MAX));
 }
 
 fn address_or_dash(out: &mut Vec<u8>, a: Option<SocketAddr>) -> std::io::Result<()> {
