@@ -31,7 +31,8 @@ struct Args {
     /// Seconds of closed-loop load per saturation round.
     #[arg(long, default_value_t = 3)]
     saturation_secs: u32,
-    /// Saturation rounds per path, taken in turn across the paths; the median counts.
+    /// Saturation and latency rounds per path, taken in turn across the paths; the median
+    /// round counts (by throughput, by p99).
     #[arg(long, default_value_t = 3)]
     rounds: u32,
     /// Seconds of open-loop load per latency measurement.
@@ -153,9 +154,9 @@ fn failed(scenario: Scenario, placement: Placement, via: Via, e: &anyhow::Error)
     Row::failed(scenario, placement, via, format!("{e:#}"))
 }
 
-/// One HTTP scenario and placement over every path: saturation in `rounds` rounds that take
-/// the paths in turn (so drift during the run touches every path alike; the median round
-/// counts), then each path's latency run.
+/// One HTTP scenario and placement over every path: saturation, then latency, each in
+/// `rounds` rounds that take the paths in turn (so drift during the run touches every path
+/// alike); the round with the median throughput, and the one with the median p99, count.
 fn http_group(
     bench: &Bench,
     plan: &Plan,
@@ -164,11 +165,12 @@ fn http_group(
     vias: &[Via],
     rounds: u32,
 ) -> Vec<Row> {
-    /// One path's saturation rounds so far; a failed round ends its measurement.
+    /// One path's rounds so far; a failed round ends its measurement.
     struct Rounds {
         via: Via,
         path: measure::HttpPath,
         runs: Vec<report::Saturation>,
+        latencies: Vec<report::Latency>,
         error: Option<anyhow::Error>,
     }
     let mut rows = Vec::new();
@@ -179,6 +181,7 @@ fn http_group(
                 via,
                 path,
                 runs: Vec::new(),
+                latencies: Vec::new(),
                 error: None,
             }),
             Err(e) => rows.push(failed(scenario, placement, via, &e)),
@@ -192,28 +195,28 @@ fn http_group(
             }
         }
     }
-    for Rounds {
-        via,
-        path,
-        runs,
-        error,
-    } in paths
-    {
-        let measured = match error {
-            Some(e) => Err(e),
-            None => measure::latency(bench, plan, &path).map(|l| (measure::median(runs), l)),
-        };
-        rows.push(match measured {
-            Ok((saturation, latency)) => Row {
+    for _ in 0..rounds.max(1) {
+        for p in paths.iter_mut().filter(|p| p.error.is_none()) {
+            match measure::latency(bench, plan, &p.path) {
+                Ok(l) => p.latencies.push(l),
+                Err(e) => p.error = Some(e),
+            }
+        }
+    }
+    for p in paths {
+        rows.push(match p.error {
+            None => Row {
                 scenario,
                 placement,
-                via,
-                saturation,
-                latency: Some(latency),
+                via: p.via,
+                saturation: measure::median(p.runs, |s| s.run.rps),
+                latency: measure::median(p.latencies, |l| {
+                    l.run.percentile("p99").unwrap_or(f64::INFINITY)
+                }),
                 bulk: None,
                 error: None,
             },
-            Err(e) => failed(scenario, placement, via, &e),
+            Some(e) => failed(scenario, placement, p.via, &e),
         });
     }
     rows

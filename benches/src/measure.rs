@@ -146,9 +146,10 @@ pub fn latency(b: &Bench, plan: &Plan, p: &HttpPath) -> anyhow::Result<Latency> 
     })
 }
 
-/// The run with the median throughput: one slow or lucky round does not decide a ratio.
-pub fn median(mut runs: Vec<Saturation>) -> Option<Saturation> {
-    runs.sort_by(|a, b| a.run.rps.total_cmp(&b.run.rps));
+/// The round with the median `key` (throughput, p99): one slow or lucky round does not
+/// decide a ratio.
+pub fn median<T>(mut runs: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T> {
+    runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
     let mid = runs.len() / 2;
     runs.into_iter().nth(mid)
 }
@@ -182,4 +183,17 @@ pub fn bulk(b: &Bench, plan: &Plan, placement: Placement, via: Via) -> anyhow::R
         }),
         error: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_round_by_key() {
+        let rounds = vec![(1, 30.0), (2, 10.0), (3, 20.0)];
+        assert_eq!(median(rounds, |r| r.1), Some((3, 20.0)));
+        assert_eq!(median(vec![(1, 5.0)], |r| r.1), Some((1, 5.0)));
+        assert_eq!(median(Vec::<(u8, f64)>::new(), |r| r.1), None);
+    }
 }

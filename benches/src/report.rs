@@ -107,7 +107,7 @@ pub struct Report {
     pub kernel: String,
     pub cpus: usize,
     pub saturation_secs: u32,
-    /// Saturation rounds per path (the median one is reported).
+    /// Saturation and latency rounds per path (the median round of each is reported).
     pub rounds: u32,
     pub latency_secs: u32,
     pub rate: u32,
