@@ -1,11 +1,13 @@
 //! What `meshctl proxy-config` shows for one client namespace: the routes, clusters and
 //! endpoints the proxy would use for that pod.
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
 use super::policy::{ClusterPolicy, HashKey, LbPolicy};
-use super::table::{L4Match, Matcher, RequestMatch, RouteAction, Routing, WeightedCluster};
+use super::table::{
+    Cluster, L4Match, Matcher, RequestMatch, RouteAction, Routing, WeightedCluster,
+};
 
 #[derive(Debug, Serialize)]
 pub struct RouteView {
@@ -186,8 +188,9 @@ fn l4_matches(blocks: &[L4Match]) -> String {
         .join(" | ")
 }
 
-pub fn clusters(r: &Routing, namespace: &str) -> Vec<ClusterView> {
-    let mut out = BTreeSet::new();
+/// Every cluster a client in `namespace` can reach (each Service port, plain and per
+/// subset), resolved afresh, with the names of the DestinationRules behind it ("-": none).
+fn each_cluster(r: &Routing, namespace: &str, mut f: impl FnMut(Cluster, String)) {
     for svc in r.services.values() {
         let dr = r.destination_rule(namespace, &svc.host);
         let subsets: Vec<Option<&str>> = std::iter::once(None)
@@ -199,19 +202,26 @@ pub fn clusters(r: &Routing, namespace: &str) -> Vec<ClusterView> {
         for port in &svc.ports {
             for subset in &subsets {
                 if let Some(c) = r.resolve_cluster(namespace, &svc.host, *port, *subset) {
-                    out.insert(ClusterView {
-                        name: c.name,
-                        host: c.host,
-                        port: c.port,
-                        subset: c.subset.unwrap_or_default(),
-                        destination_rule: dr.map_or("-".into(), |d| d.rules.join(",")),
-                        endpoints: c.endpoints.len(),
-                        policy: policy_summary(&c.policy),
-                    });
+                    f(c, dr.map_or("-".into(), |d| d.rules.join(",")));
                 }
             }
         }
     }
+}
+
+pub fn clusters(r: &Routing, namespace: &str) -> Vec<ClusterView> {
+    let mut out = BTreeSet::new();
+    each_cluster(r, namespace, |c, destination_rule| {
+        out.insert(ClusterView {
+            endpoints: c.endpoints.len(),
+            policy: policy_summary(&c.policy),
+            name: c.name,
+            host: c.host,
+            port: c.port,
+            subset: c.subset.unwrap_or_default(),
+            destination_rule,
+        });
+    });
     out.into_iter().collect()
 }
 
@@ -270,17 +280,16 @@ pub fn policy_summary(p: &ClusterPolicy) -> String {
     parts.join(" ")
 }
 
+/// Each cluster's endpoints, clusters in the order `clusters` lists them (by name).
 pub fn endpoints(r: &Routing, namespace: &str) -> Vec<EndpointView> {
-    let mut out = Vec::new();
-    for c in clusters(r, namespace) {
-        let subset = (!c.subset.is_empty()).then_some(c.subset.as_str());
-        if let Some(cl) = r.resolve_cluster(namespace, &c.host, c.port, subset) {
-            out.extend(cl.endpoints.into_iter().map(|e| EndpointView {
-                endpoint: e.addr.to_string(),
-                status: "HEALTHY",
-                cluster: cl.name.clone(),
-            }));
-        }
-    }
-    out
+    let mut by_cluster = BTreeMap::new();
+    each_cluster(r, namespace, |c, _| {
+        let views = c.endpoints.iter().map(|e| EndpointView {
+            endpoint: e.addr.to_string(),
+            status: "HEALTHY",
+            cluster: c.name.clone(),
+        });
+        by_cluster.insert(c.name.clone(), views.collect::<Vec<_>>());
+    });
+    by_cluster.into_values().flatten().collect()
 }
