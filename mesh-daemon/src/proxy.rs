@@ -4,6 +4,7 @@ pub mod cluster_state;
 pub mod cors;
 pub mod detect;
 pub mod forward;
+pub mod h1_upstream;
 pub mod hop_by_hop;
 pub mod http;
 pub mod observed;

@@ -23,7 +23,7 @@ use super::{
     cors::Decision,
     hop_by_hop,
     observed::{Completion, Counted, Observed, SeriesCache},
-    pool::{Lease, PodPool, PoolError, Want},
+    pool::{Lease, PodPool, PoolError, SendError, UpstreamBody, Want},
     protocol::Protocol,
     replay::Replayable,
 };
@@ -686,7 +686,7 @@ struct Held {
 
 /// An upstream response body that gives its connection and counters back at its end.
 struct HeldBody {
-    inner: Incoming,
+    inner: UpstreamBody,
     held: Option<Held>,
 }
 
@@ -746,7 +746,10 @@ const RESET_BODY: &str = "upstream connect error or disconnect/reset before head
 
 /// What kind of failure a request error is: an HTTP/2 stream the upstream refused, or any
 /// other reset or disconnect before the response.
-fn classify(e: &hyper::Error) -> Failure {
+fn classify(e: &SendError) -> Failure {
+    let SendError::H2(e) = e else {
+        return Failure::Reset;
+    };
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(h2) = s.downcast_ref::<h2::Error>()

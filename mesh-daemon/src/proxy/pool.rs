@@ -3,7 +3,8 @@
 //! request that finds none free waits, up to `http.http1MaxPendingRequests` waiting, beyond
 //! which it is answered 503 UO), `http.maxRequestsPerConnection`, `http.idleTimeout`, and
 //! HTTP/2 multiplexing (one connection per endpoint) for http2/grpc ports and
-//! `h2UpgradePolicy: UPGRADE`.
+//! `h2UpgradePolicy: UPGRADE`. HTTP/1.1 exchanges run in the request's own task
+//! ([`super::h1_upstream`]); HTTP/2 connections are hyper's, each with its task.
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -11,13 +12,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hyper::client::conn::{http1, http2};
+use bytes::Bytes;
+use hyper::{
+    body::{Frame, Incoming, SizeHint},
+    client::conn::http2,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::Notify;
 
 use super::{
     ProxyInputs,
     cluster_state::{ClusterState, Slot, take_slot},
+    h1_upstream::{H1Body, H1Conn, H1Error, Home},
     http::Body,
     sockets::{SocketError, connect_in},
 };
@@ -41,10 +47,20 @@ impl PoolError {
     }
 }
 
-/// A connection lent to one request; HTTP/1.1 connections go back to the idle list when
-/// dropped, if they are still good and have requests left.
+/// Why a request got no response head.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    H1(#[from] H1Error),
+    #[error(transparent)]
+    H2(#[from] hyper::Error),
+}
+
+/// A connection lent to one request. An HTTP/1.1 connection travels on with the response
+/// body and goes back to the idle list at the body's end, if it is still good and has
+/// requests left; an HTTP/2 lease gives its stream count back when dropped.
 pub struct Lease {
-    /// Always `Some` until dropped.
+    /// `Some` until sent on (HTTP/1.1) or dropped.
     sender: Option<Sender>,
     key: Key,
     uses: u32,
@@ -56,27 +72,11 @@ pub struct Lease {
 }
 
 enum Sender {
-    H1(http1::SendRequest<Body>),
+    H1(H1Conn),
     H2(http2::SendRequest<Body>),
 }
 
 impl Sender {
-    async fn send(
-        &mut self,
-        req: http::Request<Body>,
-    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
-        match self {
-            Sender::H1(s) => {
-                s.ready().await?;
-                s.send_request(req).await
-            }
-            Sender::H2(s) => {
-                s.ready().await?;
-                s.send_request(req).await
-            }
-        }
-    }
-
     fn is_closed(&self) -> bool {
         match self {
             Sender::H1(s) => s.is_closed(),
@@ -94,11 +94,29 @@ impl Lease {
     pub async fn send(
         &mut self,
         req: http::Request<Body>,
-    ) -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
-        match self.sender.as_mut() {
-            Some(s) => s.send(req).await,
-            // Unreachable: the sender is only taken in drop.
-            None => s_missing(),
+    ) -> Result<http::Response<UpstreamBody>, SendError> {
+        match self.sender.take() {
+            Some(Sender::H1(conn)) => {
+                let home = PoolHome {
+                    pool: self.pool.clone(),
+                    key: self.key.clone(),
+                    uses: self.uses,
+                    idle_timeout: self.idle_timeout,
+                    keep: self.keep,
+                };
+                let resp = conn.send(req, home).await?;
+                Ok(resp.map(UpstreamBody::H1))
+            }
+            Some(Sender::H2(mut s)) => {
+                let sent = async {
+                    s.ready().await?;
+                    s.send_request(req).await
+                }
+                .await;
+                self.sender = Some(Sender::H2(s));
+                Ok(sent?.map(UpstreamBody::H2))
+            }
+            None => Err(SendError::H1(H1Error::Closed)),
         }
     }
 
@@ -111,21 +129,10 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         match self.sender.take() {
-            Some(Sender::H1(s)) if self.keep && !s.is_closed() => {
-                let idle = Idle {
-                    sender: Sender::H1(s),
-                    uses: self.uses,
-                    active: 0,
-                    generation: 0,
-                    since: Instant::now(),
-                };
+            // Lent but never sent on: still clean.
+            Some(Sender::H1(conn)) if self.keep => {
                 self.pool
-                    .lock()
-                    .idle
-                    .entry(self.key.clone())
-                    .or_default()
-                    .push(idle);
-                self.pool.sweep_later(self.key.clone(), self.idle_timeout);
+                    .put_idle(self.key.clone(), conn, self.uses, self.idle_timeout);
             }
             Some(Sender::H2(_)) => {
                 let mut c = self.pool.lock();
@@ -176,8 +183,59 @@ struct Conns {
     sweeping: std::collections::HashSet<Key>,
 }
 
-fn s_missing() -> Result<http::Response<hyper::body::Incoming>, hyper::Error> {
-    unreachable!("a lease keeps its sender until it is dropped")
+/// Where an HTTP/1.1 connection goes when its response body has ended cleanly.
+pub struct PoolHome {
+    pool: Arc<PodPool>,
+    key: Key,
+    uses: u32,
+    idle_timeout: Duration,
+    /// Whether the connection has requests left (`maxRequestsPerConnection`).
+    keep: bool,
+}
+
+impl Home for PoolHome {
+    fn take_back(self, conn: H1Conn) {
+        if self.keep {
+            self.pool
+                .put_idle(self.key, conn, self.uses, self.idle_timeout);
+        }
+        self.pool.returned.notify_waiters();
+    }
+}
+
+/// An upstream response body: read by the request's task (HTTP/1.1) or hyper's (HTTP/2).
+pub enum UpstreamBody {
+    H1(H1Body<PoolHome>),
+    H2(Incoming),
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::H2(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(b) => b.is_end_stream(),
+            UpstreamBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::H1(b) => b.size_hint(),
+            UpstreamBody::H2(b) => b.size_hint(),
+        }
+    }
 }
 
 /// What a request needs the pool to know.
@@ -194,7 +252,7 @@ pub struct PodPool {
     inputs: Arc<ProxyInputs>,
     conns: Mutex<Conns>,
     /// Signalled whenever a connection is returned or closes: pending requests look again.
-    returned: Notify,
+    returned: Arc<Notify>,
 }
 
 impl PodPool {
@@ -203,8 +261,30 @@ impl PodPool {
             netns,
             inputs,
             conns: Mutex::new(Conns::default()),
-            returned: Notify::new(),
+            returned: Arc::new(Notify::new()),
         })
+    }
+
+    fn put_idle(self: &Arc<Self>, key: Key, conn: H1Conn, uses: u32, idle_timeout: Duration) {
+        let idle = Idle {
+            sender: Sender::H1(conn),
+            uses,
+            active: 0,
+            generation: 0,
+            since: Instant::now(),
+        };
+        let mut c = self.lock();
+        match c.idle.get_mut(&key) {
+            Some(list) => list.push(idle),
+            None => {
+                c.idle.insert(key.clone(), vec![idle]);
+            }
+        }
+        let sweep = !c.sweeping.contains(&key);
+        drop(c);
+        if sweep {
+            self.sweep_later(key, idle_timeout);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Conns> {
@@ -341,24 +421,23 @@ impl PodPool {
             w.policy.connect_timeout,
         )
         .await?;
-        let io = TokioIo::new(stream);
         let per_conn = w
             .policy
             .limits
             .max_requests_per_connection
             .unwrap_or(u32::MAX);
-        let pool = self.clone();
         let idle_timeout = w.policy.http_idle_timeout;
-        // The connection task holds the cluster's connection slot: it is free again when the
-        // connection is gone (its last sender dropped, or the peer closed it).
         if key.h2 {
-            let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+            let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
                 .await
                 .map_err(PoolError::Handshake)?;
+            // The connection task holds the cluster's connection slot: it is free again when
+            // the connection is gone (its last sender dropped, or the peer closed it).
+            let freed = self.returned.clone();
             tokio::spawn(async move {
                 let _slot = slot;
                 let _ = conn.await;
-                pool.returned.notify_waiters();
+                freed.notify_waiters();
             });
             let mut c = self.lock();
             c.generation += 1;
@@ -384,14 +463,9 @@ impl PodPool {
                 keep: 1 < per_conn,
             });
         }
-        let (sender, conn) = http1::handshake(io).await.map_err(PoolError::Handshake)?;
-        tokio::spawn(async move {
-            let _slot = slot;
-            let _ = conn.await;
-            pool.returned.notify_waiters();
-        });
+        // The connection holds the slot itself, idle or at work.
         Ok(Lease {
-            sender: Some(Sender::H1(sender)),
+            sender: Some(Sender::H1(H1Conn::new(stream, slot, self.returned.clone()))),
             key,
             uses: 1,
             generation: 0,
