@@ -157,7 +157,7 @@ fn http_line(out: &mut Vec<u8>, e: &HttpEntry) -> std::io::Result<()> {
     out.extend_from_slice(b" - \"-\" \"-\" \"-\" \"");
     out.extend_from_slice(e.authority.as_bytes());
     out.extend_from_slice(b"\" \"");
-    address_or_dash(out, e.upstream_host)?;
+    address_or_dash(out, e.upstream_host);
     out.extend_from_slice(b"\" ");
     out.extend_from_slice(
         e.cluster
@@ -166,7 +166,9 @@ fn http_line(out: &mut Vec<u8>, e: &HttpEntry) -> std::io::Result<()> {
             .as_bytes(),
     );
     out.extend_from_slice(b" - ");
-    write!(out, "{} {}", e.original_dst, e.downstream_peer)?;
+    address(out, e.original_dst);
+    out.push(b' ');
+    address(out, e.downstream_peer);
     out.extend_from_slice(b" - -");
     Ok(())
 }
@@ -178,12 +180,17 @@ fn tcp_line(out: &mut Vec<u8>, e: &TcpEntry<'_>) -> std::io::Result<()> {
     out.extend_from_slice(b" - \"-\" ");
     counts(out, e.received, e.sent, e.duration_ms);
     out.extend_from_slice(b" - \"-\" \"-\" \"-\" \"-\" \"");
-    address_or_dash(out, e.upstream_host)?;
+    address_or_dash(out, e.upstream_host);
     out.extend_from_slice(b"\" ");
     out.extend_from_slice(e.cluster.as_bytes());
     out.push(b' ');
-    address_or_dash(out, e.upstream_local)?;
-    write!(out, " {} {} - -", e.original_dst, e.downstream_peer)
+    address_or_dash(out, e.upstream_local);
+    out.push(b' ');
+    address(out, e.original_dst);
+    out.push(b' ');
+    out.extend_from_slice(e.downstream_peer.as_bytes());
+    out.extend_from_slice(b" - -");
+    Ok(())
 }
 
 /// Envoy's `%PROTOCOL%`.
@@ -211,14 +218,31 @@ fn counts(out: &mut Vec<u8>, received: u64, sent: u64, duration_ms: u128) {
     number(out, u64::try_from(duration_ms).unwrap_or(u64::MAX));
 }
 
-fn address_or_dash(out: &mut Vec<u8>, a: Option<SocketAddr>) -> std::io::Result<()> {
+fn address_or_dash(out: &mut Vec<u8>, a: Option<SocketAddr>) {
     match a {
-        Some(a) => write!(out, "{a}"),
-        None => {
-            out.push(b'-');
-            Ok(())
+        Some(a) => address(out, a),
+        None => out.push(b'-'),
+    }
+}
+
+/// `ip:port`, `[ip6]:port`. Four addresses a line: IPv4 is spelled out digit by digit
+/// (`core::fmt` showed in profiles); IPv6, rarer, goes through its `Display`.
+fn address(out: &mut Vec<u8>, a: SocketAddr) {
+    match a {
+        SocketAddr::V4(v4) => {
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                number(out, u64::from(octet));
+            }
+        }
+        SocketAddr::V6(v6) => {
+            let _ = write!(out, "[{}]", v6.ip());
         }
     }
+    out.push(b':');
+    number(out, u64::from(a.port()));
 }
 
 /// `[2025-11-25T16:00:00.123Z] `: RFC 3339 UTC with milliseconds. The part up to the second

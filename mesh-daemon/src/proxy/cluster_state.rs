@@ -2,8 +2,10 @@
 //! sidecar's Envoy would: requests in flight per endpoint (least-request balancing), the
 //! round-robin position, outlier detection (consecutive errors, ejections), and the
 //! circuit-breaker counters of the connection pool.
+// foldhash, not SipHash: these maps are looked up on every request and their keys are not
+// chosen by a client.
+use hashbrown::HashMap;
 use std::{
-    collections::HashMap,
     hash::{Hash as _, Hasher as _},
     net::SocketAddr,
     sync::{

@@ -18,7 +18,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::Notify};
@@ -98,12 +98,15 @@ impl H1Conn {
         }
     }
 
-    /// Sends `req` and reads the response head; the body is read as the returned response's
-    /// body is polled. `home` gets the connection back once that body has ended cleanly on a
-    /// connection that may carry another request.
+    /// Sends a request (its head borrowed, so retries need no copy; `target` is the
+    /// request-target, the path and query) and reads the response head; the body is read as
+    /// the returned response's body is polled. `home` gets the connection back once that
+    /// body has ended cleanly on a connection that may carry another request.
     pub async fn send<B, H>(
         mut self,
-        req: Request<B>,
+        head: &http::request::Parts,
+        target: &str,
+        body: B,
         home: H,
     ) -> Result<Response<H1Body<H>>, H1Error>
     where
@@ -111,9 +114,8 @@ impl H1Conn {
         B::Error: Into<BoxError>,
         H: Home,
     {
-        let (parts, body) = req.into_parts();
-        let head_only = parts.method == Method::HEAD;
-        let framing = self.encode_head(&parts, &body);
+        let head_only = head.method == Method::HEAD;
+        let framing = self.encode_head(head, target, &body);
         let sent = match self.write_body(body, framing).await {
             // An upstream may answer before reading the whole body and close (413, 401):
             // its answer is what the client should see, so a failed write looks for one.
@@ -153,13 +155,17 @@ impl H1Conn {
         Ok(resp.map(|()| body))
     }
 
-    fn encode_head<B: Body>(&mut self, parts: &http::request::Parts, body: &B) -> Framing {
+    fn encode_head<B: Body>(
+        &mut self,
+        parts: &http::request::Parts,
+        target: &str,
+        body: &B,
+    ) -> Framing {
         let w = &mut self.write;
         w.clear();
         w.extend_from_slice(parts.method.as_str().as_bytes());
         w.push(b' ');
-        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        w.extend_from_slice(target.as_bytes());
+        w.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
         w.extend_from_slice(b" HTTP/1.1\r\n");
         for (name, value) in &parts.headers {
             w.extend_from_slice(name.as_str().as_bytes());

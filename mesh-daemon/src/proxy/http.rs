@@ -11,7 +11,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, header};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -467,11 +467,12 @@ impl Upstream<'_> {
             let Some((ep, in_flight)) = state.choose(&cluster, &choice) else {
                 continue;
             };
-            let mut copy = Request::new(Full::new(bytes.clone()).map_err(|e| match e {}).boxed());
-            *copy.method_mut() = parts.method.clone();
-            *copy.headers_mut() = parts.headers.clone();
+            let body = Full::new(bytes.clone()).map_err(|e| match e {}).boxed();
+            let (mut copy, ()) = Request::new(()).into_parts();
+            copy.method = parts.method.clone();
+            copy.headers = parts.headers.clone();
             if let Ok(v) = HeaderValue::from_str(&shadow_host) {
-                copy.headers_mut().insert(header::HOST, v);
+                copy.headers.insert(header::HOST, v);
             }
             let pool = self.conn.pod.pool.clone();
             let h2 = self.uses_h2(cluster.policy.h2_upgrade);
@@ -489,8 +490,7 @@ impl Upstream<'_> {
                         state: &state,
                     };
                     let mut lease = pool.lease(&want).await.ok()?;
-                    set_target(&mut copy, &lease, &path);
-                    let resp = lease.send(copy).await.ok()?;
+                    let resp = lease.send(&copy, &path, body).await.ok()?;
                     resp.into_body().collect().await.ok()
                 };
                 let _ = tokio::time::timeout(MIRROR_TIMEOUT, send).await;
@@ -573,9 +573,7 @@ impl Attempts<'_> {
                         return Err(Failure::ConnectFailure);
                     }
                 };
-                let mut req = Request::from_parts(parts.clone(), attempt_body);
-                set_target(&mut req, &lease, self.path);
-                match lease.send(req).await {
+                match lease.send(&parts, self.path, attempt_body).await {
                     Ok(resp) => Ok((resp, lease)),
                     Err(e) => {
                         tracing::debug!(%ep, error = %e, "upstream request failed");
@@ -711,30 +709,6 @@ impl hyper::body::Body for HeldBody {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
-    }
-}
-
-/// Points a request at its connection: HTTP/2 carries the authority in the URI
-/// (`:authority`), HTTP/1.1 sends the path and the Host header.
-fn set_target<B>(req: &mut Request<B>, lease: &Lease, path: &str) {
-    let authority = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned);
-    let uri = match (lease.is_h2(), authority) {
-        (true, Some(a)) => format!("http://{a}{path}"),
-        _ => path.to_owned(),
-    };
-    if let Ok(uri) = uri.parse::<Uri>() {
-        *req.uri_mut() = uri;
-    }
-    if lease.is_h2() {
-        *req.version_mut() = http::Version::HTTP_2;
-        // HTTP/2 carries the authority as a pseudo-header, not as Host.
-        req.headers_mut().remove(header::HOST);
-    } else {
-        *req.version_mut() = http::Version::HTTP_11;
     }
 }
 

@@ -5,8 +5,10 @@
 //! HTTP/2 multiplexing (one connection per endpoint) for http2/grpc ports and
 //! `h2UpgradePolicy: UPGRADE`. HTTP/1.1 exchanges run in the request's own task
 //! ([`super::h1_upstream`]); HTTP/2 connections are hyper's, each with its task.
+// foldhash, not SipHash: these maps are looked up on every request and their keys are not
+// chosen by a client.
+use hashbrown::HashMap;
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -86,14 +88,13 @@ impl Sender {
 }
 
 impl Lease {
-    /// HTTP/2 sends with the absolute URI (it carries `:authority`); HTTP/1.1 with the path.
-    pub fn is_h2(&self) -> bool {
-        matches!(self.sender, Some(Sender::H2(_)))
-    }
-
+    /// Sends a request to `target` (path and query) with the head it borrows: HTTP/1.1
+    /// writes it as it is, HTTP/2 sends a copy with the authority as `:authority`.
     pub async fn send(
         &mut self,
-        req: http::Request<Body>,
+        head: &http::request::Parts,
+        target: &str,
+        body: Body,
     ) -> Result<http::Response<UpstreamBody>, SendError> {
         match self.sender.take() {
             Some(Sender::H1(conn)) => {
@@ -104,10 +105,11 @@ impl Lease {
                     idle_timeout: self.idle_timeout,
                     keep: self.keep,
                 };
-                let resp = conn.send(req, home).await?;
+                let resp = conn.send(head, target, body, home).await?;
                 Ok(resp.map(UpstreamBody::H1))
             }
             Some(Sender::H2(mut s)) => {
+                let req = h2_request(head, target, body);
                 let sent = async {
                     s.ready().await?;
                     s.send_request(req).await
@@ -180,7 +182,27 @@ struct Conns {
     h2: HashMap<Key, Idle>,
     generation: u64,
     /// Keys with a sweep already scheduled: one timer per key, not one per request.
-    sweeping: std::collections::HashSet<Key>,
+    sweeping: hashbrown::HashSet<Key>,
+}
+
+/// An HTTP/2 request: the URI carries the authority (`:authority`), not a Host header.
+fn h2_request(head: &http::request::Parts, target: &str, body: Body) -> http::Request<Body> {
+    let mut req = http::Request::new(body);
+    *req.method_mut() = head.method.clone();
+    *req.headers_mut() = head.headers.clone();
+    *req.version_mut() = http::Version::HTTP_2;
+    let authority = req
+        .headers_mut()
+        .remove(http::header::HOST)
+        .and_then(|h| h.to_str().ok().map(str::to_owned));
+    let uri = match authority {
+        Some(a) => format!("http://{a}{target}").parse::<http::Uri>(),
+        None => target.parse::<http::Uri>(),
+    };
+    if let Ok(uri) = uri {
+        *req.uri_mut() = uri;
+    }
+    req
 }
 
 /// Where an HTTP/1.1 connection goes when its response body has ended cleanly.

@@ -103,7 +103,9 @@ where
     B: hyper::body::Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let resp = conn.send(req, shelf.clone()).await?;
+    let (head, body) = req.into_parts();
+    let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    let resp = conn.send(&head, target, body, shelf.clone()).await?;
     let (parts, body) = resp.into_parts();
     let collected = body.collect().await?;
     let trailers = collected.trailers().cloned();
