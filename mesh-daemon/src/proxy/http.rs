@@ -358,7 +358,13 @@ impl Upstream<'_> {
             }
             _ => None,
         };
-        let req = self.mirror(req, &authority, &path).await;
+        // Boxed, and only for routes that mirror: laid out inline, the mirroring future sat
+        // beside the attempts' and made every request's future a kilobyte larger.
+        let req = if self.route.mirrors.is_empty() {
+            req
+        } else {
+            Box::pin(self.mirror(req, &authority, &path)).await
+        };
         let attempts = Attempts {
             up: self,
             cluster: &cluster,
@@ -366,18 +372,19 @@ impl Upstream<'_> {
             hash,
             path: &path,
         };
-        let sent = attempts.run(req, request_slot, log);
-        let result = match self.route.timeout {
-            Some(t) => match tokio::time::timeout(t.0, sent).await {
-                Ok(r) => r,
-                Err(_) => {
-                    log.response_flags = flags::UPSTREAM_TIMEOUT;
-                    return local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
-                }
-            },
-            None => sent.await,
+        // Pinned where it is: both arms below then share it instead of each keeping a copy
+        // of a multi-kilobyte future (moved, i.e. memcpy'd, on every request).
+        let result = {
+            let sent = std::pin::pin!(attempts.run(req, request_slot, log));
+            match self.route.timeout {
+                Some(t) => tokio::time::timeout(t.0, sent).await.ok(),
+                None => Some(sent.await),
+            }
         };
-        let mut resp = result;
+        let Some(mut resp) = result else {
+            log.response_flags = flags::UPSTREAM_TIMEOUT;
+            return local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout");
+        };
         hop_by_hop::strip(resp.headers_mut());
         if let Some(c) = new_cookie {
             resp.headers_mut().append(header::SET_COOKIE, c);
@@ -583,6 +590,7 @@ impl Attempts<'_> {
                 }
             };
             let per_try = policy.and_then(|p| p.per_try_timeout);
+            let attempt = std::pin::pin!(attempt);
             let result = match per_try {
                 Some(t) => tokio::time::timeout(t, attempt)
                     .await

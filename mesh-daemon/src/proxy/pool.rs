@@ -372,7 +372,9 @@ impl PodPool {
                 return Ok(l);
             }
             if let Some(slot) = take_slot(&w.state.connections, limits.max_connections) {
-                return self.connect(key, w, slot).await;
+                // Boxed: a new connection is the rare path, and the HTTP/2 handshake would
+                // otherwise size (and be copied with) every request's future.
+                return Box::pin(self.connect(key, w, slot)).await;
             }
             if pending.is_none() {
                 pending = Some(
