@@ -343,18 +343,15 @@ impl H1Conn {
         Ok(Some((resp, framing, keep)))
     }
 
-    /// Reads what the socket has into the read buffer; `Ok(0)` is the peer's end.
+    /// Reads what the socket has into the read buffer; `Ok(0)` is the peer's end. Through
+    /// `AsyncRead`, which takes a short read as the socket drained and clears its readiness:
+    /// a `try_read` would leave it set, and the next response's first read would be a
+    /// wasted `recvfrom` returning EAGAIN.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.read.capacity() - self.read.len() < READ_RESERVE / 4 {
             self.read.reserve(READ_RESERVE);
         }
-        loop {
-            ready!(self.io.poll_read_ready(cx))?;
-            match self.io.try_read_buf(&mut self.read) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                done => return Poll::Ready(done),
-            }
-        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
     }
 }
 
