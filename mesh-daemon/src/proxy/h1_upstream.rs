@@ -422,24 +422,26 @@ impl<H: Home> H1Body<H> {
             match self.state {
                 State::Done => return Poll::Ready(None),
                 State::Length(left) if !buf.is_empty() => {
-                    let n = left.min(buf.len() as u64);
-                    self.state = match left - n {
-                        0 => State::Done,
-                        rest => State::Length(rest),
+                    let (frame, rest) = take_data(buf, left);
+                    self.state = if rest == 0 {
+                        State::Done
+                    } else {
+                        State::Length(rest)
                     };
-                    return Poll::Ready(Some(Ok(Frame::data(buf.split_to(n as usize).freeze()))));
+                    return Poll::Ready(Some(Ok(frame)));
                 }
                 State::UntilClose if !buf.is_empty() => {
                     let all = buf.split().freeze();
                     return Poll::Ready(Some(Ok(Frame::data(all))));
                 }
                 State::ChunkData(left) if !buf.is_empty() => {
-                    let n = left.min(buf.len() as u64);
-                    self.state = match left - n {
-                        0 => State::ChunkEnd,
-                        rest => State::ChunkData(rest),
+                    let (frame, rest) = take_data(buf, left);
+                    self.state = if rest == 0 {
+                        State::ChunkEnd
+                    } else {
+                        State::ChunkData(rest)
                     };
-                    return Poll::Ready(Some(Ok(Frame::data(buf.split_to(n as usize).freeze()))));
+                    return Poll::Ready(Some(Ok(frame)));
                 }
                 State::ChunkSize => {
                     if let Some(size) = chunk_size(buf)? {
@@ -516,6 +518,16 @@ impl<H: Home> Body for H1Body<H> {
             _ => SizeHint::default(),
         }
     }
+}
+
+/// Up to `left` body bytes from the front of `buf`, without copying, and how many are left.
+fn take_data(buf: &mut BytesMut, left: u64) -> (Frame<Bytes>, u64) {
+    let n = left.min(buf.len() as u64);
+    // n <= buf.len(), so it fits a usize.
+    let data = buf
+        .split_to(usize::try_from(n).unwrap_or(buf.len()))
+        .freeze();
+    (Frame::data(data), left - n)
 }
 
 /// A chunk-size line at the front of `buf`, consumed; `None` until a whole line is there.
