@@ -96,6 +96,13 @@ impl Lease {
         target: &str,
         body: Body,
     ) -> Result<http::Response<UpstreamBody>, SendError> {
+        // HTTP/2: the sender stays in the lease while the request is sent, so a cancelled send
+        // (per-try timeout) still gives the stream count back when the lease drops.
+        if let Some(Sender::H2(s)) = &mut self.sender {
+            let req = h2_request(head, target, body);
+            s.ready().await?;
+            return Ok(s.send_request(req).await?.map(UpstreamBody::H2));
+        }
         match self.sender.take() {
             Some(Sender::H1(conn)) => {
                 let home = PoolHome {
@@ -108,17 +115,8 @@ impl Lease {
                 let resp = conn.send(head, target, body, home).await?;
                 Ok(resp.map(UpstreamBody::H1))
             }
-            Some(Sender::H2(mut s)) => {
-                let req = h2_request(head, target, body);
-                let sent = async {
-                    s.ready().await?;
-                    s.send_request(req).await
-                }
-                .await;
-                self.sender = Some(Sender::H2(s));
-                Ok(sent?.map(UpstreamBody::H2))
-            }
-            None => Err(SendError::H1(H1Error::Closed)),
+            // Sent on already: an HTTP/1.1 connection is lent for one request.
+            Some(Sender::H2(_)) | None => Err(SendError::H1(H1Error::Closed)),
         }
     }
 
