@@ -14,7 +14,6 @@ use std::{
     future::Future as _,
     io,
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll, ready},
 };
 
@@ -22,9 +21,9 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::Notify};
+use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
-use super::cluster_state::Slot;
+use super::{hop_by_hop, pool::ConnSlot};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -65,27 +64,16 @@ pub struct H1Conn {
     io: TcpStream,
     read: BytesMut,
     write: Vec<u8>,
-    _slot: SlotGuard,
-}
-
-struct SlotGuard {
-    _slot: Slot,
-    freed: Arc<Notify>,
-}
-
-impl Drop for SlotGuard {
-    fn drop(&mut self) {
-        self.freed.notify_waiters();
-    }
+    _slot: ConnSlot,
 }
 
 impl H1Conn {
-    pub fn new(io: TcpStream, slot: Slot, freed: Arc<Notify>) -> Self {
+    pub fn new(io: TcpStream, slot: ConnSlot) -> Self {
         Self {
             io,
             read: BytesMut::new(),
             write: Vec::new(),
-            _slot: SlotGuard { _slot: slot, freed },
+            _slot: slot,
         }
     }
 
@@ -172,12 +160,7 @@ impl H1Conn {
         w.push(b' ');
         w.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
         w.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &parts.headers {
-            w.extend_from_slice(name.as_str().as_bytes());
-            w.extend_from_slice(b": ");
-            w.extend_from_slice(value.as_bytes());
-            w.extend_from_slice(b"\r\n");
-        }
+        write_headers(w, &parts.headers);
         // As hyper's client frames it: a declared length is kept, a body known to be empty
         // sends none, a known size is declared, anything else goes chunked.
         let framing = if let Some(n) = content_length(&parts.headers) {
@@ -359,11 +342,6 @@ impl H1Conn {
 /// another request.
 pub trait Home: Send + Unpin + 'static {
     fn take_back(self, conn: H1Conn);
-}
-
-/// Nowhere: the connection closes.
-impl Home for () {
-    fn take_back(self, _conn: H1Conn) {}
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -624,17 +602,11 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
 
 /// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 only when told `keep-alive`.
 fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &[u8]| {
-        headers.get_all(http::header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-        })
-    };
+    let has = |token| hop_by_hop::lists(headers, &http::header::CONNECTION, token);
     if version == Version::HTTP_10 {
-        has(b"keep-alive")
+        has("keep-alive")
     } else {
-        !has(b"close")
+        !has("close")
     }
 }
 

@@ -36,16 +36,20 @@ pub fn strip(headers: &mut HeaderMap) {
     for name in listed.iter().chain(ALWAYS.iter()) {
         headers.remove(name);
     }
-    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
+    let te_trailers = lists(headers, &header::TE, "trailers");
     headers.remove(header::TE);
     if te_trailers {
         headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
     }
+}
+
+/// Whether a comma-separated list header (`Connection`, `TE`) names `token`, in any of its
+/// fields, case-insensitively.
+pub fn lists(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
 }
 
 #[cfg(test)]

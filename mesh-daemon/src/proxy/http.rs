@@ -475,9 +475,7 @@ impl Upstream<'_> {
                 continue;
             };
             let body = Full::new(bytes.clone()).map_err(|e| match e {}).boxed();
-            let (mut copy, ()) = Request::new(()).into_parts();
-            copy.method = parts.method.clone();
-            copy.headers = parts.headers.clone();
+            let mut copy = parts.clone();
             if let Ok(v) = HeaderValue::from_str(&shadow_host) {
                 copy.headers.insert(header::HOST, v);
             }

@@ -203,6 +203,25 @@ fn h2_request(head: &http::request::Parts, target: &str, body: Body) -> http::Re
     req
 }
 
+/// A connection's hold on one of its cluster's `maxConnections` slots: dropped with the
+/// connection, it frees the slot and tells the requests waiting for one.
+pub struct ConnSlot {
+    _slot: Slot,
+    freed: Arc<Notify>,
+}
+
+impl ConnSlot {
+    pub fn new(slot: Slot, freed: Arc<Notify>) -> Self {
+        Self { _slot: slot, freed }
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.freed.notify_waiters();
+    }
+}
+
 /// Where an HTTP/1.1 connection goes when its response body has ended cleanly.
 pub struct PoolHome {
     pool: Arc<PodPool>,
@@ -455,11 +474,10 @@ impl PodPool {
                 .map_err(PoolError::Handshake)?;
             // The connection task holds the cluster's connection slot: it is free again when
             // the connection is gone (its last sender dropped, or the peer closed it).
-            let freed = self.returned.clone();
+            let held = ConnSlot::new(slot, self.returned.clone());
             tokio::spawn(async move {
-                let _slot = slot;
+                let _held = held;
                 let _ = conn.await;
-                freed.notify_waiters();
             });
             let mut c = self.lock();
             c.generation += 1;
@@ -487,7 +505,10 @@ impl PodPool {
         }
         // The connection holds the slot itself, idle or at work.
         Ok(Lease {
-            sender: Some(Sender::H1(H1Conn::new(stream, slot, self.returned.clone()))),
+            sender: Some(Sender::H1(H1Conn::new(
+                stream,
+                ConnSlot::new(slot, self.returned.clone()),
+            ))),
             key,
             uses: 1,
             generation: 0,

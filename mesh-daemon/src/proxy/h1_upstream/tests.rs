@@ -13,7 +13,7 @@ use tokio::{
 };
 
 use super::{H1Conn, H1Error, Home};
-use crate::proxy::cluster_state::take_slot;
+use crate::proxy::{cluster_state::take_slot, pool::ConnSlot};
 
 /// A scripted upstream on loopback: one connection; for each step it reads until the
 /// request's last bytes are in, reports what it read, writes the canned reply; then closes.
@@ -60,7 +60,7 @@ async fn connect(addr: std::net::SocketAddr) -> Connected {
     let slot = take_slot(&slots, 1).expect("a free slot");
     let io = TcpStream::connect(addr).await.expect("connect loopback");
     Connected {
-        conn: H1Conn::new(io, slot, Arc::new(Notify::new())),
+        conn: H1Conn::new(io, ConnSlot::new(slot, Arc::new(Notify::new()))),
         slots,
     }
 }
