@@ -4,6 +4,8 @@ pub mod cluster_state;
 pub mod cors;
 pub mod detect;
 pub mod forward;
+pub mod h1_codec;
+pub mod h1_server;
 pub mod h1_upstream;
 pub mod hop_by_hop;
 pub mod http;

@@ -13,7 +13,6 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
@@ -21,6 +20,7 @@ use super::{
     ProxyInputs, access_log,
     cluster_state::{self, Choice, ClusterState, InFlight, Outcome, PodClusters, Slot, take_slot},
     cors::Decision,
+    h1_server::{self, Speaks},
     hop_by_hop,
     observed::{Completion, Counted, Observed, SeriesCache},
     pool::{Lease, PodPool, PoolError, SendError, UpstreamBody, Want},
@@ -92,15 +92,21 @@ pub struct Downstream {
     pub series: SeriesCache,
 }
 
-/// Serves one client connection (HTTP/1.1 or HTTP/2) until it closes.
+/// Serves one client connection (HTTP/1.1, or HTTP/2 with prior knowledge) until it closes.
 pub async fn serve(conn: Arc<Downstream>, client: TcpStream) {
-    let svc = hyper::service::service_fn(move |req| {
-        let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handle(&conn, req).await) }
-    });
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(client), svc)
-        .await;
+    match h1_server::Accepted::detect(client).await {
+        Speaks::Http1(accepted) => h1_server::serve(accepted, |req| handle(&conn, req)).await,
+        Speaks::Http2(io) => {
+            let svc = hyper::service::service_fn(|req| {
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(handle(&conn, req).await) }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(io), svc)
+                .await;
+        }
+        Speaks::Nothing => {}
+    }
 }
 
 fn local(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -115,7 +121,11 @@ fn local(status: StatusCode, body: &'static str) -> Response<Body> {
     r
 }
 
-async fn handle(conn: &Arc<Downstream>, req: Request<Incoming>) -> Response<Body> {
+async fn handle<B>(conn: &Arc<Downstream>, req: Request<B>) -> Response<Body>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let req = req.map(|b| Counted::new(b, request_bytes.clone()).boxed());
     let start = (SystemTime::now(), Instant::now());

@@ -1,0 +1,469 @@
+//! What both ends of an HTTP/1.1 connection share (RFC 9112): how a message's body is framed,
+//! reading a body from a connection's read buffer, writing one with its framing.
+use std::{
+    future::Future as _,
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Version};
+use http_body_util::BodyExt as _;
+use hyper::body::{Body, Frame};
+use tokio::io::{AsyncWrite, AsyncWriteExt as _};
+
+use super::hop_by_hop;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Envoy's default `max_request_headers_kb` (and `max_response_headers_kb`) is 60.
+pub const MAX_HEAD: usize = 60 * 1024;
+pub const MAX_HEADERS: usize = 100;
+/// A chunk-size line longer than this is not a chunk size.
+const MAX_CHUNK_LINE: usize = 1024;
+/// Body frames up to this size ride in the same write as what precedes them.
+const COALESCE: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum H1Error {
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("the peer closed the connection before the message ended")]
+    Closed,
+    #[error("malformed message: {0}")]
+    Malformed(&'static str),
+    #[error("message head larger than {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("body: {0}")]
+    Body(BoxError),
+    #[error("body does not match its content-length")]
+    LengthMismatch,
+}
+
+impl From<httparse::Error> for H1Error {
+    fn from(_: httparse::Error) -> Self {
+        H1Error::Malformed("message head")
+    }
+}
+
+/// How a message's body ends.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (responses only).
+    Close,
+}
+
+/// Where a body being read stands.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum BodyState {
+    Length(u64),
+    /// Before a chunk-size line.
+    ChunkSize,
+    /// Inside a chunk, this many bytes left.
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    Trailers,
+    UntilClose,
+    Done,
+}
+
+/// What the read buffer gave a body being read.
+pub enum Decoded {
+    Frame(Frame<Bytes>),
+    End,
+    /// More bytes are needed from the connection.
+    More,
+}
+
+impl BodyState {
+    pub fn new(framing: Framing) -> Self {
+        match framing {
+            Framing::Empty | Framing::Length(0) => BodyState::Done,
+            Framing::Length(n) => BodyState::Length(n),
+            Framing::Chunked => BodyState::ChunkSize,
+            Framing::Close => BodyState::UntilClose,
+        }
+    }
+
+    /// The next frame out of `buf` (consumed from it), without copying data.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, H1Error> {
+        loop {
+            match *self {
+                BodyState::Done => return Ok(Decoded::End),
+                BodyState::Length(left) if !buf.is_empty() => {
+                    let (frame, rest) = take_data(buf, left);
+                    *self = if rest == 0 {
+                        BodyState::Done
+                    } else {
+                        BodyState::Length(rest)
+                    };
+                    return Ok(Decoded::Frame(frame));
+                }
+                BodyState::UntilClose if !buf.is_empty() => {
+                    return Ok(Decoded::Frame(Frame::data(buf.split().freeze())));
+                }
+                BodyState::ChunkData(left) if !buf.is_empty() => {
+                    let (frame, rest) = take_data(buf, left);
+                    *self = if rest == 0 {
+                        BodyState::ChunkEnd
+                    } else {
+                        BodyState::ChunkData(rest)
+                    };
+                    return Ok(Decoded::Frame(frame));
+                }
+                BodyState::ChunkSize => match chunk_size(buf)? {
+                    Some(0) => *self = BodyState::Trailers,
+                    Some(size) => *self = BodyState::ChunkData(size),
+                    None => return Ok(Decoded::More),
+                },
+                BodyState::ChunkEnd if buf.len() >= 2 => {
+                    if &buf[..2] != b"\r\n" {
+                        return Err(H1Error::Malformed("chunk end"));
+                    }
+                    let _ = buf.split_to(2);
+                    *self = BodyState::ChunkSize;
+                }
+                BodyState::Trailers => match trailers(buf)? {
+                    Some(t) => {
+                        *self = BodyState::Done;
+                        if !t.is_empty() {
+                            return Ok(Decoded::Frame(Frame::trailers(t)));
+                        }
+                    }
+                    None if buf.len() >= MAX_HEAD => {
+                        return Err(H1Error::Malformed("trailer section too large"));
+                    }
+                    None => return Ok(Decoded::More),
+                },
+                _ => return Ok(Decoded::More),
+            }
+        }
+    }
+
+    /// The connection ended: the end of a body read until close, an error for any other.
+    pub fn at_eof(&mut self) -> Result<(), H1Error> {
+        match self {
+            BodyState::UntilClose | BodyState::Done => {
+                *self = BodyState::Done;
+                Ok(())
+            }
+            _ => Err(H1Error::Closed),
+        }
+    }
+
+    /// Bytes of body still to come, when known.
+    pub fn exact_left(&self) -> Option<u64> {
+        match self {
+            BodyState::Done => Some(0),
+            BodyState::Length(n) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
+/// Up to `left` body bytes from the front of `buf`, without copying, and how many are left.
+fn take_data(buf: &mut BytesMut, left: u64) -> (Frame<Bytes>, u64) {
+    let n = left.min(buf.len() as u64);
+    // n <= buf.len(), so it fits a usize.
+    let data = buf
+        .split_to(usize::try_from(n).unwrap_or(buf.len()))
+        .freeze();
+    (Frame::data(data), left - n)
+}
+
+/// A chunk-size line at the front of `buf`, consumed; `None` until a whole line is there.
+fn chunk_size(buf: &mut BytesMut) -> Result<Option<u64>, H1Error> {
+    let Some(end) = buf.iter().take(MAX_CHUNK_LINE).position(|&b| b == b'\n') else {
+        return if buf.len() >= MAX_CHUNK_LINE {
+            Err(H1Error::Malformed("chunk size line"))
+        } else {
+            Ok(None)
+        };
+    };
+    let line = &buf[..end];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    // Extensions after ';' are allowed and ignored.
+    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
+    let digits = digits.trim_ascii();
+    if digits.is_empty() || digits.len() > 15 {
+        return Err(H1Error::Malformed("chunk size"));
+    }
+    let mut size = 0u64;
+    for &d in digits {
+        let v = (d as char)
+            .to_digit(16)
+            .ok_or(H1Error::Malformed("chunk size"))?;
+        size = size * 16 + u64::from(v);
+    }
+    let _ = buf.split_to(end + 1);
+    Ok(Some(size))
+}
+
+/// The trailer section after the last chunk (possibly empty), consumed with its closing
+/// empty line; `None` until all of it is there.
+fn trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, H1Error> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let (len, fields) = match httparse::parse_headers(buf, &mut slots)? {
+        httparse::Status::Partial => return Ok(None),
+        httparse::Status::Complete(done) => done,
+    };
+    let mut map = HeaderMap::new();
+    for f in fields {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(f.name.as_bytes()),
+            HeaderValue::from_bytes(f.value),
+        ) {
+            map.append(name, value);
+        }
+    }
+    let _ = buf.split_to(len);
+    Ok(Some(map))
+}
+
+/// Header fields parsed by httparse out of `head` (the head's bytes, frozen): names
+/// validated, values sliced out of `head` without copying.
+pub fn header_map(
+    fields: Vec<(HeaderName, usize, usize)>,
+    head: &Bytes,
+) -> Result<HeaderMap, H1Error> {
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for (name, at, n) in fields {
+        let value = HeaderValue::from_maybe_shared(head.slice(at..at + n))
+            .map_err(|_| H1Error::Malformed("header value"))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}
+
+/// Where each parsed field's name and value sit in the buffer starting at `base`.
+pub fn field_spans(
+    fields: &[httparse::Header<'_>],
+    base: *const u8,
+) -> Result<Vec<(HeaderName, usize, usize)>, H1Error> {
+    let base = base as usize;
+    fields
+        .iter()
+        .map(|h| {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| H1Error::Malformed("header name"))?;
+            Ok((name, h.value.as_ptr() as usize - base, h.value.len()))
+        })
+        .collect()
+}
+
+/// The declared length of a message's body (RFC 9112 §6.3): every `Content-Length` value
+/// must agree; `Ok(None)` when there is none.
+pub fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, H1Error> {
+    let mut length = None;
+    for v in headers.get_all(http::header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let n = parse_decimal(part.trim_ascii()).ok_or(H1Error::Malformed("content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(H1Error::Malformed("conflicting content-length"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
+/// Whether the last transfer coding is `chunked`; `None` without `Transfer-Encoding`.
+pub fn ends_chunked(headers: &HeaderMap) -> Option<bool> {
+    let te = headers.get(http::header::TRANSFER_ENCODING)?;
+    let last = te
+        .as_bytes()
+        .rsplit(|&b| b == b',')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    Some(last.eq_ignore_ascii_case(b"chunked"))
+}
+
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| parse_decimal(v.as_bytes()))
+}
+
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+/// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 only when told `keep-alive`.
+pub fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    let has = |token| hop_by_hop::lists(headers, &http::header::CONNECTION, token);
+    if version == Version::HTTP_10 {
+        has("keep-alive")
+    } else {
+        !has("close")
+    }
+}
+
+pub fn write_headers(w: &mut Vec<u8>, headers: &HeaderMap) {
+    for (name, value) in headers {
+        w.extend_from_slice(name.as_str().as_bytes());
+        w.extend_from_slice(b": ");
+        w.extend_from_slice(value.as_bytes());
+        w.extend_from_slice(b"\r\n");
+    }
+}
+
+/// The framing header a body is sent with when its head declares none: a body known to be
+/// empty gets none (requests) or `content-length: 0` (responses), a known size is declared,
+/// anything else goes chunked — or, where chunked is not allowed, until close.
+pub fn frame_undeclared<B: Body>(
+    w: &mut Vec<u8>,
+    body: &B,
+    empty_declared: bool,
+    chunked_allowed: bool,
+) -> Framing {
+    let exact = if body.is_end_stream() {
+        Some(0)
+    } else {
+        body.size_hint().exact()
+    };
+    match exact {
+        Some(0) if !empty_declared => Framing::Empty,
+        Some(n) => {
+            w.extend_from_slice(b"content-length: ");
+            w.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            w.extend_from_slice(b"\r\n");
+            if n == 0 {
+                Framing::Empty
+            } else {
+                Framing::Length(n)
+            }
+        }
+        None if chunked_allowed => {
+            w.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            Framing::Chunked
+        }
+        None => Framing::Close,
+    }
+}
+
+/// Writes what `w` holds (an encoded head) and then `body` in `framing`; small frames that
+/// are ready at once share the head's write. A body framed `Empty` is still polled to its
+/// end (what it yields is dropped) so that whatever watches it sees it finish. Trailers go
+/// out only on a chunked body whose receiver asked for them.
+pub async fn write_body<W, B>(
+    io: &mut W,
+    w: &mut Vec<u8>,
+    mut body: B,
+    framing: Framing,
+    send_trailers: bool,
+) -> Result<(), H1Error>
+where
+    W: AsyncWrite + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let mut left = match framing {
+        Framing::Length(n) => n,
+        _ => u64::MAX,
+    };
+    let chunked = framing == Framing::Chunked;
+    let mut ended = body.is_end_stream();
+    while !ended {
+        let polled =
+            std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await;
+        let next = match polled {
+            Poll::Ready(f) => f,
+            Poll::Pending => {
+                flush(io, w).await?;
+                body.frame().await
+            }
+        };
+        let Some(frame) = next else { break };
+        let frame = frame.map_err(|e| H1Error::Body(e.into()))?;
+        ended = body.is_end_stream();
+        if framing == Framing::Empty {
+            continue;
+        }
+        match frame.into_data() {
+            Ok(data) if data.is_empty() => {}
+            Ok(data) => {
+                if chunked {
+                    let mut hex = [0u8; 16];
+                    w.extend_from_slice(hex_len(data.len(), &mut hex));
+                    w.extend_from_slice(b"\r\n");
+                } else if framing != Framing::Close {
+                    left = left
+                        .checked_sub(data.len() as u64)
+                        .ok_or(H1Error::LengthMismatch)?;
+                }
+                if data.len() <= COALESCE {
+                    w.extend_from_slice(&data);
+                } else {
+                    flush(io, w).await?;
+                    io.write_all(&data).await?;
+                }
+                if chunked {
+                    w.extend_from_slice(b"\r\n");
+                }
+            }
+            Err(frame) => {
+                if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
+                    w.extend_from_slice(b"0\r\n");
+                    if send_trailers {
+                        write_headers(w, &trailers);
+                    }
+                    w.extend_from_slice(b"\r\n");
+                    left = 0;
+                    break;
+                }
+            }
+        }
+    }
+    if chunked && left != 0 {
+        w.extend_from_slice(b"0\r\n\r\n");
+    } else if matches!(framing, Framing::Length(_)) && left != 0 {
+        return Err(H1Error::LengthMismatch);
+    }
+    flush(io, w).await
+}
+
+pub async fn flush<W: AsyncWrite + Unpin>(io: &mut W, w: &mut Vec<u8>) -> Result<(), H1Error> {
+    if !w.is_empty() {
+        io.write_all(w).await?;
+        w.clear();
+    }
+    Ok(())
+}
+
+fn hex_len(n: usize, out: &mut [u8; 16]) -> &[u8] {
+    let digits = b"0123456789abcdef";
+    let mut i = out.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        out[i] = digits[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            return &out[i..];
+        }
+    }
+}
+
+/// Whether the peer of an idle socket closed or reset it. Asks the reactor, not the
+/// socket: its readiness carries the peer's FIN or RST (EPOLLRDHUP, EPOLLHUP) without a
+/// syscall, where a probing read would cost one per request.
+pub fn peer_closed(io: &tokio::net::TcpStream) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let ready = std::pin::pin!(io.ready(tokio::io::Interest::READABLE));
+    match ready.poll(&mut cx) {
+        Poll::Ready(Ok(r)) => r.is_read_closed() || r.is_error(),
+        Poll::Ready(Err(_)) => true,
+        Poll::Pending => false,
+    }
+}
