@@ -38,7 +38,16 @@ impl PodClusters {
             .clusters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        m.entry(name.to_owned()).or_default().clone()
+        // Looked up before inserting: the common hit copies no name.
+        if let Some(state) = m.get(name) {
+            return state.clone();
+        }
+        let state = Arc::new(ClusterState {
+            name: Arc::from(name),
+            ..ClusterState::default()
+        });
+        m.insert(name.to_owned(), state.clone());
+        state
     }
 }
 
@@ -67,6 +76,8 @@ struct EndpointStats {
 
 #[derive(Default)]
 pub struct ClusterState {
+    /// The cluster's name, shared with the pool's keys.
+    pub name: Arc<str>,
     next: AtomicUsize,
     endpoints: Mutex<HashMap<SocketAddr, EndpointStats>>,
     /// Requests in flight to this cluster (the `http2MaxRequests` breaker).

@@ -2,6 +2,7 @@
 //! weighted destination, subset cluster, endpoint) and forwarded over a per-pod connection
 //! pool whose sockets live in the pod's network namespace.
 use std::{
+    borrow::Cow,
     convert::Infallible,
     net::SocketAddr,
     pin::Pin,
@@ -126,8 +127,14 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + Sync + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let req = req.map(|b| Counted::new(b, request_bytes.clone()).boxed());
+    // Counted only when there is something to count: most requests have no body, and an
+    // empty body boxes without allocating.
+    let (req, request_bytes) = if req.body().is_end_stream() {
+        (req.map(|_| empty()), None)
+    } else {
+        let n = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        (req.map(|b| Counted::new(b, n.clone()).boxed()), Some(n))
+    };
     let start = (SystemTime::now(), Instant::now());
     let snap = conn.pod.inputs.snapshot.load_full();
     let no_labels = Default::default();
@@ -333,7 +340,11 @@ impl Upstream<'_> {
 
         let (path, authority) = self.rewritten();
         hop_by_hop::strip(req.headers_mut());
-        if let Ok(v) = HeaderValue::from_str(&authority) {
+        // Most requests keep their Host: then it is not copied back in.
+        let host = req.headers().get(header::HOST).map(HeaderValue::as_bytes);
+        if host != Some(authority.as_bytes())
+            && let Ok(v) = HeaderValue::from_str(&authority)
+        {
             req.headers_mut().insert(header::HOST, v);
         }
         // Route-level operations first, then the chosen destination's, as Envoy applies them.
@@ -498,7 +509,6 @@ impl Upstream<'_> {
                 let _in_flight = in_flight;
                 let send = async {
                     let want = Want {
-                        cluster: &cluster.name,
                         endpoint: ep,
                         h2,
                         policy: &cluster.policy,
@@ -514,19 +524,22 @@ impl Upstream<'_> {
         Request::from_parts(parts, Full::new(bytes).map_err(|e| match e {}).boxed())
     }
 
-    /// The path and authority after the route's rewrite.
-    fn rewritten(&self) -> (String, String) {
+    /// The path and authority after the route's rewrite (borrowed when there is none).
+    fn rewritten(&self) -> (Cow<'_, str>, Cow<'_, str>) {
         match &self.route.rewrite {
-            None => (self.path_and_query.to_owned(), self.authority.to_owned()),
+            None => (
+                Cow::Borrowed(self.path_and_query),
+                Cow::Borrowed(self.authority),
+            ),
             Some(rw) => (
-                rewrite_path(
+                Cow::Owned(rewrite_path(
                     rw,
                     self.matched.and_then(|m| m.uri.as_ref()),
                     self.path_and_query,
-                ),
+                )),
                 rw.authority
-                    .clone()
-                    .unwrap_or_else(|| self.authority.to_owned()),
+                    .as_deref()
+                    .map_or(Cow::Borrowed(self.authority), Cow::Borrowed),
             ),
         }
     }
@@ -566,14 +579,12 @@ impl Attempts<'_> {
                 log.response_flags = flags::NO_HEALTHY_UPSTREAM;
                 return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
             };
-            tried.push(ep);
             log.upstream_host = Some(ep);
             let Some(attempt_body) = body.attempt() else {
                 log.response_flags = flags::UPSTREAM_RESET;
                 return local(StatusCode::SERVICE_UNAVAILABLE, RESET_BODY);
             };
             let want = Want {
-                cluster: &self.cluster.name,
                 endpoint: ep,
                 h2,
                 policy: &self.cluster.policy,
@@ -636,6 +647,8 @@ impl Attempts<'_> {
                     take_slot(&self.state.retries, self.cluster.policy.limits.max_retries)
                 {
                     retries += 1;
+                    // Kept only for a retry's sake: most requests never need the list.
+                    tried.push(ep);
                     self.up.metrics().count_retry(&self.cluster.name);
                     let pause =
                         policy.map_or(Duration::ZERO, |p| p.backoff(retries, fastrand::f64()));

@@ -114,7 +114,8 @@ pub struct Completion {
     pub request_protocol: &'static str,
     pub log: access_log::HttpEntry,
     pub started: Instant,
-    pub request_bytes: Arc<AtomicU64>,
+    /// `None` for a request that came without a body.
+    pub request_bytes: Option<Arc<AtomicU64>>,
 }
 
 impl Completion {
@@ -125,7 +126,10 @@ impl Completion {
         let elapsed = self.started.elapsed();
         // The endpoint that answered, or the original destination if none did.
         let upstream = self.log.upstream_host.unwrap_or(self.conn.original_dst);
-        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        let request_bytes = self
+            .request_bytes
+            .as_ref()
+            .map_or(0, |n| n.load(Ordering::Relaxed));
         let key = SeriesKey {
             generation: self.snap.generation,
             upstream: upstream.ip(),

@@ -157,7 +157,7 @@ impl Drop for Lease {
 
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct Key {
-    cluster: String,
+    cluster: Arc<str>,
     endpoint: SocketAddr,
     h2: bool,
 }
@@ -279,7 +279,6 @@ impl hyper::body::Body for UpstreamBody {
 
 /// What a request needs the pool to know.
 pub struct Want<'a> {
-    pub cluster: &'a str,
     pub endpoint: SocketAddr,
     pub h2: bool,
     pub policy: &'a ClusterPolicy,
@@ -376,7 +375,7 @@ impl PodPool {
     /// cluster's `maxConnections`, else a wait as one of at most `http1MaxPendingRequests`.
     pub async fn lease(self: &Arc<Self>, w: &Want<'_>) -> Result<Lease, PoolError> {
         let key = Key {
-            cluster: w.cluster.to_owned(),
+            cluster: w.state.name.clone(),
             endpoint: w.endpoint,
             h2: w.h2,
         };
