@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Version};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame};
-use tokio::io::{AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 
 use super::hop_by_hop;
 
@@ -164,6 +164,42 @@ impl BodyState {
             _ => None,
         }
     }
+}
+
+/// The next frame of a body being read: decoded from `buf`, which `fill` tops up from the
+/// connection (`Ok(0)`: the peer's end) whenever a frame needs more bytes.
+pub fn poll_body_frame(
+    state: &mut BodyState,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+    mut fill: impl FnMut(&mut Context<'_>, &mut BytesMut) -> Poll<io::Result<usize>>,
+) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+    loop {
+        match state.decode(buf)? {
+            Decoded::Frame(f) => return Poll::Ready(Some(Ok(f))),
+            Decoded::End => return Poll::Ready(None),
+            Decoded::More => {}
+        }
+        if std::task::ready!(fill(cx, buf))? == 0 {
+            state.at_eof()?;
+        }
+    }
+}
+
+/// Reads what the socket has into `buf`, first making room for `reserve` bytes when less than
+/// a quarter of that is free; `Ok(0)` is the peer's end. Through `AsyncRead`, which takes a
+/// short read as the socket drained and clears its readiness: a `try_read` would leave it
+/// set, and the next message's first read would be a wasted `recvfrom` returning EAGAIN.
+pub fn poll_fill<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+    reserve: usize,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < reserve / 4 {
+        buf.reserve(reserve);
+    }
+    tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }
 
 /// Up to `left` body bytes from the front of `buf`, without copying, and how many are left.

@@ -35,8 +35,8 @@ use tokio::{
 
 use super::{
     h1_codec::{
-        self, BodyState, BoxError, Decoded, Framing, H1Error, MAX_HEAD, MAX_HEADERS,
-        declared_length, ends_chunked,
+        self, BodyState, BoxError, Framing, H1Error, MAX_HEAD, MAX_HEADERS, declared_length,
+        ends_chunked,
     },
     hop_by_hop,
 };
@@ -160,26 +160,17 @@ impl ReadSide {
     /// Reads what the socket has; `Ok(0)` is the client's end. Grows the buffer only when
     /// `grow` (a request still holding slices of it would make growing a copy).
     fn poll_fill(&mut self, cx: &mut Context<'_>, grow: bool) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < READ_BUF / 8 {
-            if !grow {
-                return Poll::Pending;
-            }
-            self.buf.reserve(READ_BUF);
+        if !grow && self.buf.capacity() - self.buf.len() < READ_BUF / 4 {
+            return Poll::Pending;
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+        h1_codec::poll_fill(&mut self.io, &mut self.buf, cx, READ_BUF)
     }
 
     fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
-        loop {
-            match self.body.decode(&mut self.buf)? {
-                Decoded::Frame(f) => return Poll::Ready(Some(Ok(f))),
-                Decoded::End => return Poll::Ready(None),
-                Decoded::More => {}
-            }
-            if ready!(self.poll_fill(cx, true))? == 0 {
-                self.body.at_eof()?;
-            }
-        }
+        let io = &mut self.io;
+        h1_codec::poll_body_frame(&mut self.body, &mut self.buf, cx, |cx, buf| {
+            h1_codec::poll_fill(io, buf, cx, READ_BUF)
+        })
     }
 }
 

@@ -13,7 +13,7 @@
 use std::{
     io,
     pin::Pin,
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
 };
 
 use bytes::{Bytes, BytesMut};
@@ -24,8 +24,8 @@ use tokio::net::TcpStream;
 pub use super::h1_codec::H1Error;
 use super::{
     h1_codec::{
-        self, BodyState, BoxError, Decoded, Framing, MAX_HEAD, MAX_HEADERS, declared_length,
-        ends_chunked, keeps_alive,
+        self, BodyState, BoxError, Framing, MAX_HEAD, MAX_HEADERS, declared_length, ends_chunked,
+        keeps_alive,
     },
     pool::ConnSlot,
 };
@@ -189,15 +189,8 @@ impl H1Conn {
         Ok(Some((resp, framing, keep)))
     }
 
-    /// Reads what the socket has into the read buffer; `Ok(0)` is the peer's end. Through
-    /// `AsyncRead`, which takes a short read as the socket drained and clears its readiness:
-    /// a `try_read` would leave it set, and the next response's first read would be a
-    /// wasted `recvfrom` returning EAGAIN.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.read.capacity() - self.read.len() < READ_RESERVE / 4 {
-            self.read.reserve(READ_RESERVE);
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+        h1_codec::poll_fill(&mut self.io, &mut self.read, cx, READ_RESERVE)
     }
 }
 
@@ -233,19 +226,13 @@ impl<H: Home> H1Body<H> {
     }
 
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
-        loop {
-            let Some(conn) = self.conn.as_mut() else {
-                return Poll::Ready(None);
-            };
-            match self.state.decode(&mut conn.read)? {
-                Decoded::Frame(f) => return Poll::Ready(Some(Ok(f))),
-                Decoded::End => return Poll::Ready(None),
-                Decoded::More => {}
-            }
-            if ready!(conn.poll_fill(cx))? == 0 {
-                self.state.at_eof()?;
-            }
-        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let io = &mut conn.io;
+        h1_codec::poll_body_frame(&mut self.state, &mut conn.read, cx, |cx, buf| {
+            h1_codec::poll_fill(io, buf, cx, READ_RESERVE)
+        })
     }
 }
 
