@@ -11,15 +11,15 @@
 //! 304; interim 1xx responses (`100 Continue`) skipped; the connection kept only when the
 //! response allows it and was read to its end.
 use std::{
-    io,
-    pin::Pin,
+    pin::{Pin, pin},
     task::{Context, Poll},
 };
 
 use bytes::{Bytes, BytesMut};
+use futures::future::Either;
 use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::net::TcpStream;
+use tokio::{io::AsyncRead, net::TcpStream};
 
 pub use super::h1_codec::H1Error;
 use super::{
@@ -75,17 +75,43 @@ impl H1Conn {
     {
         let head_only = head.method == Method::HEAD;
         let framing = self.encode_head(head, target, &body);
-        let sent =
-            match h1_codec::write_body(&mut self.io, &mut self.write, body, framing, true).await {
-                // An upstream may answer before reading the whole body and close (413, 401):
-                // its answer is what the client should see, so a failed write looks for one.
-                Err(H1Error::Io(e)) => Err(e),
-                Err(e) => return Err(e),
-                Ok(()) => Ok(()),
-            };
-        let (resp, framing, keep) = match self.read_head().await {
-            Ok(head) => head,
-            Err(e) => return Err(sent.err().map_or(e, H1Error::Io)),
+        let has_body =
+            matches!(framing, Framing::Chunked) || matches!(framing, Framing::Length(n) if n > 0);
+        let sent = {
+            let (mut reader, mut writer) = self.io.split();
+            let write = h1_codec::write_body(&mut writer, &mut self.write, body, framing, true);
+            if has_body {
+                // An upstream may answer before it has read the whole body (413, 401, 417)
+                // and then neither read on nor close: its answer is what the client should
+                // see, now, as Envoy forwards it, not after the route's timeout.
+                let mut write = pin!(write);
+                let early = pin!(read_head(&mut reader, &mut self.read));
+                match futures::future::select(write.as_mut(), early).await {
+                    Either::Left((written, _)) => Sent::Whole(written),
+                    Either::Right((Ok(head), _)) => Sent::Early(head),
+                    // Read again once the body is out: a closed or broken response is
+                    // still there to be seen, and the write may have failed for it.
+                    Either::Right((Err(_), _)) => Sent::Whole(write.await),
+                }
+            } else {
+                Sent::Whole(write.await)
+            }
+        };
+        let (resp, framing, keep, whole) = match sent {
+            Sent::Early((resp, framing, keep)) => (resp, framing, keep, false),
+            Sent::Whole(written) => {
+                let written = match written {
+                    // An upstream that answered early and closed (the write failed for it):
+                    // its answer is still to be read.
+                    Err(H1Error::Io(e)) => Err(e),
+                    Err(e) => return Err(e),
+                    Ok(()) => Ok(()),
+                };
+                match read_head(&mut self.io, &mut self.read).await {
+                    Ok((resp, framing, keep)) => (resp, framing, keep, written.is_ok()),
+                    Err(e) => return Err(written.err().map_or(e, H1Error::Io)),
+                }
+            }
         };
         let body_framing = if head_only
             || resp.status().is_informational()
@@ -97,7 +123,7 @@ impl H1Conn {
             framing
         };
         // A connection whose request was not sent whole cannot carry another one.
-        let keep = keep && sent.is_ok() && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
+        let keep = keep && whole && resp.status() != StatusCode::SWITCHING_PROTOCOLS;
         let mut body = H1Body {
             conn: Some(self),
             state: BodyState::new(body_framing),
@@ -130,68 +156,79 @@ impl H1Conn {
         w.extend_from_slice(b"\r\n");
         framing
     }
+}
 
-    /// Reads until a final (non-1xx, or 101) response head has arrived.
-    async fn read_head(&mut self) -> Result<(Response<()>, Framing, bool), H1Error> {
-        loop {
-            if let Some(parsed) = self.parse_head()? {
-                let (resp, framing, keep) = parsed;
-                if resp.status().is_informational()
-                    && resp.status() != StatusCode::SWITCHING_PROTOCOLS
-                {
-                    continue;
-                }
-                return Ok((resp, framing, keep));
+/// A response head, how its body is framed, and whether it lets the connection be kept.
+type ResponseHead = (Response<()>, Framing, bool);
+
+/// How much of a request went out before its response head came.
+enum Sent {
+    /// All of it (or writing failed: `Err`).
+    Whole(Result<(), H1Error>),
+    /// The response came first; the rest of the body was not sent.
+    Early(ResponseHead),
+}
+
+/// Reads until a final (non-1xx, or 101) response head has arrived.
+async fn read_head<R: AsyncRead + Unpin>(
+    io: &mut R,
+    read: &mut BytesMut,
+) -> Result<ResponseHead, H1Error> {
+    loop {
+        if let Some(parsed) = parse_head(read)? {
+            let (resp, framing, keep) = parsed;
+            if resp.status().is_informational() && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+            {
+                continue;
             }
-            if self.read.len() >= MAX_HEAD {
-                return Err(H1Error::HeadTooLarge);
-            }
-            if std::future::poll_fn(|cx| self.poll_fill(cx)).await? == 0 {
-                return Err(H1Error::Closed);
-            }
+            return Ok((resp, framing, keep));
+        }
+        if read.len() >= MAX_HEAD {
+            return Err(H1Error::HeadTooLarge);
+        }
+        let filled =
+            std::future::poll_fn(|cx| h1_codec::poll_fill(io, read, cx, READ_RESERVE)).await;
+        if filled? == 0 {
+            return Err(H1Error::Closed);
         }
     }
+}
 
-    /// A response head from the read buffer, when a whole one is there.
-    fn parse_head(&mut self) -> Result<Option<(Response<()>, Framing, bool)>, H1Error> {
-        if self.read.is_empty() {
-            return Ok(None);
-        }
-        // Left uninitialised: filling 100 empty headers first cost a 3 KiB write a response.
-        let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut []);
-        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-            &mut parsed,
-            &self.read,
-            &mut slots,
-        )? {
-            httparse::Status::Partial => return Ok(None),
-            httparse::Status::Complete(len) => len,
-        };
-        let status = parsed
-            .code
-            .and_then(|c| StatusCode::from_u16(c).ok())
-            .ok_or(H1Error::Malformed("status code"))?;
-        let version = if parsed.version == Some(0) {
-            Version::HTTP_10
-        } else {
-            Version::HTTP_11
-        };
-        let spans = h1_codec::field_spans(parsed.headers, self.read.as_ptr())?;
-        let head = self.read.split_to(len).freeze();
-        let headers = h1_codec::header_map(spans, &head)?;
-        let framing = response_framing(&headers)?;
-        let keep = keeps_alive(version, &headers);
-        let mut resp = Response::new(());
-        *resp.status_mut() = status;
-        *resp.version_mut() = version;
-        *resp.headers_mut() = headers;
-        Ok(Some((resp, framing, keep)))
+/// A response head from the read buffer, when a whole one is there.
+fn parse_head(read: &mut BytesMut) -> Result<Option<ResponseHead>, H1Error> {
+    if read.is_empty() {
+        return Ok(None);
     }
-
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        h1_codec::poll_fill(&mut self.io, &mut self.read, cx, READ_RESERVE)
-    }
+    // Left uninitialised: filling 100 empty headers first cost a 3 KiB write a response.
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        &*read,
+        &mut slots,
+    )? {
+        httparse::Status::Partial => return Ok(None),
+        httparse::Status::Complete(len) => len,
+    };
+    let status = parsed
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(H1Error::Malformed("status code"))?;
+    let version = if parsed.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let spans = h1_codec::field_spans(parsed.headers, read.as_ptr())?;
+    let head = read.split_to(len).freeze();
+    let headers = h1_codec::header_map(spans, &head)?;
+    let framing = response_framing(&headers)?;
+    let keep = keeps_alive(version, &headers);
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    *resp.version_mut() = version;
+    *resp.headers_mut() = headers;
+    Ok(Some((resp, framing, keep)))
 }
 
 /// Where a connection goes once its response has been read to the end and it may carry

@@ -314,3 +314,44 @@ async fn broken_responses_are_errors() {
         assert!(shelf.take().is_none());
     }
 }
+
+#[tokio::test]
+async fn an_answer_that_comes_before_the_whole_body_is_returned_at_once() {
+    // The upstream answers after the first chunk and then neither reads on nor closes.
+    let up = upstream(vec![
+        (
+            "hello\r\n",
+            b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 8\r\n\r\ntoo big!",
+        ),
+        ("never sent", b""),
+    ])
+    .await;
+    let c = connect(up.addr).await;
+    let shelf = Shelf::default();
+    // One chunk, then a client that has not sent the rest yet.
+    let frames = futures::StreamExt::chain(
+        futures::stream::iter([Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+            Bytes::from_static(b"hello"),
+        ))]),
+        futures::stream::pending(),
+    );
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/upload")
+        .header("host", "reviews:9080")
+        .body(StreamBody::new(frames))
+        .expect("a valid request");
+    let got = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        exchange(c.conn, req, &shelf),
+    )
+    .await
+    .expect("answered without waiting for the rest of the body")
+    .expect("a response");
+    assert_eq!(got.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(got.body, "too big!");
+    assert!(
+        shelf.take().is_none(),
+        "a connection with half a request on it is not reused"
+    );
+}
