@@ -12,7 +12,8 @@
 //! and removed, as Envoy does by default; responses framed by their `Content-Length`, a known
 //! size, chunked (trailers only to a client that sent `TE: trailers`) or, for HTTP/1.0
 //! clients, until close; no body for HEAD, 1xx, 204 and 304; a `Date` where the response has
-//! none. A client that leaves while its request is being answered cancels the answer. A
+//! none. A client that leaves while its request is being answered cancels the answer; one
+//! that sends nothing for an hour (Envoy's idle timeout) has its connection closed. A
 //! malformed head gets 400, a head over 60 KiB 431 (Envoy's limit), and the connection
 //! closes. HTTP/2 is recognised by its preface and left to the caller.
 use std::{
@@ -22,7 +23,7 @@ use std::{
     pin::{Pin, pin},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     task::{Context, Poll, ready},
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::{Bytes, BytesMut};
@@ -47,6 +48,8 @@ const READ_BUF: usize = 8 * 1024;
 /// An unread request body is read and dropped up to this much after the response, so the
 /// connection can carry the next request; past it the connection is closed.
 const DRAIN_LIMIT: u64 = 64 * 1024;
+/// Envoy's default `idle_timeout` for downstream HTTP connections, which Istio keeps.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 /// A client connection before its protocol is known.
 pub struct Accepted {
@@ -246,9 +249,10 @@ enum Refused {
     TooLarge,
 }
 
-/// Serves an HTTP/1.1 connection until it closes: each request goes to `service`, its
-/// response is written back before the next request is read.
-pub async fn serve<S, F, B>(accepted: Accepted, mut service: S)
+/// Serves an HTTP/1.1 connection until it closes or stays idle (no request in progress) for
+/// `idle_timeout`: each request goes to `service`, its response is written back before the
+/// next request is read.
+pub async fn serve<S, F, B>(accepted: Accepted, idle_timeout: Duration, mut service: S)
 where
     S: FnMut(Request<RequestBody>) -> F,
     F: Future<Output = Response<B>>,
@@ -264,10 +268,11 @@ where
     }));
     let mut out = Vec::with_capacity(READ_BUF);
     loop {
-        let head = match read_head(&shared).await {
-            Ok(Some(head)) => head,
-            Ok(None) => return,
-            Err(refused) => {
+        // A connection with no request in progress for this long is closed.
+        let head = match tokio::time::timeout(idle_timeout, read_head(&shared)).await {
+            Ok(Ok(Some(head))) => head,
+            Ok(Ok(None)) | Err(_) => return,
+            Ok(Err(refused)) => {
                 let status = match refused {
                     Refused::Malformed => "400 Bad Request",
                     Refused::TooLarge => "431 Request Header Fields Too Large",

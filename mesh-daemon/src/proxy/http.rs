@@ -96,7 +96,9 @@ pub struct Downstream {
 /// Serves one client connection (HTTP/1.1, or HTTP/2 with prior knowledge) until it closes.
 pub async fn serve(conn: Arc<Downstream>, client: TcpStream) {
     match h1_server::Accepted::detect(client).await {
-        Speaks::Http1(accepted) => h1_server::serve(accepted, |req| handle(&conn, req)).await,
+        Speaks::Http1(accepted) => {
+            h1_server::serve(accepted, h1_server::IDLE_TIMEOUT, |req| handle(&conn, req)).await;
+        }
         Speaks::Http2(io) => {
             let svc = hyper::service::service_fn(|req| {
                 let conn = conn.clone();

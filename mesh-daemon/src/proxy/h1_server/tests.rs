@@ -78,6 +78,10 @@ struct Server {
 
 /// The server on loopback, serving every connection it accepts with the test service.
 async fn server() -> Server {
+    server_idle_for(Duration::from_secs(60)).await
+}
+
+async fn server_idle_for(idle: Duration) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind loopback");
@@ -88,7 +92,7 @@ async fn server() -> Server {
             let tx = tx.clone();
             tokio::spawn(async move {
                 match Accepted::detect(sock).await {
-                    Speaks::Http1(a) => serve(a, |req| service(req, tx.clone())).await,
+                    Speaks::Http1(a) => serve(a, idle, |req| service(req, tx.clone())).await,
                     Speaks::Http2(_) | Speaks::Nothing => {}
                 }
             });
@@ -343,4 +347,18 @@ async fn the_http2_preface_is_recognised_and_replayed() {
         .expect("in time")
         .expect("read");
     assert_eq!(&seen, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nrest");
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let s = server_idle_for(Duration::from_millis(200)).await;
+    let mut sock = TcpStream::connect(s.addr).await.expect("connect");
+    sock.write_all(b"GET /a HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .expect("send");
+    // Answered, then closed by the server once nothing more comes (read_to_close waits up to
+    // 5 s for the close).
+    let got = read_to_close(&mut sock).await;
+    assert_eq!(statuses(&got), ["200"], "{got}");
+    assert!(got.ends_with("at /a"), "{got}");
 }
