@@ -29,7 +29,8 @@ const MAX_EJECTION: Duration = Duration::from_secs(300);
 /// One pod's view of every cluster it has used, by cluster name.
 #[derive(Default)]
 pub struct PodClusters {
-    clusters: Mutex<HashMap<String, Arc<ClusterState>>>,
+    /// Keyed by the name each state holds: one copy of it.
+    clusters: Mutex<HashMap<Arc<str>, Arc<ClusterState>>>,
 }
 
 impl PodClusters {
@@ -46,7 +47,7 @@ impl PodClusters {
             name: Arc::from(name),
             ..ClusterState::default()
         });
-        m.insert(name.to_owned(), state.clone());
+        m.insert(state.name.clone(), state.clone());
         state
     }
 }

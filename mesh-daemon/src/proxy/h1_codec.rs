@@ -8,7 +8,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
@@ -78,6 +78,30 @@ pub enum Decoded {
     End,
     /// More bytes are needed from the connection.
     More,
+}
+
+impl Framing {
+    /// Whether a message framed so has any body bytes to send or read.
+    pub fn carries_body(self) -> bool {
+        BodyState::new(self) != BodyState::Done
+    }
+}
+
+/// A response with no body whatever its headers say (RFC 9112 §6.3): to HEAD, 1xx, 204, 304.
+pub fn bodiless_response(head_request: bool, status: StatusCode) -> bool {
+    head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+}
+
+/// The HTTP version of a head httparse read (`minor` 0 or 1).
+pub fn version(minor: Option<u8>) -> Version {
+    if minor == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    }
 }
 
 impl BodyState {

@@ -292,7 +292,7 @@ where
             side.body = BodyState::new(head.framing);
             side.exchange
         };
-        let has_body = head.framing != Framing::Empty && head.framing != Framing::Length(0);
+        let has_body = head.framing.carries_body();
         if head.continue_wanted
             && has_body
             && write
@@ -408,8 +408,7 @@ async fn read_head(shared: &Shared) -> Result<Option<Head>, Refused> {
                 }
             }
             match ready!(side.poll_fill(cx, true)) {
-                Ok(0) if side.buf.is_empty() => return Poll::Ready(Ok(None)),
-                // A client that stops halfway through a head gets no answer.
+                // Gone between requests, or halfway through a head (which gets no answer).
                 Ok(0) | Err(_) => return Poll::Ready(Ok(None)),
                 Ok(_) => {}
             }
@@ -435,11 +434,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
     };
     let method = Method::from_bytes(parsed.method.unwrap_or_default().as_bytes())
         .map_err(|_| H1Error::Malformed("method"))?;
-    let version = if parsed.version == Some(0) {
-        Version::HTTP_10
-    } else {
-        Version::HTTP_11
-    };
+    let version = h1_codec::version(parsed.version);
     let base = buf.as_ptr();
     let target = parsed.path.unwrap_or_default();
     let target_at = (target.as_ptr() as usize - base as usize, target.len());
@@ -502,11 +497,7 @@ fn encode_response<B: Body>(
     if !headers.contains_key(header::DATE) {
         write_date(out);
     }
-    let no_body = head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    let framing = if no_body {
+    let framing = if h1_codec::bodiless_response(head_request, status) {
         Framing::Empty
     } else if let Some(n) = h1_codec::content_length(headers) {
         Framing::Length(n)

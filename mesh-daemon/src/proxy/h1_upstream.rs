@@ -17,7 +17,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use futures::future::Either;
-use http::{Method, Response, StatusCode, Version};
+use http::{Method, Response, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::{io::AsyncRead, net::TcpStream};
 
@@ -75,12 +75,10 @@ impl H1Conn {
     {
         let head_only = head.method == Method::HEAD;
         let framing = self.encode_head(head, target, &body);
-        let has_body =
-            matches!(framing, Framing::Chunked) || matches!(framing, Framing::Length(n) if n > 0);
         let sent = {
             let (mut reader, mut writer) = self.io.split();
             let write = h1_codec::write_body(&mut writer, &mut self.write, body, framing, true);
-            if has_body {
+            if framing.carries_body() {
                 // An upstream may answer before it has read the whole body (413, 401, 417)
                 // and then neither read on nor close: its answer is what the client should
                 // see, now, as Envoy forwards it, not after the route's timeout.
@@ -113,11 +111,7 @@ impl H1Conn {
                 }
             }
         };
-        let body_framing = if head_only
-            || resp.status().is_informational()
-            || resp.status() == StatusCode::NO_CONTENT
-            || resp.status() == StatusCode::NOT_MODIFIED
-        {
+        let body_framing = if h1_codec::bodiless_response(head_only, resp.status()) {
             Framing::Empty
         } else {
             framing
@@ -214,11 +208,7 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<ResponseHead>, H1Error> {
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or(H1Error::Malformed("status code"))?;
-    let version = if parsed.version == Some(0) {
-        Version::HTTP_10
-    } else {
-        Version::HTTP_11
-    };
+    let version = h1_codec::version(parsed.version);
     let spans = h1_codec::field_spans(parsed.headers, read.as_ptr())?;
     let head = read.split_to(len).freeze();
     let headers = h1_codec::header_map(spans, &head)?;
