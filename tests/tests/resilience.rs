@@ -354,9 +354,11 @@ endpoints:
             got.starts_with("pod=api-v1 ") && got.contains("echo:ping"),
             "{r}"
         );
-        // At worst one connect timeout (200 ms) and one refusal before the healthy pod.
+        // At worst one connect timeout (200 ms) and one refusal before the healthy pod. The
+        // bound is loose for loaded runners; it only has to stay under the 10 s default
+        // connect timeout to show the DestinationRule's took effect.
         assert!(
-            start.elapsed() < Duration::from_millis(1500),
+            start.elapsed() < Duration::from_secs(5),
             "{:?}",
             start.elapsed()
         );
