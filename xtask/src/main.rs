@@ -135,7 +135,29 @@ fn cargo(args: &[&str]) -> Command {
     if let Ok(root) = workspace_root() {
         c.current_dir(root);
     }
+    without_run_env(&mut c);
     c
+}
+
+/// `cargo run` gives the xtask the package variables of the xtask itself. Passed on to a
+/// child cargo they reach every build script, and ring's watches `CARGO_MANIFEST_DIR`: a
+/// build from here and one from a shell then rebuilt each other's whole dependency tree.
+fn without_run_env(c: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_PKG_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            )
+        {
+            c.env_remove(key);
+        }
+    }
 }
 
 fn build(release: bool) -> anyhow::Result<()> {
@@ -180,29 +202,30 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
 fn lint() -> anyhow::Result<()> {
     cargo(&["fmt", "--all", "--check"]).status_ok("cargo fmt --check (run `cargo fmt --all`)")?;
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"]).status_ok("cargo clippy")?;
-    Command::new("cargo")
-        .args([
-            "+nightly",
-            "clippy",
-            "--package",
-            "mesh-ebpf",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-            "--",
-            "-D",
-            "warnings",
-        ])
-        .current_dir(workspace_root()?)
-        .env_remove("RUSTC")
-        .env_remove("RUSTC_WORKSPACE_WRAPPER")
-        .env(
-            "CARGO_TARGET_DIR",
-            workspace_root()?.join("target/ebpf-clippy"),
-        )
-        .status_ok("clippy on mesh-ebpf")
+    let mut ebpf = Command::new("cargo");
+    without_run_env(&mut ebpf);
+    ebpf.args([
+        "+nightly",
+        "clippy",
+        "--package",
+        "mesh-ebpf",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ])
+    .current_dir(workspace_root()?)
+    .env_remove("RUSTC")
+    .env_remove("RUSTC_WORKSPACE_WRAPPER")
+    .env(
+        "CARGO_TARGET_DIR",
+        workspace_root()?.join("target/ebpf-clippy"),
+    )
+    .status_ok("clippy on mesh-ebpf")
 }
 
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
