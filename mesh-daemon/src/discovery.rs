@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::cgroup;
+use crate::{cgroup, dir_changes::DirChanges};
 
 /// Deepest directory looked at below the daemon's cgroup: the systemd driver nests pods four
 /// levels down (`kubepods.slice/kubepods-burstable.slice/...pod<uid>.slice/cri-....scope`).
@@ -63,6 +63,25 @@ pub fn scan(proc_root: &Path, cgroup_dir: &Path) -> HashMap<String, DiscoveredPo
         }
     }
     pods
+}
+
+/// Watches the pod tree below `cgroup_dir` so that a pod is scanned for as soon as it
+/// appears or goes: cgroup directories created and removed, a process moved into a cgroup
+/// (a write to `cgroup.procs`), and a cgroup gaining its first process or losing its last
+/// (the kernel's own change notice on `cgroup.events`, since cgroup v2 began in 4.5). The
+/// scan's own reads of `cgroup.procs` are not changes.
+pub fn watch(cgroup_dir: &Path) -> Result<DirChanges, notify::Error> {
+    DirChanges::watch(cgroup_dir, |e| {
+        use notify::EventKind;
+        match e.kind {
+            EventKind::Create(_) | EventKind::Remove(_) | EventKind::Any | EventKind::Other => true,
+            EventKind::Modify(_) => e.paths.iter().any(|p| {
+                p.file_name()
+                    .is_some_and(|n| n == "cgroup.events" || n == "cgroup.procs")
+            }),
+            EventKind::Access(_) => false,
+        }
+    })
 }
 
 fn subdirs(dir: &Path) -> Vec<PathBuf> {
@@ -158,5 +177,78 @@ mod tests {
         for pod in found.values() {
             assert_eq!((pod.pid, pod.netns_inode), (me, my_netns), "{}", pod.uid);
         }
+    }
+
+    /// A real cgroup (the test runs as root, like the rest of the suite): a pod appearing, a
+    /// process moving in and that process exiting each wake the watch; the scan's own reads
+    /// do not.
+    #[tokio::test]
+    async fn a_real_pod_cgroup_starting_and_emptying_wakes_the_watch() {
+        use std::time::Duration;
+        struct Cgroup(PathBuf, Option<std::process::Child>);
+        impl Drop for Cgroup {
+            fn drop(&mut self) {
+                if let Some(mut c) = self.1.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                // Children first: a cgroup directory goes only when empty of others.
+                let _ = std::fs::remove_dir(self.0.join("app"));
+                let _ = std::fs::remove_dir(&self.0);
+                let _ = std::fs::remove_dir(self.0.parent().unwrap_or(&self.0));
+            }
+        }
+        // Long enough that any return is an event, not the resync.
+        const NEVER: Duration = Duration::from_secs(600);
+        const SETTLE: Duration = Duration::from_millis(10);
+        let woke = async |w: &mut DirChanges| {
+            tokio::time::timeout(Duration::from_secs(5), w.next(NEVER, SETTLE))
+                .await
+                .is_ok()
+        };
+        let quiet = async |w: &mut DirChanges| {
+            tokio::time::timeout(Duration::from_millis(300), w.next(NEVER, SETTLE))
+                .await
+                .is_err()
+        };
+
+        let mount = cgroup::find_v2_mount().expect("a cgroup2 mount");
+        let top = mount.join(format!(
+            "sidelane-unit-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        let uid = "3d6a4adc-4fc3-43f4-aa5f-2238f5eec649";
+        let pod = top.join(format!("pod{uid}"));
+        let mut guard = Cgroup(pod.clone(), None);
+        std::fs::create_dir(&top).expect("creating a cgroup (needs root)");
+        let mut w = watch(&top).expect("watching the cgroup");
+        assert!(quiet(&mut w).await, "woke with nothing changed");
+
+        std::fs::create_dir_all(pod.join("app")).expect("pod cgroup");
+        assert!(woke(&mut w).await, "a new pod cgroup went unnoticed");
+        let child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("sleep");
+        let pid = child.id();
+        guard.1 = Some(child);
+        std::fs::write(pod.join("app/cgroup.procs"), pid.to_string()).expect("moving in");
+        assert!(woke(&mut w).await, "a process moving in went unnoticed");
+
+        let found = scan(Path::new("/proc"), &top);
+        assert_eq!(found.get(uid).map(|p| p.pid), Some(pid), "{found:?}");
+        assert!(quiet(&mut w).await, "the scan's own reads woke the watch");
+
+        // Only the kernel's populated notice tells of an exit: nobody writes a file.
+        if let Some(mut c) = guard.1.take() {
+            c.kill().expect("kill");
+            c.wait().expect("wait");
+        }
+        assert!(
+            woke(&mut w).await,
+            "the last process leaving went unnoticed"
+        );
+        assert!(scan(Path::new("/proc"), &top).is_empty());
     }
 }

@@ -11,6 +11,7 @@ pub mod analyze;
 pub mod cgroup;
 pub mod config;
 pub mod datapath;
+pub mod dir_changes;
 pub mod discovery;
 pub mod enrollment;
 pub mod metrics;

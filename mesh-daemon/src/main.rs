@@ -9,6 +9,7 @@ use mesh_daemon::{
     cgroup,
     config::{kube_source, manifest_dir},
     datapath::Datapath,
+    discovery,
     metrics::{Metrics, ReloadLabels},
     netns::HostNetns,
     proxy::ProxyInputs,
@@ -165,6 +166,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         node_name: settings.node_name.clone(),
         proc_root: settings.proc_root.clone(),
         cgroup_dir: cgroup_path.clone(),
+        pod_changes: discovery::watch(&cgroup_path)
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, cgroup = %cgroup_path.display(),
+                    "cannot watch the pod cgroups; scanning for pods every {DEFAULT_SCAN_INTERVAL:?} instead")
+            })
+            .ok(),
         scan_interval: DEFAULT_SCAN_INTERVAL,
         pods_map: pods,
         inputs,

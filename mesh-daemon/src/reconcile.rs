@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::{
     datapath::{PodsMap, pod_policy},
+    dir_changes::DirChanges,
     discovery::{self, DiscoveredPod},
     metrics::Metrics,
     netns::Netns,
@@ -48,12 +49,28 @@ pub struct Reconciler {
     pub proc_root: std::path::PathBuf,
     /// The daemon's cgroup directory (inside the cgroup2 mount): this node's pods are below.
     pub cgroup_dir: std::path::PathBuf,
+    /// Wakes the scan when the pod tree changes; without it (no inotify) the scan polls
+    /// every `scan_interval`.
+    pub pod_changes: Option<DirChanges>,
     pub scan_interval: Duration,
     pub pods_map: PodsMap,
     pub inputs: Arc<ProxyInputs>,
     pub metrics: Arc<Metrics>,
     pub workloads: Arc<ArcSwap<Vec<WorkloadStatus>>>,
     pub ready: watch::Sender<bool>,
+}
+
+/// A scan also runs this often when the pod tree is watched, in case the kernel dropped an
+/// event (its queue overflowing is reported, but a missed pod would stay out of the mesh).
+const RESCAN: Duration = Duration::from_secs(10);
+/// A pod starting is a burst of events (cgroup directories, processes moved in): one scan.
+const SETTLE: Duration = Duration::from_millis(10);
+
+async fn pods_may_have_changed(changes: &mut Option<DirChanges>, poll: Duration) {
+    match changes {
+        Some(c) => c.next(RESCAN, SETTLE).await,
+        None => tokio::time::sleep(poll).await,
+    }
 }
 
 impl Reconciler {
@@ -80,7 +97,7 @@ impl Reconciler {
             let _ = self.ready.send(true);
             tokio::select! {
                 _ = config_changed.changed() => {}
-                _ = tokio::time::sleep(self.scan_interval) => {}
+                () = pods_may_have_changed(&mut self.pod_changes, self.scan_interval) => {}
             }
         }
     }

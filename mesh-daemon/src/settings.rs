@@ -13,8 +13,9 @@ pub const DEFAULT_METRICS_ADDR: &str = "[::]:15020";
 pub const DEFAULT_READINESS_ADDR: &str = "[::]:15021";
 /// Where programs, links and maps are pinned.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sidelane";
-/// How often the pod scan runs when nothing else triggers it: a new pod is enrolled within
-/// this long after its first process starts.
+/// How often the pod scan runs when the pod cgroups cannot be watched (inotify unavailable
+/// or out of watches): a new pod is then enrolled within this long after its first process
+/// starts, instead of as soon as it starts.
 pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_millis(300);
 /// Istio's default root (mesh config) namespace.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";

@@ -4,10 +4,10 @@ use std::{
     time::Duration,
 };
 
-use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
 use super::objects::Objects;
+use crate::dir_changes::DirChanges;
 
 /// Edits often arrive as several events (write, chmod, rename); wait this long after the
 /// last one before reloading so one edit is one reload.
@@ -113,25 +113,14 @@ fn fingerprint(dir: &Path) -> Option<u64> {
 
 /// Watches `dir` and sends a fresh [`Objects`] after every change (and once at start).
 pub fn watch(dir: PathBuf, tx: mpsc::Sender<Objects>) -> Result<WatchGuard, ManifestDirError> {
-    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        // Opening and reading are events too (inotify's IN_OPEN): without this filter every
-        // load, this daemon's own or another's on a shared directory, set off the next one.
-        // An error may mean lost events: reload to be safe.
-        if ev.as_ref().map_or(true, |e| is_change(&e.kind)) {
-            let _ = ev_tx.send(());
-        }
-    })
-    .map_err(|source| ManifestDirError::Watch {
-        path: dir.clone(),
-        source,
-    })?;
-    watcher
-        .watch(&dir, RecursiveMode::Recursive)
-        .map_err(|source| ManifestDirError::Watch {
+    // Opening and reading are events too (inotify's IN_OPEN): without the filter every load,
+    // this daemon's own or another's on a shared directory, set off the next one.
+    let mut changes = DirChanges::watch(&dir, |e| is_change(&e.kind)).map_err(|source| {
+        ManifestDirError::Watch {
             path: dir.clone(),
             source,
-        })?;
+        }
+    })?;
     let task = tokio::spawn(async move {
         let mut last = None;
         loop {
@@ -151,20 +140,14 @@ pub fn watch(dir: PathBuf, tx: mpsc::Sender<Objects>) -> Result<WatchGuard, Mani
                     }
                 }
             }
-            // Wait for a change (or the resync), then for the burst of events to settle.
-            let _ = tokio::time::timeout(RESYNC, ev_rx.recv()).await;
-            while let Ok(Some(_)) = tokio::time::timeout(DEBOUNCE, ev_rx.recv()).await {}
+            changes.next(RESYNC, DEBOUNCE).await;
         }
     });
-    Ok(WatchGuard {
-        _watcher: watcher,
-        task,
-    })
+    Ok(WatchGuard { task })
 }
 
 /// Stops watching when dropped.
 pub struct WatchGuard {
-    _watcher: notify::RecommendedWatcher,
     task: tokio::task::JoinHandle<()>,
 }
 
