@@ -89,7 +89,8 @@ fn nginx_config(dir: &Path, listen: &str, upstreams: &[Upstream]) -> String {
          error_log {d}/nginx-error.log warn;\n\
          events {{ worker_connections {MAX_CONNECTIONS}; }}\n\
          http {{\n\
-         \x20 access_log off;\n\
+         \x20 log_format mesh '[$time_iso8601] \"$request\" $status $request_length $body_bytes_sent $request_time \"$http_x_forwarded_for\" \"$http_user_agent\" \"$http_x_request_id\" \"$host\" \"$upstream_addr\" $upstream_response_time $remote_addr:$remote_port';\n\
+         \x20 access_log {d}/access.log mesh buffer=64k flush=100ms;\n\
          \x20 client_body_temp_path {d}/body;\n\
          \x20 proxy_temp_path {d}/proxy;\n\
          \x20 fastcgi_temp_path {d}/fastcgi;\n\
@@ -100,14 +101,17 @@ fn nginx_config(dir: &Path, listen: &str, upstreams: &[Upstream]) -> String {
          \x20 keepalive_requests 1000000;\n\
          \x20 http2_max_requests 1000000;\n\
          {http}}}\n\
-         stream {{\n{stream}}}\n"
+         stream {{\n\
+         \x20 log_format tcp '[$time_iso8601] $status $bytes_received $bytes_sent $session_time \"$upstream_addr\" $remote_addr:$remote_port';\n\
+         \x20 access_log {d}/tcp-access.log tcp buffer=64k flush=100ms;\n\
+         {stream}}}\n"
     )
 }
 
 fn haproxy_config(listen: &str, upstreams: &[Upstream]) -> String {
     let mut out = format!(
-        "global\n  nbthread {WORKERS}\n  maxconn {MAX_CONNECTIONS}\n\
-         defaults\n  mode http\n  timeout connect 10s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\n"
+        "global\n  nbthread {WORKERS}\n  maxconn {MAX_CONNECTIONS}\n  log stdout format raw local0\n\
+         defaults\n  mode http\n  log global\n  option httplog\n  timeout connect 10s\n  timeout client 60s\n  timeout server 60s\n  http-reuse always\n"
     );
     for (i, u) in upstreams.iter().enumerate() {
         let name = u.name;
@@ -119,7 +123,7 @@ fn haproxy_config(listen: &str, upstreams: &[Upstream]) -> String {
              backend {name}-h1\n  server s {}\n\
              frontend {name}-h2\n  bind {listen}:{p2} proto h2\n  default_backend {name}-h2\n\
              backend {name}-h2\n  server s {} proto h2\n\
-             listen {name}-tcp\n  mode tcp\n  bind {listen}:{pt}\n  server s {}\n",
+             listen {name}-tcp\n  mode tcp\n  option tcplog\n  bind {listen}:{pt}\n  server s {}\n",
             u.http, u.http, u.tcp
         ));
     }
@@ -167,7 +171,9 @@ impl Proxy {
                 cmd
             }
         };
-        cmd.stdout(Stdio::null()).stderr(log);
+        // haproxy writes its access log to stdout; nginx writes its own files.
+        let access = std::fs::File::create(dir.join("stdout.log")).context("proxy log")?;
+        cmd.stdout(access).stderr(log);
         let child = c
             .spawn_on_node(node, &mut cmd)
             .with_context(|| format!("starting {kind:?}"))?;
@@ -250,6 +256,9 @@ mod tests {
         assert!(c.contains("listen 10.244.1.1:20001 http2;"));
         assert!(c.contains("proxy_set_header Connection \"\";"));
         assert!(c.contains("listen 10.244.1.1:20002; proxy_pass 10.244.1.10:5201;"));
+        // Like the mesh, which logs every request and connection.
+        assert!(c.contains("access_log /run/x/access.log mesh buffer=64k flush=100ms;"));
+        assert!(c.contains("access_log /run/x/tcp-access.log tcp"));
     }
 
     #[test]
@@ -258,5 +267,6 @@ mod tests {
         assert!(c.contains("bind 10.244.1.1:30001 proto h2"));
         assert!(c.contains("server s 10.244.1.10:8080 proto h2"));
         assert!(c.contains("http-reuse always"));
+        assert!(c.contains("log stdout format raw local0") && c.contains("option httplog"));
     }
 }
