@@ -344,12 +344,6 @@ pub fn ends_chunked(headers: &HeaderMap) -> Option<bool> {
     Some(last.eq_ignore_ascii_case(b"chunked"))
 }
 
-pub fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| parse_decimal(v.as_bytes()))
-}
-
 fn parse_decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
@@ -367,6 +361,29 @@ pub fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
     } else {
         !has("close")
     }
+}
+
+/// Writes a head's fields with its `Content-Length` as one value, and returns that length.
+/// A list of identical values (RFC 9110 lets a recipient take it as the one value) goes out
+/// as the value; a malformed or conflicting one is left out, so that the body is framed by
+/// what it is. Either way a message never leaves with two framings.
+pub fn write_fields(w: &mut Vec<u8>, headers: &HeaderMap) -> Option<u64> {
+    let length = declared_length(headers).ok().flatten();
+    for (name, value) in headers {
+        if name == http::header::CONTENT_LENGTH {
+            continue;
+        }
+        w.extend_from_slice(name.as_str().as_bytes());
+        w.extend_from_slice(b": ");
+        w.extend_from_slice(value.as_bytes());
+        w.extend_from_slice(b"\r\n");
+    }
+    if let Some(n) = length {
+        w.extend_from_slice(b"content-length: ");
+        w.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        w.extend_from_slice(b"\r\n");
+    }
+    length
 }
 
 pub fn write_headers(w: &mut Vec<u8>, headers: &HeaderMap) {
@@ -525,5 +542,44 @@ pub fn peer_closed(io: &tokio::net::TcpStream) -> bool {
         Poll::Ready(Ok(r)) => r.is_read_closed() || r.is_error(),
         Poll::Ready(Err(_)) => true,
         Poll::Pending => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{HeaderMap, HeaderValue, header};
+
+    use super::write_fields;
+
+    fn written(lengths: &[&'static str]) -> (String, Option<u64>) {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        for l in lengths {
+            h.append(header::CONTENT_LENGTH, HeaderValue::from_static(l));
+        }
+        let mut w = Vec::new();
+        let n = write_fields(&mut w, &h);
+        (String::from_utf8_lossy(&w).into_owned(), n)
+    }
+
+    #[test]
+    fn a_head_leaves_with_one_content_length_or_none() {
+        assert_eq!(
+            written(&["5"]),
+            ("host: a\r\ncontent-length: 5\r\n".into(), Some(5))
+        );
+        // Identical values, in one field or several: sent as the one value.
+        assert_eq!(
+            written(&["5, 5"]),
+            ("host: a\r\ncontent-length: 5\r\n".into(), Some(5))
+        );
+        assert_eq!(
+            written(&["5", "5"]),
+            ("host: a\r\ncontent-length: 5\r\n".into(), Some(5))
+        );
+        // Conflicting or malformed: left out, for the body to be framed by what it is.
+        assert_eq!(written(&["5", "6"]), ("host: a\r\n".into(), None));
+        assert_eq!(written(&["five"]), ("host: a\r\n".into(), None));
+        assert_eq!(written(&[]), ("host: a\r\n".into(), None));
     }
 }

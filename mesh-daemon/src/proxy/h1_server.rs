@@ -493,13 +493,13 @@ fn encode_response<B: Body>(
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let headers = response.headers();
-    h1_codec::write_headers(out, headers);
+    let declared = h1_codec::write_fields(out, headers);
     if !headers.contains_key(header::DATE) {
         write_date(out);
     }
     let framing = if h1_codec::bodiless_response(head_request, status) {
         Framing::Empty
-    } else if let Some(n) = h1_codec::content_length(headers) {
+    } else if let Some(n) = declared {
         Framing::Length(n)
     } else {
         // An HTTP/1.0 client knows no chunked coding: its body runs until close.

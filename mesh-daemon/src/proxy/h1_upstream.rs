@@ -140,10 +140,9 @@ impl H1Conn {
         w.push(b' ');
         w.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
         w.extend_from_slice(b" HTTP/1.1\r\n");
-        h1_codec::write_headers(w, &parts.headers);
         // As hyper's client frames it: a declared length is kept, a body known to be empty
         // sends none, a known size is declared, anything else goes chunked.
-        let framing = match h1_codec::content_length(&parts.headers) {
+        let framing = match h1_codec::write_fields(w, &parts.headers) {
             Some(n) => Framing::Length(n),
             None => h1_codec::frame_undeclared(w, body, false, true),
         };
