@@ -10,13 +10,18 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
-    datapath::StatsMap, metrics::Metrics, reconcile::WorkloadStatus, routing::view, state::Snapshot,
+    datapath::StatsMap,
+    metrics::Metrics,
+    reconcile::{LiveProxies, WorkloadStatus},
+    routing::view,
+    state::Snapshot,
 };
 
 /// Everything the endpoints read.
 pub struct AdminState {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     pub workloads: Arc<ArcSwap<Vec<WorkloadStatus>>>,
+    pub proxies: LiveProxies,
     pub metrics: Arc<Metrics>,
     pub stats: StatsMap,
     pub ready: watch::Receiver<bool>,
@@ -63,10 +68,10 @@ impl AdminState {
                     .find_map(|kv| kv.strip_prefix("pod="))
                     .unwrap_or_default();
                 let (name, ns) = pod.split_once('.').unwrap_or((pod, "default"));
-                let Some(info) = snap
+                let Some((uid, info)) = snap
                     .pods_by_uid
-                    .values()
-                    .find(|p| p.name == name && p.namespace == ns)
+                    .iter()
+                    .find(|(_, p)| p.name == name && p.namespace == ns)
                 else {
                     return (
                         StatusCode::NOT_FOUND,
@@ -81,7 +86,19 @@ impl AdminState {
                     "/proxy_config/clusters" => {
                         serde_json::to_string_pretty(&view::clusters(r, ns))
                     }
-                    _ => serde_json::to_string_pretty(&view::endpoints(r, ns)),
+                    _ => {
+                        let http = self
+                            .proxies
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .get(uid.as_str())
+                            .cloned();
+                        let ejected = |cluster: &str| {
+                            http.as_ref()
+                                .map_or_else(Vec::new, |h| h.clusters.ejected(cluster))
+                        };
+                        serde_json::to_string_pretty(&view::endpoints(r, ns, ejected))
+                    }
                 })
             }
             "/workloads" => json(serde_json::to_string_pretty(&*self.workloads.load_full())),

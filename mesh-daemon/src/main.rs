@@ -13,7 +13,7 @@ use mesh_daemon::{
     metrics::{Metrics, ReloadLabels},
     netns::HostNetns,
     proxy::ProxyInputs,
-    reconcile::Reconciler,
+    reconcile::{LiveProxies, Reconciler},
     settings::{ConfigSource, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCAN_INTERVAL, Settings},
     state::Snapshot,
 };
@@ -146,9 +146,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     apply(&first, generation);
 
+    let proxies = LiveProxies::default();
     let admin_state = Arc::new(AdminState {
         snapshot: snapshot.clone(),
         workloads: workloads.clone(),
+        proxies: proxies.clone(),
         metrics: metrics.clone(),
         stats,
         ready: ready_rx,
@@ -177,6 +179,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         inputs,
         metrics: metrics.clone(),
         workloads,
+        proxies,
         ready: ready_tx,
     };
     tokio::spawn(reconciler.run(changed_rx));

@@ -13,7 +13,7 @@ use crate::{
     discovery::{self, DiscoveredPod},
     metrics::Metrics,
     netns::Netns,
-    proxy::{ProxyInputs, outbound::Outbound},
+    proxy::{ProxyInputs, http::PodHttp, outbound::Outbound},
     state::Snapshot,
 };
 
@@ -57,7 +57,18 @@ pub struct Reconciler {
     pub inputs: Arc<ProxyInputs>,
     pub metrics: Arc<Metrics>,
     pub workloads: Arc<ArcSwap<Vec<WorkloadStatus>>>,
+    pub proxies: LiveProxies,
     pub ready: watch::Sender<bool>,
+}
+
+/// The HTTP side of each enrolled pod's proxy, by pod UID: what the admin API shows of
+/// its state (outlier ejections).
+pub type LiveProxies = Arc<std::sync::Mutex<HashMap<String, Arc<PodHttp>>>>;
+
+fn live(proxies: &LiveProxies) -> std::sync::MutexGuard<'_, HashMap<String, Arc<PodHttp>>> {
+    proxies
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A scan also runs this often when the pod tree is watched, in case the kernel dropped an
@@ -197,6 +208,7 @@ impl Reconciler {
                 .iter()
                 .map(ToString::to_string)
                 .collect();
+            live(&self.proxies).insert(uid.to_owned(), outbound.http());
             let task = tokio::spawn(outbound.run());
             // Listener first, map entry second: a connect redirected here always finds us.
             if let Err(e) = self.pods_map.set(netns.cookie(), &policy) {
@@ -228,6 +240,7 @@ impl Reconciler {
     }
 
     fn release(&mut self, uid: &str, active: &mut HashMap<String, Active>) {
+        live(&self.proxies).remove(uid);
         if let Some(a) = active.remove(uid) {
             // Map entry first: new connects go direct before the listener disappears.
             if let Err(e) = self.pods_map.remove(a.cookie) {

@@ -251,6 +251,28 @@ spec:
             .any(|l| l.starts_with("sidelane_outlier_ejections_total{") && l.ends_with(" 1")),
         "{m}"
     );
+    // What `meshctl proxy-config endpoints` shows, as istioctl does: v1's outlier check failed.
+    let eps: Value =
+        s.c.admin_json(1, "/proxy_config/endpoints?pod=sleep.production")
+            .expect("endpoints");
+    let check = |ip: &str| {
+        eps.as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| {
+                e["endpoint"] == format!("{ip}:8080")
+                    && e["cluster"]
+                        .as_str()
+                        .is_some_and(|c| c.contains("api-server"))
+            })
+            .map(|e| e["outlier_check"].clone())
+    };
+    assert_eq!(
+        check(&s.c.pod(PodRef(0)).ip4),
+        Some("FAILED".into()),
+        "{eps}"
+    );
+    assert_eq!(check(&s.c.pod(PodRef(1)).ip4), Some("OK".into()), "{eps}");
     // v2 failing too cannot be ejected: that would be more than 50% of the endpoints.
     s.c.behave(s.client, "api-v2", "status=500")
         .expect("v2 fails");

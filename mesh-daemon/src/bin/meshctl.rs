@@ -249,12 +249,16 @@ fn proxy_config(admin: SocketAddr, what: &str, pod: &str, output: &str) -> anyho
             }
         }
         _ => {
-            println!("{:<28} {:<9} CLUSTER", "ENDPOINT", "STATUS");
+            println!(
+                "{:<28} {:<9} {:<14} CLUSTER",
+                "ENDPOINT", "STATUS", "OUTLIER CHECK"
+            );
             for r in &rows {
                 println!(
-                    "{:<28} {:<9} {}",
+                    "{:<28} {:<9} {:<14} {}",
                     s(r, "endpoint"),
                     s(r, "status"),
+                    s(r, "outlier_check"),
                     s(r, "cluster")
                 );
             }

@@ -34,6 +34,16 @@ pub struct PodClusters {
 }
 
 impl PodClusters {
+    /// Endpoints of cluster `name` that outlier detection has ejected now (none for a
+    /// cluster this pod has not used), for the admin API.
+    pub fn ejected(&self, name: &str) -> Vec<SocketAddr> {
+        let m = self
+            .clusters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.get(name).map_or_else(Vec::new, |s| s.ejected())
+    }
+
     pub fn get(&self, name: &str) -> Arc<ClusterState> {
         let mut m = self
             .clusters

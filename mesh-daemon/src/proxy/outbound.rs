@@ -57,6 +57,7 @@ pub struct Outbound {
     netns: Arc<Netns>,
     listeners: Vec<TcpListener>,
     inputs: Arc<ProxyInputs>,
+    http: Arc<PodHttp>,
 }
 
 impl Outbound {
@@ -83,10 +84,16 @@ impl Outbound {
         }
         Ok(Self {
             pod_uid,
+            http: Arc::new(PodHttp::new(netns.clone(), inputs.clone())),
             netns,
             listeners,
             inputs,
         })
+    }
+
+    /// The pod's HTTP side (pool, cluster state), for the admin API to look into.
+    pub fn http(&self) -> Arc<PodHttp> {
+        self.http.clone()
     }
 
     pub fn addresses(&self) -> Vec<SocketAddr> {
@@ -99,7 +106,7 @@ impl Outbound {
     /// Accepts until the task is aborted (the pod left the mesh or the node).
     pub async fn run(self) {
         let this = Arc::new(Conn {
-            http: Arc::new(PodHttp::new(self.netns.clone(), self.inputs.clone())),
+            http: self.http,
             pod_uid: self.pod_uid,
             netns: self.netns,
             inputs: self.inputs,

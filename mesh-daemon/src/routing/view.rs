@@ -35,6 +35,9 @@ pub struct ClusterView {
 pub struct EndpointView {
     pub endpoint: String,
     pub status: &'static str,
+    /// As `istioctl proxy-config endpoints` shows it: `FAILED` while outlier detection has
+    /// the endpoint ejected, else `OK`.
+    pub outlier_check: &'static str,
     pub cluster: String,
 }
 
@@ -281,12 +284,24 @@ pub fn policy_summary(p: &ClusterPolicy) -> String {
 }
 
 /// Each cluster's endpoints, clusters in the order `clusters` lists them (by name).
-pub fn endpoints(r: &Routing, namespace: &str) -> Vec<EndpointView> {
+/// `ejected` gives the endpoints the pod's proxy has ejected from a cluster now.
+pub fn endpoints(
+    r: &Routing,
+    namespace: &str,
+    ejected: impl Fn(&str) -> Vec<std::net::SocketAddr>,
+) -> Vec<EndpointView> {
     let mut by_cluster = BTreeMap::new();
     each_cluster(r, namespace, |c, _| {
+        let out = ejected(&c.name);
         let views = c.endpoints.iter().map(|e| EndpointView {
             endpoint: e.addr.to_string(),
+            // Only ready endpoints are in a cluster: EDS health is always healthy here.
             status: "HEALTHY",
+            outlier_check: if out.contains(&e.addr) {
+                "FAILED"
+            } else {
+                "OK"
+            },
             cluster: c.name.clone(),
         });
         by_cluster.insert(c.name.clone(), views.collect::<Vec<_>>());
