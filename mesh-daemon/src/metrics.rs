@@ -81,12 +81,14 @@ impl TcpLabels {
     }
 }
 
-/// Istio's request metrics labels: the connection's plus the response code.
+/// Istio's request metrics labels: the connection's plus the response code and, for gRPC
+/// calls, the gRPC status (empty for other requests, as Istio's).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     #[prometheus(flatten)]
     pub base: TcpLabels,
     pub response_code: u16,
+    pub grpc_response_status: String,
 }
 
 /// Handles on one label set's request series; they stay the registry's own series.

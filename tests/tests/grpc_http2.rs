@@ -160,6 +160,23 @@ fn grpc_calls_are_routed_per_call_and_statuses_pass_through() {
             && l.contains("destination_service=\"echo.production.svc.cluster.local\"")),
         "{m}"
     );
+    // Istio's grpc_response_status: from the trailers (OK 0, RESOURCE_EXHAUSTED 8), or the
+    // head of a trailers-only answer (the abort's UNAVAILABLE 14); all behind HTTP 200.
+    let calls = |status: &str| {
+        m.lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains("response_code=\"200\"")
+                    && l.contains(&format!("grpc_response_status=\"{status}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    assert_eq!(
+        (calls("0"), calls("8"), calls("14")),
+        (20.0, 1.0, 1.0),
+        "{m}"
+    );
 }
 
 #[test]

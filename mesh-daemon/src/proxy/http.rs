@@ -232,6 +232,11 @@ where
         log,
         started: start.1,
         request_bytes,
+        grpc_status: if grpc {
+            super::observed::grpc_status(response.headers())
+        } else {
+            None
+        },
     };
     response.map(|b| Observed::new(b, done).boxed())
 }

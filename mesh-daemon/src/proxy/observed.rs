@@ -77,6 +77,7 @@ struct SeriesKey {
     response_code: u16,
     response_flags: &'static str,
     request_protocol: &'static str,
+    grpc_status: Option<u16>,
 }
 
 /// The series a downstream connection has recorded into lately. A keep-alive connection
@@ -116,6 +117,28 @@ pub struct Completion {
     pub started: Instant,
     /// `None` for a request that came without a body.
     pub request_bytes: Option<Arc<AtomicU64>>,
+    /// The `grpc-status` the response carried, in its head (trailers-only) or trailers.
+    pub grpc_status: Option<u16>,
+}
+
+/// A response's `grpc-status`, if it has a readable one.
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok()?.trim().parse().ok())
+}
+
+/// What Envoy reports as a gRPC call's status when the response carried none: the gRPC
+/// spec's mapping from the HTTP status (`Grpc::Utility::httpToGrpcStatus`).
+fn grpc_status_from_http(status: u16) -> u16 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
 }
 
 impl Completion {
@@ -140,6 +163,10 @@ impl Completion {
                 self.log.response_flags
             },
             request_protocol: self.request_protocol,
+            grpc_status: (self.request_protocol == "grpc").then(|| {
+                self.grpc_status
+                    .unwrap_or_else(|| grpc_status_from_http(self.log.status))
+            }),
         };
         let conn = &self.conn;
         let series = conn.series.get(key, || {
@@ -154,6 +181,7 @@ impl Completion {
             conn.pod.inputs.metrics.request_series(&RequestLabels {
                 base,
                 response_code: key.response_code,
+                grpc_response_status: key.grpc_status.map_or_else(String::new, |s| s.to_string()),
             })
         });
         series.record(
@@ -206,6 +234,11 @@ impl HttpBody for Observed {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.sent += data.len() as u64;
+                } else if let Some(trailers) = frame.trailers_ref()
+                    && let Some(status) = grpc_status(trailers)
+                    && let Some(d) = self.done.as_mut()
+                {
+                    d.grpc_status = Some(status);
                 }
                 if self.inner.is_end_stream() {
                     let sent = self.sent;
