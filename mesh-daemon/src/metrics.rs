@@ -21,6 +21,7 @@ pub struct TcpLabels {
     pub source_version: String,
     pub source_canonical_service: String,
     pub source_canonical_revision: String,
+    pub source_cluster: &'static str,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
@@ -31,10 +32,15 @@ pub struct TcpLabels {
     pub destination_service_namespace: String,
     pub destination_canonical_service: String,
     pub destination_canonical_revision: String,
+    pub destination_cluster: &'static str,
     pub request_protocol: &'static str,
     pub response_flags: &'static str,
     pub connection_security_policy: &'static str,
 }
+
+/// Istio's cluster ID when none is configured: what `source_cluster` and
+/// `destination_cluster` say for workloads of this (single) cluster.
+pub const CLUSTER_ID: &str = "Kubernetes";
 
 impl TcpLabels {
     /// Istio's labels for traffic from the pod `source_uid` to `upstream`, sent to `svc`.
@@ -54,6 +60,7 @@ impl TcpLabels {
                 .unwrap_or_else(|| "latest".into())
         };
         let ns = |p: Option<&Arc<PodInfo>>| p.map_or_else(unknown, |p| p.namespace.clone());
+        let cluster = |p: Option<&Arc<PodInfo>>| p.map_or("unknown", |_| CLUSTER_ID);
         Self {
             reporter: "source",
             source_workload: app(src),
@@ -63,6 +70,7 @@ impl TcpLabels {
             source_version: version(src),
             source_canonical_service: app(src),
             source_canonical_revision: version(src),
+            source_cluster: cluster(src),
             destination_workload: app(dst),
             destination_workload_namespace: ns(dst),
             destination_principal: unknown(),
@@ -74,6 +82,7 @@ impl TcpLabels {
             destination_service_namespace: svc.map_or_else(unknown, |s| s.namespace.clone()),
             destination_canonical_service: app(dst),
             destination_canonical_revision: version(dst),
+            destination_cluster: cluster(dst),
             request_protocol,
             response_flags: "-",
             connection_security_policy: "unknown",

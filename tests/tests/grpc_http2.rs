@@ -157,7 +157,9 @@ fn grpc_calls_are_routed_per_call_and_statuses_pass_through() {
     assert!(
         m.lines().any(|l| l.starts_with("istio_requests_total{")
             && l.contains("request_protocol=\"grpc\"")
-            && l.contains("destination_service=\"echo.production.svc.cluster.local\"")),
+            && l.contains("destination_service=\"echo.production.svc.cluster.local\"")
+            && l.contains("source_cluster=\"Kubernetes\"")
+            && l.contains("destination_cluster=\"Kubernetes\"")),
         "{m}"
     );
     // Istio's grpc_response_status: from the trailers (OK 0, RESOURCE_EXHAUSTED 8), or the
