@@ -208,7 +208,7 @@ impl Reconciler {
                 .iter()
                 .map(ToString::to_string)
                 .collect();
-            live(&self.proxies).insert(uid.to_owned(), outbound.http());
+            let http = outbound.http();
             let task = tokio::spawn(outbound.run());
             // Listener first, map entry second: a connect redirected here always finds us.
             if let Err(e) = self.pods_map.set(netns.cookie(), &policy) {
@@ -216,6 +216,8 @@ impl Reconciler {
                 return Err(format!("writing sl_pods: {e}"));
             }
             tracing::info!(pod = %uid, cookie = netns.cookie(), "pod enrolled");
+            // Registered with the pod's entry, so that whatever releases one releases both.
+            live(&self.proxies).insert(uid.to_owned(), http);
             active.insert(
                 uid.to_owned(),
                 Active {
