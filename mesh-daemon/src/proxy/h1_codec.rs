@@ -370,29 +370,33 @@ pub fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
 pub fn write_fields(w: &mut Vec<u8>, headers: &HeaderMap) -> Option<u64> {
     let length = declared_length(headers).ok().flatten();
     for (name, value) in headers {
-        if name == http::header::CONTENT_LENGTH {
-            continue;
+        if name != http::header::CONTENT_LENGTH {
+            write_field(w, name, value);
         }
-        w.extend_from_slice(name.as_str().as_bytes());
-        w.extend_from_slice(b": ");
-        w.extend_from_slice(value.as_bytes());
-        w.extend_from_slice(b"\r\n");
     }
     if let Some(n) = length {
-        w.extend_from_slice(b"content-length: ");
-        w.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-        w.extend_from_slice(b"\r\n");
+        write_content_length(w, n);
     }
     length
 }
 
 pub fn write_headers(w: &mut Vec<u8>, headers: &HeaderMap) {
     for (name, value) in headers {
-        w.extend_from_slice(name.as_str().as_bytes());
-        w.extend_from_slice(b": ");
-        w.extend_from_slice(value.as_bytes());
-        w.extend_from_slice(b"\r\n");
+        write_field(w, name, value);
     }
+}
+
+fn write_field(w: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    w.extend_from_slice(name.as_str().as_bytes());
+    w.extend_from_slice(b": ");
+    w.extend_from_slice(value.as_bytes());
+    w.extend_from_slice(b"\r\n");
+}
+
+fn write_content_length(w: &mut Vec<u8>, n: u64) {
+    w.extend_from_slice(b"content-length: ");
+    w.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    w.extend_from_slice(b"\r\n");
 }
 
 /// The framing header a body is sent with when its head declares none: a body known to be
@@ -412,9 +416,7 @@ pub fn frame_undeclared<B: Body>(
     match exact {
         Some(0) if !empty_declared => Framing::Empty,
         Some(n) => {
-            w.extend_from_slice(b"content-length: ");
-            w.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-            w.extend_from_slice(b"\r\n");
+            write_content_length(w, n);
             if n == 0 {
                 Framing::Empty
             } else {
