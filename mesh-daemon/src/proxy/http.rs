@@ -233,12 +233,19 @@ where
         started: start.1,
         request_bytes,
         grpc_status: if grpc {
-            super::observed::grpc_status(response.headers())
+            grpc_status(response.headers())
         } else {
             None
         },
     };
     response.map(|b| Observed::new(b, done).boxed())
+}
+
+/// A response's `grpc-status` (in its head, or in trailers), if it has a readable one.
+pub(super) fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
 }
 
 fn empty() -> Body {
@@ -635,10 +642,7 @@ impl Attempts<'_> {
                 Err(f) => (*f, Outcome::LocalOriginFailure),
                 Ok((resp, _)) => {
                     let status = resp.status().as_u16();
-                    let grpc = resp
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok()?.parse::<u8>().ok());
+                    let grpc = grpc_status(resp.headers());
                     (Failure::Response { status, grpc }, Outcome::Status(status))
                 }
             };

@@ -18,7 +18,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
 use super::{
     access_log,
-    http::{Body, Downstream},
+    http::{Body, Downstream, grpc_status},
 };
 use crate::{
     metrics::{RequestLabels, RequestSeries, TcpLabels},
@@ -77,7 +77,7 @@ struct SeriesKey {
     response_code: u16,
     response_flags: &'static str,
     request_protocol: &'static str,
-    grpc_status: Option<u16>,
+    grpc_status: Option<u8>,
 }
 
 /// The series a downstream connection has recorded into lately. A keep-alive connection
@@ -118,19 +118,12 @@ pub struct Completion {
     /// `None` for a request that came without a body.
     pub request_bytes: Option<Arc<AtomicU64>>,
     /// The `grpc-status` the response carried, in its head (trailers-only) or trailers.
-    pub grpc_status: Option<u16>,
-}
-
-/// A response's `grpc-status`, if it has a readable one.
-pub fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok()?.trim().parse().ok())
+    pub grpc_status: Option<u8>,
 }
 
 /// What Envoy reports as a gRPC call's status when the response carried none: the gRPC
 /// spec's mapping from the HTTP status (`Grpc::Utility::httpToGrpcStatus`).
-fn grpc_status_from_http(status: u16) -> u16 {
+fn grpc_status_from_http(status: u16) -> u8 {
     match status {
         400 => 13,
         401 => 16,
