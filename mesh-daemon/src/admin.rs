@@ -87,12 +87,7 @@ impl AdminState {
                         serde_json::to_string_pretty(&view::clusters(r, ns))
                     }
                     _ => {
-                        let http = self
-                            .proxies
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .get(uid.as_str())
-                            .cloned();
+                        let http = self.proxies.get(uid);
                         let ejected = |cluster: &str| {
                             http.as_ref()
                                 .map_or_else(Vec::new, |h| h.clusters.ejected(cluster))

@@ -62,13 +62,28 @@ pub struct Reconciler {
 }
 
 /// The HTTP side of each enrolled pod's proxy, by pod UID: what the admin API shows of
-/// its state (outlier ejections).
-pub type LiveProxies = Arc<std::sync::Mutex<HashMap<String, Arc<PodHttp>>>>;
+/// its state (outlier ejections). Clones share one registry.
+#[derive(Clone, Default)]
+pub struct LiveProxies(Arc<std::sync::Mutex<HashMap<String, Arc<PodHttp>>>>);
 
-fn live(proxies: &LiveProxies) -> std::sync::MutexGuard<'_, HashMap<String, Arc<PodHttp>>> {
-    proxies
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+impl LiveProxies {
+    pub fn get(&self, uid: &str) -> Option<Arc<PodHttp>> {
+        self.map().get(uid).cloned()
+    }
+
+    fn insert(&self, uid: &str, http: Arc<PodHttp>) {
+        self.map().insert(uid.to_owned(), http);
+    }
+
+    fn remove(&self, uid: &str) {
+        self.map().remove(uid);
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<PodHttp>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// A scan also runs this often when the pod tree is watched, in case the kernel dropped an
@@ -217,7 +232,7 @@ impl Reconciler {
             }
             tracing::info!(pod = %uid, cookie = netns.cookie(), "pod enrolled");
             // Registered with the pod's entry, so that whatever releases one releases both.
-            live(&self.proxies).insert(uid.to_owned(), http);
+            self.proxies.insert(uid, http);
             active.insert(
                 uid.to_owned(),
                 Active {
@@ -242,7 +257,7 @@ impl Reconciler {
     }
 
     fn release(&mut self, uid: &str, active: &mut HashMap<String, Active>) {
-        live(&self.proxies).remove(uid);
+        self.proxies.remove(uid);
         if let Some(a) = active.remove(uid) {
             // Map entry first: new connects go direct before the listener disappears.
             if let Err(e) = self.pods_map.remove(a.cookie) {
