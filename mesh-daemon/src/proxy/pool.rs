@@ -10,7 +10,10 @@
 use hashbrown::HashMap;
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -133,6 +136,7 @@ impl Drop for Lease {
             Some(Sender::H1(conn)) if self.keep => {
                 self.pool
                     .put_idle(self.key.clone(), conn, self.uses, self.idle_timeout);
+                self.pool.returned.wake();
             }
             Some(Sender::H2(_)) => {
                 let mut c = self.pool.lock();
@@ -148,10 +152,12 @@ impl Drop for Lease {
                         self.pool.sweep_later(self.key.clone(), self.idle_timeout);
                     }
                 }
+                self.pool.returned.wake();
             }
+            // Sent on: the connection went on with the response body, which gives it back.
+            // Dropped unsent: it closes, and its slot tells the waiting.
             _ => {}
         }
-        self.pool.returned.notify_waiters();
     }
 }
 
@@ -175,12 +181,57 @@ struct Idle {
 #[derive(Default)]
 struct Conns {
     /// HTTP/1.1 connections not in use.
-    idle: HashMap<Key, Vec<Idle>>,
+    idle: HashMap<Key, IdleList>,
     /// The HTTP/2 connection of each endpoint, shared by its requests.
     h2: HashMap<Key, Idle>,
     generation: u64,
-    /// Keys with a sweep already scheduled: one timer per key, not one per request.
+    /// HTTP/2 keys with a sweep already scheduled: one timer per key, not one per request.
     sweeping: hashbrown::HashSet<Key>,
+}
+
+/// An endpoint's idle HTTP/1.1 connections.
+#[derive(Default)]
+struct IdleList {
+    conns: Vec<Idle>,
+    /// A sweep is scheduled (kept here, so a connection's return is one lookup).
+    sweeping: bool,
+}
+
+/// Requests waiting for a connection of the pod to come back or close. Most requests never
+/// wait, and telling nobody would still take the waiters' lock: a count of the waiting
+/// keeps returns from taking it.
+#[derive(Default)]
+pub struct Returns {
+    notify: Notify,
+    waiting: AtomicUsize,
+}
+
+impl Returns {
+    /// A connection came back or closed: requests waiting look again.
+    fn wake(&self) {
+        // SeqCst on both sides: a waiter counts itself before it looks at the pool (under
+        // the pool's lock), a return is made under that lock before this load, so either
+        // the waiter sees the connection or this sees the waiter.
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
+}
+
+/// One request counted among the waiting until dropped.
+struct Waiting<'a>(&'a Returns);
+
+impl<'a> Waiting<'a> {
+    fn new(r: &'a Returns) -> Self {
+        r.waiting.fetch_add(1, Ordering::SeqCst);
+        Self(r)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// An HTTP/2 request: the URI carries the authority (`:authority`), not a Host header.
@@ -206,19 +257,26 @@ fn h2_request(head: &http::request::Parts, target: &str, body: Body) -> http::Re
 /// A connection's hold on one of its cluster's `maxConnections` slots: dropped with the
 /// connection, it frees the slot and tells the requests waiting for one.
 pub struct ConnSlot {
-    _slot: Slot,
-    freed: Arc<Notify>,
+    /// `Some` until dropped.
+    slot: Option<Slot>,
+    freed: Arc<Returns>,
 }
 
 impl ConnSlot {
-    pub fn new(slot: Slot, freed: Arc<Notify>) -> Self {
-        Self { _slot: slot, freed }
+    pub fn new(slot: Slot, freed: Arc<Returns>) -> Self {
+        Self {
+            slot: Some(slot),
+            freed,
+        }
     }
 }
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.freed.notify_waiters();
+        // The slot is given back before the waiting are told: woken first, they could look,
+        // find every slot still taken, and wait again for a wake-up already spent.
+        drop(self.slot.take());
+        self.freed.wake();
     }
 }
 
@@ -237,8 +295,9 @@ impl Home for PoolHome {
         if self.keep {
             self.pool
                 .put_idle(self.key, conn, self.uses, self.idle_timeout);
+            self.pool.returned.wake();
         }
-        self.pool.returned.notify_waiters();
+        // Not kept: the connection closes here and its slot tells the waiting.
     }
 }
 
@@ -290,7 +349,7 @@ pub struct PodPool {
     inputs: Arc<ProxyInputs>,
     conns: Mutex<Conns>,
     /// Signalled whenever a connection is returned or closes: pending requests look again.
-    returned: Arc<Notify>,
+    returned: Arc<Returns>,
 }
 
 impl PodPool {
@@ -299,7 +358,7 @@ impl PodPool {
             netns,
             inputs,
             conns: Mutex::new(Conns::default()),
-            returned: Arc::new(Notify::new()),
+            returned: Arc::new(Returns::default()),
         })
     }
 
@@ -312,16 +371,12 @@ impl PodPool {
             since: Instant::now(),
         };
         let mut c = self.lock();
-        match c.idle.get_mut(&key) {
-            Some(list) => list.push(idle),
-            None => {
-                c.idle.insert(key.clone(), vec![idle]);
-            }
-        }
-        let sweep = !c.sweeping.contains(&key);
+        let list = c.idle.entry_ref(&key).or_default();
+        list.conns.push(idle);
+        let sweep = !std::mem::replace(&mut list.sweeping, true);
         drop(c);
         if sweep {
-            self.sweep_later(key, idle_timeout);
+            self.spawn_sweep(key, idle_timeout);
         }
     }
 
@@ -338,6 +393,11 @@ impl PodPool {
         if !self.lock().sweeping.insert(key.clone()) {
             return;
         }
+        self.spawn_sweep(key, timeout);
+    }
+
+    /// The sweep itself, for a key already marked as sweeping.
+    fn spawn_sweep(self: &Arc<Self>, key: Key, timeout: Duration) {
         let this = self.clone();
         tokio::spawn(async move {
             let mut wait = timeout;
@@ -346,8 +406,9 @@ impl PodPool {
                 let mut c = this.lock();
                 let mut oldest: Option<Instant> = None;
                 if let Some(list) = c.idle.get_mut(&key) {
-                    list.retain(|i| i.since.elapsed() < timeout && !i.sender.is_closed());
-                    oldest = list.iter().map(|i| i.since).min();
+                    list.conns
+                        .retain(|i| i.since.elapsed() < timeout && !i.sender.is_closed());
+                    oldest = list.conns.iter().map(|i| i.since).min();
                 }
                 match c.h2.get(&key) {
                     Some(s) if s.active == 0 && s.since.elapsed() >= timeout => {
@@ -361,9 +422,11 @@ impl PodPool {
                 match oldest {
                     Some(since) => wait = timeout.saturating_sub(since.elapsed()),
                     None => {
+                        // Nothing idle left: the endpoint's entry goes (endpoints come and go).
                         c.sweeping.remove(&key);
+                        c.idle.remove(&key);
                         drop(c);
-                        this.returned.notify_waiters();
+                        this.returned.wake();
                         return;
                     }
                 }
@@ -381,9 +444,10 @@ impl PodPool {
         };
         let limits = &w.policy.limits;
         let mut pending: Option<Slot> = None;
+        let mut waiting = None;
         loop {
             // Registered before looking, so a return between the look and the wait is seen.
-            let returned = self.returned.notified();
+            let returned = self.returned.notify.notified();
             if let Some(l) = self.reuse(&key, w.policy) {
                 return Ok(l);
             }
@@ -397,6 +461,12 @@ impl PodPool {
                     take_slot(&w.state.pending, limits.max_pending_requests)
                         .ok_or(PoolError::Overflow)?,
                 );
+            }
+            if waiting.is_none() {
+                // Counted first, then a second look: a return before the count was made is
+                // seen by that look, one after it wakes this request.
+                waiting = Some(Waiting::new(&self.returned));
+                continue;
             }
             returned.await;
         }
@@ -430,7 +500,7 @@ impl PodPool {
             });
         }
         let list = c.idle.get_mut(key)?;
-        while let Some(idle) = list.pop() {
+        while let Some(idle) = list.conns.pop() {
             if idle.sender.is_closed() || idle.since.elapsed() >= policy.http_idle_timeout {
                 continue;
             }

@@ -9,11 +9,14 @@ use http_body_util::{BodyExt as _, Empty, Full, StreamBody};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
-    sync::{Notify, mpsc},
+    sync::mpsc,
 };
 
 use super::{H1Conn, H1Error, Home};
-use crate::proxy::{cluster_state::take_slot, pool::ConnSlot};
+use crate::proxy::{
+    cluster_state::take_slot,
+    pool::{ConnSlot, Returns},
+};
 
 /// A scripted upstream on loopback: one connection; for each step it reads until the
 /// request's last bytes are in, reports what it read, writes the canned reply; then closes.
@@ -60,7 +63,7 @@ async fn connect(addr: std::net::SocketAddr) -> Connected {
     let slot = take_slot(&slots, 1).expect("a free slot");
     let io = TcpStream::connect(addr).await.expect("connect loopback");
     Connected {
-        conn: H1Conn::new(io, ConnSlot::new(slot, Arc::new(Notify::new()))),
+        conn: H1Conn::new(io, ConnSlot::new(slot, Arc::new(Returns::default()))),
         slots,
     }
 }
