@@ -243,8 +243,10 @@ where
 
 /// A response's `grpc-status` (in its head, or in trailers), if it has a readable one.
 pub(super) fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
+    // A name built once: looked up by `&str`, the name is parsed again on every response.
+    const GRPC_STATUS_HEADER: http::HeaderName = http::HeaderName::from_static("grpc-status");
     headers
-        .get("grpc-status")
+        .get(GRPC_STATUS_HEADER)
         .and_then(|v| v.to_str().ok()?.parse().ok())
 }
 
