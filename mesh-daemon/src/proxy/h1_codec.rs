@@ -285,63 +285,133 @@ fn trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, H1Error> {
     Ok(Some(map))
 }
 
-/// Header fields parsed by httparse out of `head` (the head's bytes, frozen): names
-/// validated, values sliced out of `head` without copying.
-pub fn header_map(
-    fields: Vec<(HeaderName, usize, usize)>,
-    head: &Bytes,
-) -> Result<HeaderMap, H1Error> {
-    let mut headers = HeaderMap::with_capacity(fields.len());
-    for (name, at, n) in fields {
-        let value = HeaderValue::from_maybe_shared(head.slice(at..at + n))
-            .map_err(|_| H1Error::Malformed("header value"))?;
-        headers.append(name, value);
+/// Where a parsed head's fields sit in its buffer, noted while httparse's slices still
+/// borrow the buffer so that the values can be sliced out of the frozen head afterwards.
+/// Offsets, since a head is under 64 KiB: no allocation, no names built twice.
+pub struct FieldSpans {
+    /// Name offset, name length, value offset, value length.
+    at: [[u16; 4]; MAX_HEADERS],
+    n: usize,
+}
+
+impl FieldSpans {
+    /// The spans of `fields`, parsed out of the buffer that starts at `base`.
+    pub fn of(fields: &[httparse::Header<'_>], base: *const u8) -> Result<Self, H1Error> {
+        let base = base as usize;
+        let small = |n: usize| u16::try_from(n).map_err(|_| H1Error::HeadTooLarge);
+        let mut this = Self {
+            at: [[0; 4]; MAX_HEADERS],
+            n: fields.len().min(MAX_HEADERS),
+        };
+        for (slot, f) in this.at.iter_mut().zip(fields) {
+            *slot = [
+                small(f.name.as_ptr() as usize - base)?,
+                small(f.name.len())?,
+                small(f.value.as_ptr() as usize - base)?,
+                small(f.value.len())?,
+            ];
+        }
+        Ok(this)
     }
-    Ok(headers)
-}
 
-/// Where each parsed field's name and value sit in the buffer starting at `base`.
-pub fn field_spans(
-    fields: &[httparse::Header<'_>],
-    base: *const u8,
-) -> Result<Vec<(HeaderName, usize, usize)>, H1Error> {
-    let base = base as usize;
-    fields
-        .iter()
-        .map(|h| {
-            let name = HeaderName::from_bytes(h.name.as_bytes())
+    /// The header map (names validated, values sliced out of `head`, the head's bytes
+    /// frozen, without copying) and what its framing and connection fields say, read in
+    /// the same pass: looked up afterwards, each would hash its name again.
+    pub fn header_map(&self, head: &Bytes) -> Result<(HeaderMap, HeadFacts), H1Error> {
+        let mut headers = HeaderMap::with_capacity(self.n);
+        let mut facts = HeadFacts::default();
+        for &[name_at, name_len, at, len] in &self.at[..self.n] {
+            let (name_at, at) = (usize::from(name_at), usize::from(at));
+            let name = HeaderName::from_bytes(&head[name_at..name_at + usize::from(name_len)])
                 .map_err(|_| H1Error::Malformed("header name"))?;
-            Ok((name, h.value.as_ptr() as usize - base, h.value.len()))
-        })
-        .collect()
+            let value = HeaderValue::from_maybe_shared(head.slice(at..at + usize::from(len)))
+                .map_err(|_| H1Error::Malformed("header value"))?;
+            facts.note(&name, value.as_bytes());
+            headers.append(name, value);
+        }
+        Ok((headers, facts))
+    }
 }
 
-/// The declared length of a message's body (RFC 9112 §6.3): every `Content-Length` value
-/// must agree; `Ok(None)` when there is none.
-pub fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, H1Error> {
-    let mut length = None;
-    for v in headers.get_all(http::header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let n = parse_decimal(part.trim_ascii()).ok_or(H1Error::Malformed("content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(H1Error::Malformed("conflicting content-length"));
-            }
-            length = Some(n);
+/// What a head's framing and connection fields say.
+#[derive(Default)]
+pub struct HeadFacts {
+    length: Length,
+    /// Whether the last transfer coding is `chunked`; `None` without `Transfer-Encoding`.
+    pub chunked: Option<bool>,
+    connection_close: bool,
+    connection_keep_alive: bool,
+    /// `TE` lists `trailers`: the client takes trailers in a chunked response.
+    pub trailers: bool,
+    /// `Expect: 100-continue`.
+    pub continue_expected: bool,
+}
+
+impl HeadFacts {
+    fn note(&mut self, name: &HeaderName, value: &[u8]) {
+        use http::header;
+        if name == header::CONTENT_LENGTH {
+            self.length = self.length.and(value);
+        } else if name == header::TRANSFER_ENCODING {
+            // Codings apply in order, across fields too: the last one decides.
+            let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+            self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            self.connection_close |= hop_by_hop::lists_token(value, b"close");
+            self.connection_keep_alive |= hop_by_hop::lists_token(value, b"keep-alive");
+        } else if name == header::TE {
+            self.trailers |= hop_by_hop::lists_token(value, b"trailers");
+        } else if name == header::EXPECT {
+            self.continue_expected |= value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         }
     }
-    Ok(length)
+
+    /// The declared length of the body (RFC 9112 §6.3): every `Content-Length` value must
+    /// agree; `Ok(None)` when there is none.
+    pub fn declared_length(&self) -> Result<Option<u64>, H1Error> {
+        match self.length {
+            Length::Absent => Ok(None),
+            Length::Agreed(n) => Ok(Some(n)),
+            Length::Malformed => Err(H1Error::Malformed("content-length")),
+            Length::Conflicting => Err(H1Error::Malformed("conflicting content-length")),
+        }
+    }
+
+    /// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 only when told
+    /// `keep-alive`.
+    pub fn keeps_alive(&self, version: Version) -> bool {
+        if version == Version::HTTP_10 {
+            self.connection_keep_alive
+        } else {
+            !self.connection_close
+        }
+    }
 }
 
-/// Whether the last transfer coding is `chunked`; `None` without `Transfer-Encoding`.
-pub fn ends_chunked(headers: &HeaderMap) -> Option<bool> {
-    let te = headers.get(http::header::TRANSFER_ENCODING)?;
-    let last = te
-        .as_bytes()
-        .rsplit(|&b| b == b',')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
-    Some(last.eq_ignore_ascii_case(b"chunked"))
+/// `Content-Length` as read so far: a list of values (in one field or several) is one length
+/// only when all agree.
+#[derive(Clone, Copy, Default)]
+enum Length {
+    #[default]
+    Absent,
+    Agreed(u64),
+    Malformed,
+    Conflicting,
+}
+
+impl Length {
+    fn and(self, value: &[u8]) -> Self {
+        let mut length = self;
+        for part in value.split(|&b| b == b',') {
+            length = match (length, parse_decimal(part.trim_ascii())) {
+                (Length::Malformed | Length::Conflicting, _) => return length,
+                (_, None) => return Length::Malformed,
+                (Length::Agreed(l), Some(n)) if l != n => Length::Conflicting,
+                (_, Some(n)) => Length::Agreed(n),
+            };
+        }
+        length
+    }
 }
 
 fn parse_decimal(digits: &[u8]) -> Option<u64> {
@@ -353,31 +423,24 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
     })
 }
 
-/// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 only when told `keep-alive`.
-pub fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token| hop_by_hop::lists(headers, &http::header::CONNECTION, token);
-    if version == Version::HTTP_10 {
-        has("keep-alive")
-    } else {
-        !has("close")
-    }
-}
-
 /// Writes a head's fields with its `Content-Length` as one value, and returns that length.
 /// A list of identical values (RFC 9110 lets a recipient take it as the one value) goes out
 /// as the value; a malformed or conflicting one is left out, so that the body is framed by
 /// what it is. Either way a message never leaves with two framings.
 pub fn write_fields(w: &mut Vec<u8>, headers: &HeaderMap) -> Option<u64> {
-    let length = declared_length(headers).ok().flatten();
+    let mut length = Length::Absent;
     for (name, value) in headers {
-        if name != http::header::CONTENT_LENGTH {
+        if name == http::header::CONTENT_LENGTH {
+            length = length.and(value.as_bytes());
+        } else {
             write_field(w, name, value);
         }
     }
-    if let Some(n) = length {
-        write_content_length(w, n);
-    }
-    length
+    let Length::Agreed(n) = length else {
+        return None;
+    };
+    write_content_length(w, n);
+    Some(n)
 }
 
 pub fn write_headers(w: &mut Vec<u8>, headers: &HeaderMap) {

@@ -35,10 +35,7 @@ use tokio::{
 };
 
 use super::{
-    h1_codec::{
-        self, BodyState, BoxError, Framing, H1Error, MAX_HEAD, MAX_HEADERS, declared_length,
-        ends_chunked,
-    },
+    h1_codec::{self, BodyState, BoxError, FieldSpans, Framing, H1Error, MAX_HEAD, MAX_HEADERS},
     hop_by_hop,
 };
 
@@ -267,12 +264,13 @@ where
         exchange: 0,
     }));
     let mut out = Vec::with_capacity(READ_BUF);
+    let mut idle = IdleDeadline::new(idle_timeout);
     loop {
         // A connection with no request in progress for this long is closed.
-        let head = match tokio::time::timeout(idle_timeout, read_head(&shared)).await {
-            Ok(Ok(Some(head))) => head,
-            Ok(Ok(None)) | Err(_) => return,
-            Ok(Err(refused)) => {
+        let head = match idle.unless_idle(read_head(&shared)).await {
+            Some(Ok(Some(head))) => head,
+            Some(Ok(None)) | None => return,
+            Some(Err(refused)) => {
                 let status = match refused {
                     Refused::Malformed => "400 Bad Request",
                     Refused::TooLarge => "431 Request Header Fields Too Large",
@@ -326,6 +324,45 @@ where
         if !finish_request_body(&shared).await {
             return;
         }
+    }
+}
+
+/// The connection's idle timeout, kept by one timer for the connection's life: a timer per
+/// request was registered with the runtime's timer wheel (a lock) while the connection waited
+/// for the next request and taken out again when it came, on every request. This one is only
+/// moved on when it fires early, i.e. about once per timeout.
+struct IdleDeadline {
+    timeout: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleDeadline {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            timer: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+
+    /// Runs `wait` (the wait for the next request); `None` when nothing came for the timeout.
+    async fn unless_idle<F: Future>(&mut self, wait: F) -> Option<F::Output> {
+        let since = tokio::time::Instant::now();
+        let mut wait = pin!(wait);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = wait.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            while self.timer.as_mut().poll(cx).is_ready() {
+                // Set while an earlier request was in progress: idle time counts from `since`.
+                let deadline = since + self.timeout;
+                if tokio::time::Instant::now() >= deadline {
+                    return Poll::Ready(None);
+                }
+                self.timer.as_mut().reset(deadline);
+            }
+            Poll::Pending
+        })
+        .await
     }
 }
 
@@ -427,6 +464,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
         buf,
         &mut slots,
     ) {
+        // The limit holds for a head that came in whole too, not only for one still coming.
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => return Err(H1Error::HeadTooLarge),
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(H1Error::HeadTooLarge),
@@ -438,30 +477,29 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
     let base = buf.as_ptr();
     let target = parsed.path.unwrap_or_default();
     let target_at = (target.as_ptr() as usize - base as usize, target.len());
-    let spans = h1_codec::field_spans(parsed.headers, base)?;
+    let spans = FieldSpans::of(parsed.headers, base)?;
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target_at.0..target_at.0 + target_at.1))
         .map_err(|_| H1Error::Malformed("request target"))?;
-    let mut headers = h1_codec::header_map(spans, &head)?;
+    let (mut headers, facts) = spans.header_map(&head)?;
 
-    let framing = match ends_chunked(&headers) {
+    let framing = match facts.chunked {
         // Both framings at once is how requests are smuggled; Envoy refuses them too.
         Some(_) if headers.contains_key(header::CONTENT_LENGTH) => {
             return Err(H1Error::Malformed("content-length with transfer-encoding"));
         }
         Some(true) if version == Version::HTTP_11 => Framing::Chunked,
         Some(_) => return Err(H1Error::Malformed("transfer-encoding")),
-        None => declared_length(&headers)?.map_or(Framing::Empty, Framing::Length),
+        None => facts
+            .declared_length()?
+            .map_or(Framing::Empty, Framing::Length),
     };
-    let keep_alive = h1_codec::keeps_alive(version, &headers);
-    let continue_wanted = version == Version::HTTP_11
-        && headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let keep_alive = facts.keeps_alive(version);
+    let continue_wanted = version == Version::HTTP_11 && facts.continue_expected;
     if continue_wanted {
         headers.remove(header::EXPECT);
     }
-    let trailers_wanted = hop_by_hop::lists(&headers, &header::TE, "trailers");
+    let trailers_wanted = facts.trailers;
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;

@@ -23,10 +23,7 @@ use tokio::{io::AsyncRead, net::TcpStream};
 
 pub use super::h1_codec::H1Error;
 use super::{
-    h1_codec::{
-        self, BodyState, BoxError, Framing, MAX_HEAD, MAX_HEADERS, declared_length, ends_chunked,
-        keeps_alive,
-    },
+    h1_codec::{self, BodyState, BoxError, FieldSpans, Framing, HeadFacts, MAX_HEAD, MAX_HEADERS},
     pool::ConnSlot,
 };
 
@@ -201,6 +198,7 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<ResponseHead>, H1Error> {
         &mut slots,
     )? {
         httparse::Status::Partial => return Ok(None),
+        httparse::Status::Complete(len) if len > MAX_HEAD => return Err(H1Error::HeadTooLarge),
         httparse::Status::Complete(len) => len,
     };
     let status = parsed
@@ -208,11 +206,11 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<ResponseHead>, H1Error> {
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or(H1Error::Malformed("status code"))?;
     let version = h1_codec::version(parsed.version);
-    let spans = h1_codec::field_spans(parsed.headers, read.as_ptr())?;
+    let spans = FieldSpans::of(parsed.headers, read.as_ptr())?;
     let head = read.split_to(len).freeze();
-    let headers = h1_codec::header_map(spans, &head)?;
-    let framing = response_framing(&headers)?;
-    let keep = keeps_alive(version, &headers);
+    let (headers, facts) = spans.header_map(&head)?;
+    let framing = response_framing(&facts)?;
+    let keep = facts.keeps_alive(version);
     let mut resp = Response::new(());
     *resp.status_mut() = status;
     *resp.version_mut() = version;
@@ -293,15 +291,17 @@ impl<H: Home> Body for H1Body<H> {
 }
 
 /// How a response's body ends (RFC 9112 §6.3), apart from the status and method rules.
-fn response_framing(headers: &http::HeaderMap) -> Result<Framing, H1Error> {
-    if let Some(chunked) = ends_chunked(headers) {
+fn response_framing(facts: &HeadFacts) -> Result<Framing, H1Error> {
+    if let Some(chunked) = facts.chunked {
         return Ok(if chunked {
             Framing::Chunked
         } else {
             Framing::Close
         });
     }
-    Ok(declared_length(headers)?.map_or(Framing::Close, Framing::Length))
+    Ok(facts
+        .declared_length()?
+        .map_or(Framing::Close, Framing::Length))
 }
 
 #[cfg(test)]

@@ -46,10 +46,17 @@ pub fn strip(headers: &mut HeaderMap) {
 /// Whether a comma-separated list header (`Connection`, `TE`) names `token`, in any of its
 /// fields, case-insensitively.
 pub fn lists(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
+    headers
+        .get_all(name)
+        .iter()
+        .any(|v| lists_token(v.as_bytes(), token.as_bytes()))
+}
+
+/// Whether one comma-separated list value names `token`, case-insensitively.
+pub fn lists_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 #[cfg(test)]
