@@ -14,7 +14,7 @@ use http::HeaderMap;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
-use super::http::Body;
+use super::http::{Body, empty};
 
 /// Largest body kept for replay (Envoy's default per-request buffer is 1 MiB).
 pub const REPLAY_LIMIT: usize = 1024 * 1024;
@@ -39,15 +39,20 @@ pub struct Attempt {
 
 /// The request body of a request that may be retried.
 pub struct Replayable {
-    tee: Arc<Mutex<Tee>>,
+    /// `None` for a request without a body (most): every attempt sends an empty one, and
+    /// nothing is allocated or locked for it.
+    tee: Option<Arc<Mutex<Tee>>>,
     hint: SizeHint,
 }
 
 impl Replayable {
     pub fn new(body: Body) -> Self {
         let hint = body.size_hint();
+        if body.is_end_stream() {
+            return Self { tee: None, hint };
+        }
         Self {
-            tee: Arc::new(Mutex::new(Tee {
+            tee: Some(Arc::new(Mutex::new(Tee {
                 source: Some(body),
                 copy: Vec::new(),
                 trailers: None,
@@ -55,24 +60,23 @@ impl Replayable {
                 started: false,
                 ended: false,
                 overflow: false,
-            })),
+            }))),
             hint,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Tee> {
-        self.tee
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
     /// The body for the next attempt, or `None` when it can no longer be sent whole.
     pub fn attempt(&self) -> Option<Body> {
-        let t = self.lock();
+        let Some(tee) = &self.tee else {
+            return Some(empty());
+        };
+        let t = tee
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !t.started && t.source.is_some() {
             return Some(
                 Attempt {
-                    tee: self.tee.clone(),
+                    tee: tee.clone(),
                     hint: self.hint,
                 }
                 .boxed(),
@@ -187,5 +191,15 @@ mod tests {
             REPLAY_LIMIT + 1
         );
         assert!(r.attempt().is_none(), "over the limit");
+    }
+
+    #[tokio::test]
+    async fn a_request_without_a_body_sends_an_empty_one_every_time() {
+        let r = Replayable::new(empty());
+        for _ in 0..3 {
+            let b = r.attempt().expect("always");
+            assert!(b.is_end_stream());
+            assert_eq!(read(b).await, "");
+        }
     }
 }
