@@ -144,28 +144,32 @@ where
         .source
         .as_ref()
         .map_or((&no_labels, ""), |p| (&p.labels, p.namespace.as_str()));
-    let authority = req
+    // Both shared with the request's own bytes (HTTP/2's authority, in the URI, is copied).
+    let authority_value = req
         .headers()
         .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-        .unwrap_or_default();
+        .filter(|h| h.to_str().is_ok())
+        .cloned()
+        .or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        })
+        .unwrap_or_else(|| HeaderValue::from_static(""));
+    let authority = authority_value.to_str().unwrap_or_default();
     let grpc = req
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let path_and_query = req
-        .uri()
-        .path_and_query()
-        .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+    let target = req.uri().path_and_query().cloned();
+    let path_and_query = target.as_ref().map_or("/", |p| p.as_str());
     let svc = &conn.service;
     let view = RequestView {
         path: req.uri().path(),
         query: req.uri().query(),
         method: req.method().as_str(),
         scheme: "http",
-        authority: &authority,
+        authority,
         headers: req.headers(),
         port: svc.port,
         source_labels,
@@ -175,14 +179,14 @@ where
         start: start.0,
         method: req.method().clone(),
         // Both moved in once routing no longer borrows them.
-        path: String::new(),
+        path: None,
         version: req.version(),
         status: 0,
         response_flags: "",
         duration_ms: 0,
         upstream_host: None,
         cluster: None,
-        authority: String::new(),
+        authority: HeaderValue::from_static(""),
         original_dst: conn.original_dst,
         downstream_peer: conn.peer,
         bytes_received: 0,
@@ -211,8 +215,8 @@ where
                 }
                 let target = RequestTarget {
                     source_ns,
-                    authority: &authority,
-                    path_and_query: &path_and_query,
+                    authority,
+                    path_and_query,
                 };
                 act(conn, &snap, route, matched, &target, req, &mut log).await
             }
@@ -222,8 +226,8 @@ where
         c.annotate(response.headers_mut(), origin);
     }
     log.status = response.status().as_u16();
-    log.authority = authority;
-    log.path = path_and_query;
+    log.authority = authority_value;
+    log.path = target;
     let done = Completion {
         conn: conn.clone(),
         snap,
@@ -250,7 +254,7 @@ pub(super) fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
         .and_then(|v| v.to_str().ok()?.parse().ok())
 }
 
-fn empty() -> Body {
+pub(super) fn empty() -> Body {
     http_body_util::Empty::new().map_err(|e| match e {}).boxed()
 }
 
@@ -482,10 +486,7 @@ impl Upstream<'_> {
             Err(e) => {
                 // The client broke off its own body; what reaches the upstream is cut short too.
                 tracing::debug!(error = %e, "request body ended early");
-                return Request::from_parts(
-                    parts,
-                    http_body_util::Empty::new().map_err(|e| match e {}).boxed(),
-                );
+                return Request::from_parts(parts, empty());
             }
         };
         // Istio 1.28 leaves Host as it is; before, it appended "-shadow" to the host name.
