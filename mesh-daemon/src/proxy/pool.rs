@@ -12,7 +12,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering, fence},
     },
     time::{Duration, Instant},
 };
@@ -207,11 +207,12 @@ pub struct Returns {
 }
 
 impl Returns {
-    /// A connection came back or closed: requests waiting look again.
+    /// A connection came back (put back under the pool's lock) or closed (its slot given
+    /// back, then a fence): requests waiting look again.
     fn wake(&self) {
-        // SeqCst on both sides: a waiter counts itself before it looks at the pool (under
-        // the pool's lock), a return is made under that lock before this load, so either
-        // the waiter sees the connection or this sees the waiter.
+        // A waiter counts itself, fences, then looks at the pool (under its lock) and at the
+        // slots; a return is made under that lock, or a slot given back and fenced, before
+        // this load. Either the waiter sees the connection or slot, or this sees the waiter.
         if self.waiting.load(Ordering::SeqCst) > 0 {
             self.notify.notify_waiters();
         }
@@ -224,6 +225,9 @@ struct Waiting<'a>(&'a Returns);
 impl<'a> Waiting<'a> {
     fn new(r: &'a Returns) -> Self {
         r.waiting.fetch_add(1, Ordering::SeqCst);
+        // The slot counters are read with Acquire only: the fence orders this count before
+        // that read, as the slot's release is ordered before `wake`'s load by its own fence.
+        fence(Ordering::SeqCst);
         Self(r)
     }
 }
@@ -276,6 +280,8 @@ impl Drop for ConnSlot {
         // The slot is given back before the waiting are told: woken first, they could look,
         // find every slot still taken, and wait again for a wake-up already spent.
         drop(self.slot.take());
+        // The slot's counter is not under the pool's lock: see `Returns::wake`.
+        fence(Ordering::SeqCst);
         self.freed.wake();
     }
 }
