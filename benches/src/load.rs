@@ -27,20 +27,35 @@ pub enum Load {
     /// request was due, so a stall is charged to every request it delays (no coordinated
     /// omission).
     Rate { secs: u32, rps: u32 },
+    /// Closed loop, exactly `requests` requests: a measurement bounded by work done, not
+    /// by time (the instruction counts).
+    Count { requests: u32, workers: u32 },
 }
 
 /// oha's arguments for one run.
 pub fn oha_args(kind: HttpKind, url: &str, load: Load) -> Vec<String> {
     let mut a: Vec<String> = vec!["--no-tui".into(), "--output-format".into(), "json".into()];
-    let (secs, workers) = match load {
-        Load::Saturate { secs, workers } => (secs, workers),
+    let workers = match load {
+        Load::Saturate { secs, workers } => {
+            a.extend(["-z".into(), format!("{secs}s")]);
+            workers
+        }
         Load::Rate { secs, rps } => {
-            a.extend(["-q".into(), rps.to_string(), "--latency-correction".into()]);
+            a.extend([
+                "-q".into(),
+                rps.to_string(),
+                "--latency-correction".into(),
+                "-z".into(),
+                format!("{secs}s"),
+            ]);
             // Enough workers that a slow response never holds back the schedule.
-            (secs, 32)
+            32
+        }
+        Load::Count { requests, workers } => {
+            a.extend(["-n".into(), requests.to_string()]);
+            workers
         }
     };
-    a.extend(["-z".into(), format!("{secs}s")]);
     match kind {
         HttpKind::KeepAlive => a.extend(["-c".into(), workers.to_string()]),
         HttpKind::NewConnection => {
@@ -173,6 +188,22 @@ mod tests {
         assert_eq!(run.failures.get("HTTP 503"), Some(&10));
         assert_eq!(run.percentile("p99"), Some(2.0));
         assert_eq!(run.percentile("p99.9"), Some(4.0));
+    }
+
+    #[test]
+    fn counted_runs_stop_after_their_requests() {
+        let a = oha_args(
+            HttpKind::NewConnection,
+            "http://x/",
+            Load::Count {
+                requests: 500,
+                workers: 4,
+            },
+        )
+        .join(" ");
+        assert!(a.contains("-n 500"), "{a}");
+        assert!(a.contains("-c 4 --disable-keepalive"), "{a}");
+        assert!(!a.contains("-z"), "a count, not a duration: {a}");
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! writes `results.json`, `results.txt` and one latency plot per HTTP scenario.
 //! `benches/README.md` says what each figure means.
 mod baselines;
+mod callgrind;
+mod instructions;
 mod load;
 mod measure;
 mod plot;
@@ -48,6 +50,13 @@ struct Args {
     /// (for example `http1-keepalive same-node`).
     #[arg(long, num_args = 1..)]
     only: Vec<String>,
+    /// Instead of timing anything, count the daemon's instructions per request under
+    /// valgrind's callgrind (HTTP scenarios, the mesh path only).
+    #[arg(long)]
+    instructions: bool,
+    /// Requests counted per scenario with `--instructions`.
+    #[arg(long, default_value_t = 2000)]
+    requests: u32,
 }
 
 /// How long the proxies' idle CPU is measured.
@@ -69,8 +78,11 @@ fn main() -> anyhow::Result<()> {
         rate: args.rate,
         bulk_secs: args.bulk_secs,
     };
+    if args.instructions {
+        return count_instructions(&args, &plan);
+    }
     println!("building the benchmark cluster (2 nodes, the mesh, nginx and haproxy on node 1)");
-    let bench = Bench::build()?;
+    let bench = Bench::build(&[])?;
     let proxies = [Via::Sidelane, Via::Nginx, Via::Haproxy];
     let idle_rss_mb: BTreeMap<String, f64> = proxies
         .into_iter()
@@ -146,6 +158,40 @@ fn main() -> anyhow::Result<()> {
     write_outputs(&args.out, &report)?;
     let failed = report.rows.iter().filter(|r| r.error.is_some()).count();
     anyhow::ensure!(failed == 0, "{failed} measurement(s) failed; see above");
+    Ok(())
+}
+
+/// `--instructions`: every selected HTTP scenario and placement through the mesh, with the
+/// daemons under callgrind.
+fn count_instructions(args: &Args, plan: &Plan) -> anyhow::Result<()> {
+    println!("building the benchmark cluster, its daemons under valgrind's callgrind");
+    let wrapper = instructions::daemon_wrapper(&args.out);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let bench = Bench::build(&wrapper)?;
+    let mut counts = Vec::new();
+    for scenario in Scenario::ALL
+        .into_iter()
+        .filter(|s| *s != Scenario::TcpBulk)
+    {
+        for placement in Placement::ALL {
+            if !selected(&args.only, scenario, placement, Via::Sidelane) {
+                continue;
+            }
+            println!("counting {} {}", scenario.label(), placement.label());
+            counts.push(
+                instructions::count(&bench, plan, &args.out, scenario, placement, args.requests)
+                    .with_context(|| format!("{} {}", scenario.label(), placement.label()))?,
+            );
+        }
+    }
+    let table = instructions::table(&counts);
+    println!("\n{table}");
+    std::fs::write(args.out.join("instructions.txt"), &table)?;
+    std::fs::write(
+        args.out.join("instructions.json"),
+        serde_json::to_string_pretty(&counts)?,
+    )?;
+    println!("written to {}", args.out.display());
     Ok(())
 }
 

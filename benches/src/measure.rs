@@ -25,6 +25,9 @@ pub struct Plan {
 const SATURATION_WORKERS: u32 = 64;
 /// Slack beyond a run's own duration before its generator is killed.
 const GRACE: Duration = Duration::from_secs(30);
+/// The longest a run of a fixed number of requests may take (the daemon may be running
+/// under valgrind, tens of times slower).
+const COUNT_LIMIT: Duration = Duration::from_secs(300);
 
 fn http_kind(s: Scenario) -> Option<HttpKind> {
     match s {
@@ -35,21 +38,21 @@ fn http_kind(s: Scenario) -> Option<HttpKind> {
     }
 }
 
-fn oha(b: &Bench, plan: &Plan, t: &Target, kind: HttpKind, load: Load) -> anyhow::Result<HttpRun> {
+/// Runs oha in the path's client pod.
+pub fn oha(b: &Bench, plan: &Plan, p: &HttpPath, load: Load) -> anyhow::Result<HttpRun> {
+    let t = &p.target;
     let url = format!("http://{}:{}/", t.host, t.port);
-    let args = load::oha_args(kind, &url, load);
+    let args = load::oha_args(p.kind, &url, load);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let secs = match load {
-        Load::Saturate { secs, .. } | Load::Rate { secs, .. } => secs,
+    let limit = match load {
+        Load::Saturate { secs, .. } | Load::Rate { secs, .. } => {
+            Duration::from_secs(u64::from(secs)) + GRACE
+        }
+        Load::Count { .. } => COUNT_LIMIT,
     };
     let out = b
         .cluster
-        .run_in_for(
-            t.client,
-            &plan.oha,
-            &args,
-            Duration::from_secs(u64::from(secs)) + GRACE,
-        )
+        .run_in_for(t.client, &plan.oha, &args, limit)
         .with_context(|| format!("oha {url}"))?;
     load::parse_oha(&out)
 }
@@ -64,6 +67,30 @@ pub struct HttpPath {
     kind: HttpKind,
 }
 
+impl HttpPath {
+    /// Where `via` sends `scenario`'s traffic.
+    pub fn to(
+        b: &Bench,
+        scenario: Scenario,
+        placement: Placement,
+        via: Via,
+    ) -> anyhow::Result<Self> {
+        let kind = http_kind(scenario).context("not an HTTP scenario")?;
+        let listener = match kind {
+            HttpKind::Multiplexed => Listener::Http2,
+            HttpKind::KeepAlive | HttpKind::NewConnection => Listener::Http1,
+        };
+        Ok(Self {
+            target: b.target(placement, via, listener),
+            kind,
+        })
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+}
+
 /// Where `via` sends `scenario`'s traffic, after a warm-up: connections pooled, code paged
 /// in, and the path shown to answer at all.
 pub fn http_path(
@@ -73,20 +100,11 @@ pub fn http_path(
     placement: Placement,
     via: Via,
 ) -> anyhow::Result<HttpPath> {
-    let kind = http_kind(scenario).context("not an HTTP scenario")?;
-    let listener = match kind {
-        HttpKind::Multiplexed => Listener::Http2,
-        HttpKind::KeepAlive | HttpKind::NewConnection => Listener::Http1,
-    };
-    let path = HttpPath {
-        target: b.target(placement, via, listener),
-        kind,
-    };
+    let path = HttpPath::to(b, scenario, placement, via)?;
     let warm = oha(
         b,
         plan,
-        &path.target,
-        kind,
+        &path,
         Load::Saturate {
             secs: 1,
             workers: 8,
@@ -108,8 +126,7 @@ pub fn saturation(b: &Bench, plan: &Plan, p: &HttpPath) -> anyhow::Result<Satura
     let run = oha(
         b,
         plan,
-        t,
-        p.kind,
+        p,
         Load::Saturate {
             secs: plan.saturation_secs,
             workers: SATURATION_WORKERS,
@@ -129,8 +146,7 @@ pub fn latency(b: &Bench, plan: &Plan, p: &HttpPath) -> anyhow::Result<Latency> 
     let run = oha(
         b,
         plan,
-        t,
-        p.kind,
+        p,
         Load::Rate {
             secs: plan.latency_secs,
             rps: plan.rate,

@@ -93,8 +93,11 @@ pub struct Bench {
 }
 
 impl Bench {
-    pub fn build() -> anyhow::Result<Self> {
+    /// The cluster, with every daemon run under `daemon_under` (a program and its
+    /// arguments, such as valgrind) when it is not empty.
+    pub fn build(daemon_under: &[&str]) -> anyhow::Result<Self> {
         let mut c = Cluster::new(2).context("building the netns cluster")?;
+        c.run_daemons_under(daemon_under);
         c.namespace("bench", &[("istio-injection", "enabled")])?;
         c.namespace("outside", &[])?;
         let mut server_pods = Vec::new();

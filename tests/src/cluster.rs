@@ -168,6 +168,9 @@ pub struct Cluster {
     netns_made: Vec<String>,
     /// Environment every daemon starts with (its settings: `SIDELANE_*`).
     daemon_env: Vec<(String, String)>,
+    /// A program (and its arguments) every daemon runs under, such as an instruction
+    /// counter; empty for none.
+    daemon_wrapper: Vec<String>,
 }
 
 /// Where `mesh-daemon` and `sidelane-workload` were built.
@@ -282,6 +285,7 @@ impl Cluster {
             bin_dir: bin_dir()?,
             netns_made: Vec::new(),
             daemon_env: Vec::new(),
+            daemon_wrapper: Vec::new(),
         };
         std::fs::create_dir_all(&c.cgroup_top).map_err(io_err("creating the run's cgroup"))?;
         c.add_netns(&c.fabric.clone())?;
@@ -620,6 +624,13 @@ impl Cluster {
         self.daemon_env.push((var.to_owned(), value.to_owned()));
     }
 
+    /// Runs daemons started from now on under `program args.. mesh-daemon ..` (valgrind for
+    /// the instruction counts of the benchmarks). Their pid is the wrapper's, which must
+    /// exec the daemon in the same process, as valgrind does.
+    pub fn run_daemons_under(&mut self, program_and_args: &[&str]) {
+        self.daemon_wrapper = program_and_args.iter().map(|&a| a.to_owned()).collect();
+    }
+
     /// Starts every node's daemon and waits until each is ready.
     pub fn start(&mut self) -> Result<()> {
         for i in 1..=self.nodes.len() {
@@ -631,7 +642,21 @@ impl Cluster {
     pub fn start_daemon(&mut self, node: usize) -> Result<()> {
         let log = self.log_file(&self.nodes[node - 1].name.clone())?;
         let n = &self.nodes[node - 1];
-        let mut cmd = Command::new(self.bin_dir.join("mesh-daemon"));
+        let daemon = self.bin_dir.join("mesh-daemon");
+        let mut cmd = match self.daemon_wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(daemon);
+                c
+            }
+            None => Command::new(daemon),
+        };
+        // An instrumented daemon starts many times slower.
+        let ready_timeout = if self.daemon_wrapper.is_empty() {
+            DAEMON_READY_TIMEOUT
+        } else {
+            DAEMON_READY_TIMEOUT * 6
+        };
         cmd.args(["--node-name", &n.name])
             .arg("--config-dir")
             .arg(&self.config_dir)
@@ -645,7 +670,7 @@ impl Cluster {
         let child = sys::spawn_in(&n.netns, &n.cgroup.join("system"), &mut cmd)?;
         let netns = n.netns.clone();
         self.nodes[node - 1].daemon = Some(child);
-        let ready = sys::wait_for("mesh-daemon readiness", DAEMON_READY_TIMEOUT, || {
+        let ready = sys::wait_for("mesh-daemon readiness", ready_timeout, || {
             if let Some(c) = self.nodes[node - 1].daemon.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {

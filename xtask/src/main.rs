@@ -38,6 +38,10 @@ enum Cmd {
         /// Run the criterion micro-benchmarks of the hot path instead.
         #[arg(long)]
         micro: bool,
+        /// Count the daemon's user-space instructions per request under callgrind instead:
+        /// a figure that repeats between runs, to compare two commits on a noisy machine.
+        #[arg(long, conflicts_with = "micro")]
+        instructions: bool,
         /// Passed on to sidelane-bench, e.g. `-- --only http1-keepalive --latency-secs 20`.
         #[arg(last = true)]
         args: Vec<String>,
@@ -67,12 +71,20 @@ fn main() -> anyhow::Result<()> {
             build(false)?;
             test(filter.as_deref())
         }
-        Cmd::Bench { micro, args } => {
+        Cmd::Bench {
+            micro,
+            instructions,
+            mut args,
+        } => {
             setup::run()?;
             if micro {
                 return cargo(&["bench", "--package", "mesh-daemon"]).status_ok("cargo bench");
             }
             setup::bench_tools()?;
+            if instructions {
+                setup::instruction_counter()?;
+                args.insert(0, "--instructions".into());
+            }
             require_root()?;
             build(true)?;
             bench(&args)

@@ -54,6 +54,11 @@ pub fn bench_tools() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// valgrind, for `cargo xtask bench --instructions`.
+pub fn instruction_counter() -> anyhow::Result<()> {
+    debian_packages(&[("callgrind_control", "valgrind")])
+}
+
 /// Where `cargo install` puts oha.
 pub fn oha() -> PathBuf {
     let home = std::env::var_os("CARGO_HOME")

@@ -1,0 +1,188 @@
+//! `sidelane-bench --instructions`: the instructions the daemon executes in user space per
+//! request, counted by callgrind over a fixed number of requests. Wall-clock figures on a
+//! shared 2-core machine move by 10–20% between runs; this count repeats to a fraction of a
+//! percent for the same build, so it shows whether a change made the daemon cheaper. It
+//! leaves out the kernel (about half the daemon's CPU: sockets, eBPF, scheduling).
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail, ensure};
+use serde::Serialize;
+use sidelane_tests::sys;
+
+use crate::{
+    callgrind,
+    load::Load,
+    measure::{self, Plan},
+    report::Scenario,
+    topology::{Bench, Placement, Via},
+};
+
+/// Requests of the warm-up, before counting starts: connections pooled and every path of
+/// the code translated by valgrind once.
+const WARM_UP_REQUESTS: u32 = 200;
+/// Concurrent requests while counting: the daemon is the bottleneck under valgrind, so it
+/// sees full batches as at saturation.
+const WORKERS: u32 = 16;
+/// Functions listed per measurement, by their own instructions.
+const TOP_FUNCTIONS: usize = 20;
+const DUMP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The program and arguments every daemon runs under; dumps go to `out`.
+pub fn daemon_wrapper(out: &Path) -> Vec<String> {
+    vec![
+        "valgrind".into(),
+        "--tool=callgrind".into(),
+        format!("--callgrind-out-file={}/callgrind.%p", out.display()),
+    ]
+}
+
+#[derive(Serialize)]
+pub struct Count {
+    pub scenario: Scenario,
+    pub placement: Placement,
+    pub requests: u32,
+    pub instructions: u64,
+    pub instructions_per_request: f64,
+    /// The callgrind dump, for `callgrind_annotate` or KCachegrind.
+    pub dump: PathBuf,
+    /// Functions with the most instructions of their own, per request.
+    pub top_functions: Vec<(String, f64)>,
+}
+
+/// Counts the daemon's instructions over `requests` requests of `scenario` from the client
+/// in the mesh.
+pub fn count(
+    b: &Bench,
+    plan: &Plan,
+    out: &Path,
+    scenario: Scenario,
+    placement: Placement,
+    requests: u32,
+) -> anyhow::Result<Count> {
+    let path = measure::HttpPath::to(b, scenario, placement, Via::Sidelane)?;
+    let pid = *path
+        .target()
+        .pids
+        .first()
+        .context("the daemon is not running")?;
+    let warm = measure::oha(
+        b,
+        plan,
+        &path,
+        Load::Count {
+            requests: WARM_UP_REQUESTS,
+            workers: WORKERS,
+        },
+    )?;
+    ensure!(
+        warm.ok == u64::from(WARM_UP_REQUESTS),
+        "warm-up: {} of {WARM_UP_REQUESTS} answered 200: {:?}",
+        warm.ok,
+        warm.failures
+    );
+    callgrind_control("-z", pid)?;
+    let run = measure::oha(
+        b,
+        plan,
+        &path,
+        Load::Count {
+            requests,
+            workers: WORKERS,
+        },
+    )?;
+    let before = dumps(out, pid);
+    callgrind_control("-d", pid)?;
+    ensure!(
+        run.ok == u64::from(requests),
+        "{} of {requests} answered 200: {:?}",
+        run.ok,
+        run.failures
+    );
+    let dump = sys::wait_for("the callgrind dump", DUMP_TIMEOUT, || {
+        dumps(out, pid).difference(&before).next().cloned()
+    })?;
+    let text =
+        std::fs::read_to_string(&dump).with_context(|| format!("reading {}", dump.display()))?;
+    let profile = callgrind::parse(&text)?;
+    let per = f64::from(requests);
+    Ok(Count {
+        scenario,
+        placement,
+        requests,
+        instructions: profile.total,
+        instructions_per_request: profile.total as f64 / per,
+        dump,
+        top_functions: profile
+            .by_function
+            .into_iter()
+            .take(TOP_FUNCTIONS)
+            .map(|(f, n)| (f, n as f64 / per))
+            .collect(),
+    })
+}
+
+/// `callgrind_control` zeroes (`-z`) or dumps (`-d`) the counters of a running daemon.
+fn callgrind_control(action: &str, pid: u32) -> anyhow::Result<()> {
+    let out = Command::new("callgrind_control")
+        .args([action, &pid.to_string()])
+        .output()
+        .context("running callgrind_control (valgrind's)")?;
+    if !out.status.success() {
+        bail!(
+            "callgrind_control {action} {pid}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The dumps of `pid` written so far (`callgrind.<pid>.<n>`).
+fn dumps(out: &Path, pid: u32) -> BTreeSet<PathBuf> {
+    let prefix = format!("callgrind.{pid}.");
+    std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// The counts as a table, then each measurement's busiest functions.
+pub fn table(counts: &[Count]) -> String {
+    let mut t = String::from(
+        "daemon instructions per request (user space, callgrind; the kernel not counted)\n\
+         scenario              placement   requests  instructions/request\n",
+    );
+    for c in counts {
+        let _ = writeln!(
+            t,
+            "{:<21} {:<10} {:>9} {:>21.0}",
+            c.scenario.label(),
+            c.placement.label(),
+            c.requests,
+            c.instructions_per_request
+        );
+    }
+    for c in counts {
+        let _ = writeln!(
+            t,
+            "\n{} {}: functions by their own instructions per request ({})",
+            c.scenario.label(),
+            c.placement.label(),
+            c.dump.display()
+        );
+        for (f, n) in &c.top_functions {
+            let share = n / c.instructions_per_request * 100.0;
+            let name: String = f.chars().take(110).collect();
+            let _ = writeln!(t, "{n:>8.0} {share:>5.1}%  {name}");
+        }
+    }
+    t
+}
