@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     metrics::{RequestLabels, RequestSeries, TcpLabels},
-    state::Snapshot,
+    state::{ServicePort, Snapshot},
 };
 
 /// A body that counts the bytes passing through it into a shared counter.
@@ -70,7 +70,7 @@ where
 /// What picks a request's metric series, besides the connection it came on (which fixes
 /// the source and the Service): the snapshot the labels were read from, the endpoint, and
 /// the outcome.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct SeriesKey {
     generation: u64,
     upstream: IpAddr,
@@ -104,6 +104,55 @@ impl SeriesCache {
             entries.remove(0);
         }
         entries.push((key, series.clone()));
+        series
+    }
+}
+
+/// The series of one pod's requests across all its connections: a client that opens a
+/// connection per request finds its series here instead of building them. An entry holds
+/// the Service its connection was sent to, so that the Service's address, part of the key,
+/// is not reused while the entry lives.
+#[derive(Default)]
+pub struct PodSeries(Mutex<PodSeriesEntries>);
+
+#[derive(Default)]
+struct PodSeriesEntries {
+    /// The snapshot generation of every entry: a newer snapshot may relabel any of them.
+    generation: u64,
+    // foldhash: looked up once per new client connection, keys not chosen by a client.
+    by_key: hashbrown::HashMap<(usize, SeriesKey), (Arc<ServicePort>, RequestSeries)>,
+}
+
+/// Beyond this many series a pod's entries are dropped and found again as used: the metric
+/// families hold the series themselves, this only saves building their labels.
+const SERIES_PER_POD: usize = 4096;
+
+impl PodSeries {
+    fn get(
+        &self,
+        service: &Arc<ServicePort>,
+        key: SeriesKey,
+        build: impl FnOnce() -> RequestSeries,
+    ) -> RequestSeries {
+        let mut entries = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if key.generation < entries.generation {
+            // A request that began under an older snapshot: rare, not worth keeping.
+            drop(entries);
+            return build();
+        }
+        if key.generation > entries.generation || entries.by_key.len() >= SERIES_PER_POD {
+            entries.by_key.clear();
+            entries.generation = key.generation;
+        }
+        let id = (Arc::as_ptr(service) as usize, key);
+        if let Some((_, series)) = entries.by_key.get(&id) {
+            return series.clone();
+        }
+        let series = build();
+        entries.by_key.insert(id, (service.clone(), series.clone()));
         series
     }
 }
@@ -163,18 +212,22 @@ impl Completion {
         };
         let conn = &self.conn;
         let series = conn.series.get(key, || {
-            let mut base = TcpLabels::new(
-                &self.snap,
-                &conn.source_uid,
-                Some(&conn.service),
-                upstream,
-                key.request_protocol,
-            );
-            base.response_flags = key.response_flags;
-            conn.pod.inputs.metrics.request_series(&RequestLabels {
-                base,
-                response_code: key.response_code,
-                grpc_response_status: key.grpc_status.map_or_else(String::new, |s| s.to_string()),
+            conn.pod.series.get(&conn.service, key, || {
+                let mut base = TcpLabels::new(
+                    &self.snap,
+                    &conn.source_uid,
+                    Some(&conn.service),
+                    upstream,
+                    key.request_protocol,
+                );
+                base.response_flags = key.response_flags;
+                conn.pod.inputs.metrics.request_series(&RequestLabels {
+                    base,
+                    response_code: key.response_code,
+                    grpc_response_status: key
+                        .grpc_status
+                        .map_or_else(String::new, |s| s.to_string()),
+                })
             })
         });
         series.record(
@@ -265,5 +318,94 @@ impl Drop for Observed {
         if let Some(d) = self.done.take() {
             d.record(self.sent, false);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn service(name: &str) -> Arc<ServicePort> {
+        Arc::new(ServicePort {
+            name: name.into(),
+            namespace: "default".into(),
+            hostname: format!("{name}.default.svc.cluster.local"),
+            port: 80,
+            port_name: "http".into(),
+            app_protocol: None,
+            endpoints: Vec::new(),
+        })
+    }
+
+    fn key(generation: u64, response_code: u16) -> SeriesKey {
+        SeriesKey {
+            generation,
+            upstream: IpAddr::from([10, 244, 2, 10]),
+            response_code,
+            response_flags: "-",
+            request_protocol: "http",
+            grpc_status: None,
+        }
+    }
+
+    fn requests_to(metrics: &Metrics, service: &str, code: u16) -> usize {
+        let text = metrics.encode();
+        let host = format!("destination_service=\"{service}.default.svc.cluster.local\"");
+        let code = format!("response_code=\"{code}\"");
+        text.lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .filter(|l| l.contains(&host) && l.contains(&code))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<usize>().ok())
+            .sum()
+    }
+
+    /// What a connection per request relies on: its requests count into the same series as
+    /// the pod's earlier connections', built once, and never into another Service's or
+    /// outcome's series.
+    #[test]
+    fn a_pods_connections_share_series_by_service_and_outcome() {
+        let metrics = Metrics::new();
+        let snap = Snapshot::default();
+        let pod = PodSeries::default();
+        let builds = Cell::new(0);
+        let record = |svc: &Arc<ServicePort>, key: SeriesKey| {
+            let series = pod.get(svc, key, || {
+                builds.set(builds.get() + 1);
+                metrics.request_series(&RequestLabels {
+                    base: TcpLabels::new(
+                        &snap,
+                        "client-uid",
+                        Some(svc),
+                        "10.244.2.10:80".parse().expect("address"),
+                        "http",
+                    ),
+                    response_code: key.response_code,
+                    grpc_response_status: String::new(),
+                })
+            });
+            series.record(1.0, 0, 10);
+        };
+        let (a, b) = (service("reviews"), service("ratings"));
+        for _ in 0..3 {
+            record(&a, key(1, 200));
+        }
+        record(&a, key(1, 503));
+        record(&b, key(1, 200));
+        assert_eq!(builds.get(), 3, "one build per Service and outcome");
+        assert_eq!(requests_to(&metrics, "reviews", 200), 3);
+        assert_eq!(requests_to(&metrics, "reviews", 503), 1);
+        assert_eq!(requests_to(&metrics, "ratings", 200), 1);
+
+        // A newer snapshot may label the same traffic differently: built again.
+        record(&a, key(2, 200));
+        assert_eq!(builds.get(), 4);
+        // A request still under the older snapshot is recorded, not cached.
+        record(&a, key(1, 200));
+        record(&a, key(1, 200));
+        assert_eq!(builds.get(), 6);
+        assert_eq!(requests_to(&metrics, "reviews", 200), 6);
     }
 }
