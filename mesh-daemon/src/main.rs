@@ -101,6 +101,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         retry_503_by_default: settings.compat_before(1, 24),
         protocol_detection_timeout: Some(settings.protocol_detection_timeout.0)
             .filter(|t| !t.is_zero()),
+        tcp_reporting_interval: Some(settings.tcp_reporting_interval.0).filter(|t| !t.is_zero()),
     });
 
     // Configuration: every batch of objects becomes a new snapshot, swapped in whole.

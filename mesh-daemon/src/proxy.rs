@@ -36,4 +36,7 @@ pub struct ProxyInputs {
     pub retry_503_by_default: bool,
     /// `None`: wait for a client's first bytes as long as it takes.
     pub protocol_detection_timeout: Option<std::time::Duration>,
+    /// How often an open TCP connection's bytes are added to the metrics; `None`: when it
+    /// closes.
+    pub tcp_reporting_interval: Option<std::time::Duration>,
 }

@@ -116,6 +116,18 @@ pub struct Settings {
     )]
     pub protocol_detection_timeout: crate::config::istio::types::Duration,
 
+    /// How often the bytes of an open TCP connection are added to `istio_tcp_sent_bytes_total`
+    /// and `istio_tcp_received_bytes_total` (Istio's `tcp_reporting_duration`, whose default
+    /// this is): a long-lived connection's traffic shows as it flows. "0s": only when the
+    /// connection closes.
+    #[arg(
+        long,
+        env = "SIDELANE_TCP_REPORTING_INTERVAL",
+        default_value = "5s",
+        value_parser = crate::config::istio::types::Duration::parse
+    )]
+    pub tcp_reporting_interval: crate::config::istio::types::Duration,
+
     /// Log format: "text" or "json".
     #[arg(long, env = "SIDELANE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

@@ -2,8 +2,10 @@
 //! Every assertion is on what a user would see: which pod answered, bytes and resets as
 //! the client got them, the daemon's own counters and access log.
 
+use std::time::Duration;
+
 use serde_json::Value;
-use sidelane_tests::{Cluster, PodRef, PodSpec, ServicePortSpec, ServiceRef, leftovers};
+use sidelane_tests::{Cluster, PodRef, PodSpec, ServicePortSpec, ServiceRef, leftovers, sys};
 
 struct Setup {
     c: Cluster,
@@ -15,7 +17,15 @@ struct Setup {
 /// Two nodes; an enrolled client on node 1; the `api-server` Service backed by one pod on
 /// node 2.
 fn setup(client_spec: impl FnOnce(PodSpec) -> PodSpec) -> Setup {
+    setup_with(client_spec, &[])
+}
+
+/// [`setup`] with daemon settings (environment variables).
+fn setup_with(client_spec: impl FnOnce(PodSpec) -> PodSpec, settings: &[(&str, &str)]) -> Setup {
     let mut c = Cluster::new(2).expect("cluster");
+    for (var, value) in settings {
+        c.daemon_setting(var, value);
+    }
     c.namespace("production", &[("sidelane.dev/mesh", "enabled")])
         .expect("ns");
     let server = c
@@ -199,6 +209,62 @@ fn tcp_half_close_and_reset_are_carried_through() {
             &["destination_service_name=\"api-server\""]
         ) >= 200_000
     );
+}
+
+/// As Istio's proxies do (`tcp_reporting_duration`), a long-lived connection's bytes reach
+/// the metrics while it is open, and its totals are exact once it closes.
+#[test]
+fn tcp_bytes_are_reported_while_the_connection_is_open() {
+    let s = setup_with(|p| p, &[("SIDELANE_TCP_REPORTING_INTERVAL", "200ms")]);
+    let c = &s.c;
+    c.wait_enrolled(s.client, true).expect("enrolled");
+    let vip = format!("{}:9000", c.service(s.svc).vip4);
+    let svc = ["destination_service_name=\"api-server\""];
+    let mut held = c
+        .spawn_exec(
+            s.client,
+            &[
+                "tcp",
+                "--addr",
+                &vip,
+                "--bulk",
+                "100000",
+                "--linger-ms",
+                "3000",
+                "--timeout-ms",
+                "10000",
+            ],
+        )
+        .expect("client");
+    let sent = held.next_json().expect("sent");
+    assert_eq!(sent["event"], "sent", "{sent}");
+    let open = sys::wait_for("bytes reported", Duration::from_millis(2500), || {
+        let m = c.metrics(1).ok()?;
+        (metric(&m, "istio_tcp_received_bytes_total", &svc) >= 100_001).then_some(m)
+    })
+    .expect("the bytes of an open connection were not reported");
+    assert_eq!(
+        metric(&open, "istio_tcp_connections_closed_total", &svc),
+        0,
+        "reported before the client closed"
+    );
+    assert!(
+        metric(&open, "istio_tcp_sent_bytes_total", &svc) > 0,
+        "the server's answer so far"
+    );
+
+    let done = held.next_json().expect("result");
+    let received = done["received"].as_str().map_or(0, str::len) as u64;
+    let greeting = "pod=api-server-v1 version=v1\n".len() as u64;
+    assert_eq!(received, greeting + 5 + 100_001 + 4, "{done:.200}");
+    let m = c.metrics(1).expect("metrics");
+    assert_eq!(metric(&m, "istio_tcp_connections_closed_total", &svc), 1);
+    assert_eq!(
+        metric(&m, "istio_tcp_received_bytes_total", &svc),
+        100_001,
+        "counted once, not again at the close"
+    );
+    assert_eq!(metric(&m, "istio_tcp_sent_bytes_total", &svc), received);
 }
 
 #[test]

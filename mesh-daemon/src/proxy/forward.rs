@@ -49,7 +49,7 @@ enum Dir {
     Reset,
 }
 
-async fn pump<R, W>(mut r: R, mut w: W, counted: &mut u64, activity: &Activity) -> Dir
+async fn pump<R, W>(mut r: R, mut w: W, counted: &AtomicU64, activity: &Activity) -> Dir
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -68,7 +68,7 @@ where
                 if w.write_all(&buf[..n]).await.is_err() {
                     return Dir::Reset;
                 }
-                *counted += n as u64;
+                counted.fetch_add(n as u64, Ordering::Relaxed);
                 activity.touch();
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -77,12 +77,42 @@ where
     }
 }
 
+/// Bytes forwarded so far, each way.
+#[derive(Default)]
+struct Counts {
+    upstream: AtomicU64,
+    downstream: AtomicU64,
+}
+
+impl Counts {
+    /// What moved (to the upstream, to the client) since `reported`, which it moves on.
+    fn since(&self, reported: &mut (u64, u64)) -> (u64, u64) {
+        let now = (
+            self.upstream.load(Ordering::Relaxed),
+            self.downstream.load(Ordering::Relaxed),
+        );
+        let delta = (now.0 - reported.0, now.1 - reported.1);
+        *reported = now;
+        delta
+    }
+}
+
 /// Copies both ways until both sides have closed, or until either resets, in which case the
 /// other side is reset too (SO_LINGER 0 then close), as a direct connection would see it.
 /// After `idle` without a byte either way both sides are closed (Envoy's TCP idle timeout).
-pub async fn forward(mut client: TcpStream, mut upstream: TcpStream, idle: Duration) -> Outcome {
+/// `report` gets the bytes moved (to the upstream, to the client) every `report_every`
+/// while the connection is open, as Istio's TCP metrics are reported, and the rest at the
+/// end; `None` reports only at the end.
+pub async fn forward(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    idle: Duration,
+    report_every: Option<Duration>,
+    mut report: impl FnMut(u64, u64),
+) -> Outcome {
     let mut out = Outcome::default();
-    let (mut up, mut down) = (0u64, 0u64);
+    let counts = Counts::default();
+    let mut reported = (0, 0);
     let activity = Activity {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
@@ -90,9 +120,11 @@ pub async fn forward(mut client: TcpStream, mut upstream: TcpStream, idle: Durat
     {
         let (cr, cw) = client.split();
         let (ur, uw) = upstream.split();
-        let to_upstream = pump(cr, uw, &mut up, &activity);
-        let to_client = pump(ur, cw, &mut down, &activity);
+        let to_upstream = pump(cr, uw, &counts.upstream, &activity);
+        let to_client = pump(ur, cw, &counts.downstream, &activity);
         tokio::pin!(to_upstream, to_client);
+        let report_timer = tokio::time::sleep(report_every.unwrap_or(Duration::MAX));
+        tokio::pin!(report_timer);
         let (mut a_done, mut b_done) = (false, false);
         while !(out.reset || out.idle_timeout || a_done && b_done) {
             let wait = idle.saturating_sub(activity.idle_for());
@@ -103,6 +135,14 @@ pub async fn forward(mut client: TcpStream, mut upstream: TcpStream, idle: Durat
                     out.idle_timeout = activity.idle_for() >= idle;
                     continue;
                 }
+                () = &mut report_timer, if report_every.is_some() => {
+                    let (up, down) = counts.since(&mut reported);
+                    report(up, down);
+                    if let Some(every) = report_every {
+                        report_timer.as_mut().reset(tokio::time::Instant::now() + every);
+                    }
+                    continue;
+                }
             };
             out.reset = matches!(dir, Dir::Reset);
         }
@@ -111,8 +151,9 @@ pub async fn forward(mut client: TcpStream, mut upstream: TcpStream, idle: Durat
         let _ = client.shutdown().await;
         let _ = upstream.shutdown().await;
     }
-    out.sent_upstream = up;
-    out.sent_downstream = down;
+    let (up, down) = counts.since(&mut reported);
+    report(up, down);
+    (out.sent_upstream, out.sent_downstream) = reported;
     if out.reset {
         abort(&client);
         abort(&upstream);

@@ -402,7 +402,8 @@ impl Conn {
                 return;
             }
         };
-        inputs.metrics.tcp_opened.get_or_create(&labels).inc();
+        let m = &inputs.metrics;
+        m.tcp_opened.get_or_create(&labels).inc();
         let upstream_local = upstream.stream.local_addr().ok();
         let Connected {
             stream,
@@ -410,14 +411,20 @@ impl Conn {
             _held,
             ..
         } = upstream;
-        let out = forward(client, stream, idle).await;
-        let m = &inputs.metrics;
-        m.tcp_received_bytes
-            .get_or_create(&labels)
-            .inc_by(out.sent_upstream);
-        m.tcp_sent_bytes
-            .get_or_create(&labels)
-            .inc_by(out.sent_downstream);
+        // The registry's own series, held for the connection's life.
+        let received = m.tcp_received_bytes.get_or_create(&labels).clone();
+        let sent = m.tcp_sent_bytes.get_or_create(&labels).clone();
+        let out = forward(
+            client,
+            stream,
+            idle,
+            inputs.tcp_reporting_interval,
+            |to_upstream, to_client| {
+                received.inc_by(to_upstream);
+                sent.inc_by(to_client);
+            },
+        )
+        .await;
         m.tcp_closed.get_or_create(&labels).inc();
         log_tcp(&TcpEntry {
             start: start.0,

@@ -81,6 +81,10 @@ enum Cmd {
         /// test can change the mesh under an established connection.
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
+        /// Once sent, print a "sent" line and keep the connection open this long before
+        /// half-closing it, so a test can look at the mesh during a long-lived connection.
+        #[arg(long, default_value_t = 0)]
+        linger_ms: u64,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
@@ -141,6 +145,7 @@ fn main() -> anyhow::Result<()> {
                 bulk,
                 tls_sni,
                 hold_ms,
+                linger_ms,
                 timeout_ms,
             } => {
                 let mut send = send.replace("\\n", "\n").into_bytes();
@@ -153,7 +158,12 @@ fn main() -> anyhow::Result<()> {
                 }
                 let r = tokio::time::timeout(
                     Duration::from_millis(timeout_ms),
-                    tcp_client(addr, &send, Duration::from_millis(hold_ms)),
+                    tcp_client(
+                        addr,
+                        &send,
+                        Duration::from_millis(hold_ms),
+                        Duration::from_millis(linger_ms),
+                    ),
                 )
                 .await
                 .unwrap_or_else(|_| json!({"error": "timeout"}));
@@ -366,7 +376,12 @@ fn client_hello(server_name: &str) -> anyhow::Result<Vec<u8>> {
     Ok(out)
 }
 
-async fn tcp_client(addr: SocketAddr, send: &[u8], hold: Duration) -> serde_json::Value {
+async fn tcp_client(
+    addr: SocketAddr,
+    send: &[u8],
+    hold: Duration,
+    linger: Duration,
+) -> serde_json::Value {
     let mut s = match TcpStream::connect(addr).await {
         Ok(s) => s,
         Err(e) => return json!({"error": error_kind(&e)}),
@@ -382,6 +397,12 @@ async fn tcp_client(addr: SocketAddr, send: &[u8], hold: Duration) -> serde_json
         && let Err(e) = s.write_all(send).await
     {
         return json!({"error": error_kind(&e), "local": local});
+    }
+    if !linger.is_zero() {
+        use std::io::Write as _;
+        println!("{}", json!({"event": "sent", "local": local}));
+        let _ = std::io::stdout().flush();
+        tokio::time::sleep(linger).await;
     }
     // Half-close: the server must still be able to answer.
     if let Err(e) = s.shutdown().await {
