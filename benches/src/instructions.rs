@@ -154,14 +154,41 @@ fn dumps(out: &Path, pid: u32) -> BTreeSet<PathBuf> {
         .collect()
 }
 
-/// The counts as a table, then each measurement's busiest functions.
-pub fn table(counts: &[Count]) -> String {
+/// An earlier run's counts (its `instructions.json`), to compare with.
+pub struct Baseline(Vec<serde_json::Value>);
+
+impl Baseline {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let counts = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not an instructions.json", path.display()))?;
+        Ok(Self(counts))
+    }
+
+    /// The earlier count of the same scenario and placement.
+    fn per_request(&self, c: &Count) -> Option<f64> {
+        let (scenario, placement) = (
+            serde_json::to_value(c.scenario).ok()?,
+            serde_json::to_value(c.placement).ok()?,
+        );
+        self.0
+            .iter()
+            .find(|b| b["scenario"] == scenario && b["placement"] == placement)?
+            .get("instructions_per_request")?
+            .as_f64()
+    }
+}
+
+/// The counts as a table (with the change from `baseline`), then each measurement's busiest
+/// functions.
+pub fn table(counts: &[Count], baseline: Option<&Baseline>) -> String {
     let mut t = String::from(
         "daemon instructions per request (user space, callgrind; the kernel not counted)\n\
-         scenario              placement   requests  instructions/request\n",
+         scenario              placement   requests  instructions/request  baseline   change\n",
     );
     for c in counts {
-        let _ = writeln!(
+        let _ = write!(
             t,
             "{:<21} {:<10} {:>9} {:>21.0}",
             c.scenario.label(),
@@ -169,6 +196,14 @@ pub fn table(counts: &[Count]) -> String {
             c.requests,
             c.instructions_per_request
         );
+        let _ = match baseline.and_then(|b| b.per_request(c)) {
+            Some(before) if before > 0.0 => writeln!(
+                t,
+                " {before:>9.0} {:>+7.1}%",
+                (c.instructions_per_request / before - 1.0) * 100.0
+            ),
+            _ => writeln!(t, " {:>9} {:>8}", "-", "-"),
+        };
     }
     for c in counts {
         let _ = writeln!(
@@ -185,4 +220,57 @@ pub fn table(counts: &[Count]) -> String {
         }
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(scenario: Scenario, per_request: f64) -> Count {
+        Count {
+            scenario,
+            placement: Placement::SameNode,
+            requests: 2000,
+            instructions: (per_request * 2000.0) as u64,
+            instructions_per_request: per_request,
+            dump: PathBuf::from("callgrind.1.1"),
+            top_functions: vec![("memcpy".into(), 10.0)],
+        }
+    }
+
+    #[test]
+    fn the_table_shows_the_change_from_the_baseline() {
+        let before = [count(Scenario::Http1KeepAlive, 20_000.0)];
+        let baseline = Baseline(
+            serde_json::from_str(&serde_json::to_string(&before).expect("json")).expect("parse"),
+        );
+        let t = table(
+            &[
+                count(Scenario::Http1KeepAlive, 19_000.0),
+                count(Scenario::Http2Multiplexed, 70_000.0),
+            ],
+            Some(&baseline),
+        );
+        let row = |name: &str| {
+            t.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_default()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            row("http1-keepalive"),
+            [
+                "http1-keepalive",
+                "same-node",
+                "2000",
+                "19000",
+                "20000",
+                "-5.0%"
+            ],
+            "{t}"
+        );
+        // Not in the baseline: nothing to compare with.
+        assert_eq!(row("http2-multiplexed")[4..], ["-", "-"], "{t}");
+    }
 }

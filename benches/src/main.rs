@@ -57,6 +57,9 @@ struct Args {
     /// Requests counted per scenario with `--instructions`.
     #[arg(long, default_value_t = 2000)]
     requests: u32,
+    /// An earlier `instructions.json` to compare the counts with.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
 }
 
 /// How long the proxies' idle CPU is measured.
@@ -184,7 +187,12 @@ fn count_instructions(args: &Args, plan: &Plan) -> anyhow::Result<()> {
             );
         }
     }
-    let table = instructions::table(&counts);
+    let baseline = args
+        .baseline
+        .as_deref()
+        .map(instructions::Baseline::load)
+        .transpose()?;
+    let table = instructions::table(&counts, baseline.as_ref());
     println!("\n{table}");
     std::fs::write(args.out.join("instructions.txt"), &table)?;
     std::fs::write(

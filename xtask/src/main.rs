@@ -84,6 +84,12 @@ fn main() -> anyhow::Result<()> {
             if instructions {
                 setup::instruction_counter()?;
                 args.insert(0, "--instructions".into());
+                // Compared with the counts committed with the last results.
+                let committed = workspace_root()?.join("benches/results/instructions.json");
+                if committed.exists() && !args.iter().any(|a| a == "--baseline") {
+                    args.insert(1, "--baseline".into());
+                    args.insert(2, committed.to_string_lossy().into_owned());
+                }
             }
             require_root()?;
             build(true)?;
