@@ -118,9 +118,7 @@ impl Outbound {
                 loop {
                     match l.accept().await {
                         Ok((stream, peer)) => {
-                            // Small HTTP/2 frames and responses go out at once: with Nagle
-                            // they wait for the client's delayed ACK (up to 40 ms).
-                            stream.set_nodelay(true).ok();
+                            // TCP_NODELAY comes with the listener's options (`listen_in`).
                             let this = this.clone();
                             // The connection's future is ~8 KiB (every protocol's path
                             // inline); spawned as it is, it was copied nine times on its way

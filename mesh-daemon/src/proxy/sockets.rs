@@ -46,17 +46,23 @@ pub fn listen_in(
         addr,
         source,
     };
-    let std_listener = ns.run(host, || -> std::io::Result<std::net::TcpListener> {
-        let s = new_socket(addr)?;
-        if addr.is_ipv6() {
-            s.set_only_v6(true)?;
-        }
-        s.set_reuse_address(true)?;
-        s.bind(&addr.into())?;
-        s.listen(1024)?;
-        Ok(s.into())
-    })?;
+    let std_listener = ns.run(host, || listening_socket(addr))?;
     TcpListener::from_std(std_listener.map_err(io)?).map_err(io)
+}
+
+fn listening_socket(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let s = new_socket(addr)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    // Accepted sockets inherit it (Linux copies the listener's TCP options to each
+    // connection): small HTTP/2 frames and responses go out at once rather than wait for
+    // the client's delayed ACK, without a setsockopt per connection.
+    s.set_tcp_nodelay(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
 }
 
 /// A socket inside `ns`, ready to connect to `dst` with the pod's own source address.
@@ -91,4 +97,19 @@ pub async fn connect_in(
             source,
         })?;
     Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpStream;
+
+    use super::listening_socket;
+
+    #[test]
+    fn accepted_connections_have_nagle_off() {
+        let l = listening_socket("127.0.0.1:0".parse().expect("addr")).expect("listener");
+        let _client = TcpStream::connect(l.local_addr().expect("bound")).expect("connect");
+        let (accepted, _) = l.accept().expect("accept");
+        assert!(accepted.nodelay().expect("TCP_NODELAY"));
+    }
 }
