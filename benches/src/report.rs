@@ -12,6 +12,8 @@ use crate::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scenario {
+    // As its label: the name in the table, in `--only` and in the JSON is the same.
+    #[serde(rename = "http1-keepalive")]
     Http1KeepAlive,
     Http2Multiplexed,
     Http1NewConnection,
@@ -279,6 +281,13 @@ fn num(v: Option<f64>, decimals: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scenarios_are_named_alike_in_the_json_and_the_table() {
+        for s in Scenario::ALL {
+            assert_eq!(serde_json::to_value(s).expect("json"), s.label());
+        }
+    }
 
     fn run(rps: f64, p99: f64) -> HttpRun {
         HttpRun {
