@@ -71,39 +71,26 @@ pub fn count(
         .pids
         .first()
         .context("the daemon is not running")?;
-    let warm = measure::oha(
-        b,
-        plan,
-        &path,
-        Load::Count {
-            requests: WARM_UP_REQUESTS,
+    // Exactly `n` requests, every one answered 200: the count is divided by `n`.
+    let all_ok = |n: u32, what: &str| -> anyhow::Result<()> {
+        let load = Load::Count {
+            requests: n,
             workers: WORKERS,
-        },
-    )?;
-    ensure!(
-        warm.ok == u64::from(WARM_UP_REQUESTS),
-        "warm-up: {} of {WARM_UP_REQUESTS} answered 200: {:?}",
-        warm.ok,
-        warm.failures
-    );
+        };
+        let run = measure::oha(b, plan, &path, load)?;
+        ensure!(
+            run.ok == u64::from(n),
+            "{what}: {} of {n} answered 200: {:?}",
+            run.ok,
+            run.failures
+        );
+        Ok(())
+    };
+    all_ok(WARM_UP_REQUESTS, "warm-up")?;
     callgrind_control("-z", pid)?;
-    let run = measure::oha(
-        b,
-        plan,
-        &path,
-        Load::Count {
-            requests,
-            workers: WORKERS,
-        },
-    )?;
+    all_ok(requests, "counted run")?;
     let before = dumps(out, pid);
     callgrind_control("-d", pid)?;
-    ensure!(
-        run.ok == u64::from(requests),
-        "{} of {requests} answered 200: {:?}",
-        run.ok,
-        run.failures
-    );
     let dump = sys::wait_for("the callgrind dump", DUMP_TIMEOUT, || {
         dumps(out, pid).difference(&before).next().cloned()
     })?;

@@ -123,7 +123,8 @@ pub async fn forward(
         let to_upstream = pump(cr, uw, &counts.upstream, &activity);
         let to_client = pump(ur, cw, &counts.downstream, &activity);
         tokio::pin!(to_upstream, to_client);
-        let report_timer = tokio::time::sleep(report_every.unwrap_or(Duration::MAX));
+        let every = report_every.unwrap_or(Duration::MAX);
+        let report_timer = tokio::time::sleep(every);
         tokio::pin!(report_timer);
         let (mut a_done, mut b_done) = (false, false);
         while !(out.reset || out.idle_timeout || a_done && b_done) {
@@ -138,9 +139,7 @@ pub async fn forward(
                 () = &mut report_timer, if report_every.is_some() => {
                     let (up, down) = counts.since(&mut reported);
                     report(up, down);
-                    if let Some(every) = report_every {
-                        report_timer.as_mut().reset(tokio::time::Instant::now() + every);
-                    }
+                    report_timer.as_mut().reset(tokio::time::Instant::now() + every);
                     continue;
                 }
             };

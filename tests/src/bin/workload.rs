@@ -387,23 +387,13 @@ async fn tcp_client(
         Err(e) => return json!({"error": error_kind(&e)}),
     };
     let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    if !hold.is_zero() {
-        use std::io::Write as _;
-        println!("{}", json!({"event": "connected", "local": local}));
-        let _ = std::io::stdout().flush();
-        tokio::time::sleep(hold).await;
-    }
+    pause(&local, "connected", hold).await;
     if !send.is_empty()
         && let Err(e) = s.write_all(send).await
     {
         return json!({"error": error_kind(&e), "local": local});
     }
-    if !linger.is_zero() {
-        use std::io::Write as _;
-        println!("{}", json!({"event": "sent", "local": local}));
-        let _ = std::io::stdout().flush();
-        tokio::time::sleep(linger).await;
-    }
+    pause(&local, "sent", linger).await;
     // Half-close: the server must still be able to answer.
     if let Err(e) = s.shutdown().await {
         return json!({"error": error_kind(&e), "local": local});
@@ -415,6 +405,18 @@ async fn tcp_client(
             json!({"error": error_kind(&e), "received": String::from_utf8_lossy(&buf), "local": local})
         }
     }
+}
+
+/// Unless `wait` is zero: tells the test `event` has happened (a JSON line, flushed at once),
+/// then waits, so the test can act on the mesh while the connection is open.
+async fn pause(local: &str, event: &str, wait: Duration) {
+    if wait.is_zero() {
+        return;
+    }
+    use std::io::Write as _;
+    println!("{}", json!({"event": event, "local": local}));
+    let _ = std::io::stdout().flush();
+    tokio::time::sleep(wait).await;
 }
 
 fn error_kind(e: &std::io::Error) -> String {
