@@ -15,6 +15,7 @@ pub mod pool;
 pub mod protocol;
 pub mod replay;
 pub mod sockets;
+pub mod splice;
 
 use std::sync::Arc;
 

@@ -1,5 +1,6 @@
 //! Byte forwarding between two TCP streams that keeps TCP's semantics end to end: a FIN is
-//! passed on as a FIN (half-close), a reset as a reset.
+//! passed on as a FIN (half-close), a reset as a reset. Bulk goes through a kernel pipe
+//! (`splice`) once a direction fills a read buffer.
 use std::{
     io::ErrorKind,
     sync::atomic::{AtomicU64, Ordering},
@@ -7,9 +8,14 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
 };
+
+use super::splice::Pipe;
 
 const BUF_SIZE: usize = 16 * 1024;
 
@@ -49,31 +55,52 @@ enum Dir {
     Reset,
 }
 
-async fn pump<R, W>(mut r: R, mut w: W, counted: &AtomicU64, activity: &Activity) -> Dir
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+async fn pump(
+    mut r: ReadHalf<'_>,
+    mut w: WriteHalf<'_>,
+    counted: &AtomicU64,
+    activity: &Activity,
+) -> Dir {
+    let moved = |n: usize| {
+        counted.fetch_add(n as u64, Ordering::Relaxed);
+        activity.touch();
+    };
     let mut buf = vec![0u8; BUF_SIZE];
-    loop {
+    // Copied through `buf` until a read fills it: then this direction carries bulk, and
+    // the rest goes through a pipe without being copied (see `splice`).
+    let pipe = loop {
         match r.read(&mut buf).await {
-            Ok(0) => {
-                // Pass the FIN on; the other direction keeps flowing.
-                return match w.shutdown().await {
-                    Ok(()) => Dir::Eof,
-                    Err(_) => Dir::Reset,
-                };
-            }
+            Ok(0) => return pass_fin(&mut w).await,
             Ok(n) => {
                 if w.write_all(&buf[..n]).await.is_err() {
                     return Dir::Reset;
                 }
-                counted.fetch_add(n as u64, Ordering::Relaxed);
-                activity.touch();
+                moved(n);
+                if n == buf.len()
+                    && let Ok(pipe) = Pipe::new()
+                {
+                    break pipe;
+                }
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(_) => return Dir::Reset,
         }
+    };
+    drop(buf);
+    loop {
+        match pipe.relay(r.as_ref(), w.as_ref()).await {
+            Ok(0) => return pass_fin(&mut w).await,
+            Ok(n) => moved(n),
+            Err(_) => return Dir::Reset,
+        }
+    }
+}
+
+/// Passes a FIN on; the other direction keeps flowing.
+async fn pass_fin(w: &mut WriteHalf<'_>) -> Dir {
+    match w.shutdown().await {
+        Ok(()) => Dir::Eof,
+        Err(_) => Dir::Reset,
     }
 }
 
