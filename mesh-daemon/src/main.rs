@@ -99,9 +99,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         outbound_port: settings.outbound_port,
         mirror_shadow_host: settings.compat_before(1, 28),
         retry_503_by_default: settings.compat_before(1, 24),
-        protocol_detection_timeout: Some(settings.protocol_detection_timeout.0)
-            .filter(|t| !t.is_zero()),
-        tcp_reporting_interval: Some(settings.tcp_reporting_interval.0).filter(|t| !t.is_zero()),
+        protocol_detection_timeout: Settings::unless_zero(settings.protocol_detection_timeout),
+        tcp_reporting_interval: Settings::unless_zero(settings.tcp_reporting_interval),
     });
 
     // Configuration: every batch of objects becomes a new snapshot, swapped in whole.

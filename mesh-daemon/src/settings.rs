@@ -23,6 +23,11 @@ pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Settings {
+    /// A duration setting for which "0s" switches its behaviour off: `None` then.
+    pub fn unless_zero(d: crate::config::istio::types::Duration) -> Option<Duration> {
+        Some(d.0).filter(|t| !t.is_zero())
+    }
+
     /// Whether `--compatibility-version` asks for a release older than `major.minor`.
     pub fn compat_before(&self, major: u32, minor: u32) -> bool {
         let Some(v) = &self.compatibility_version else {
