@@ -263,6 +263,7 @@ fn http_group(
                 scenario,
                 placement,
                 via: p.via,
+                saturation_rounds: p.runs.iter().map(Into::into).collect(),
                 saturation: measure::median(p.runs, |s| s.run.rps),
                 latency: measure::median(p.latencies, |l| {
                     l.run.percentile("p99").unwrap_or(f64::INFINITY)

@@ -7,7 +7,7 @@ use anyhow::{Context as _, bail};
 use crate::{
     baselines::Listener,
     load::{self, HttpKind, HttpRun, Load},
-    procstat::{CpuMeter, PeakRss},
+    procstat::{CpuMeter, HostMeter, PeakRss},
     report::{Bulk, Latency, Row, Saturation, Scenario},
     topology::{Bench, Placement, Target, Via},
 };
@@ -123,6 +123,7 @@ pub fn http_path(
 pub fn saturation(b: &Bench, plan: &Plan, p: &HttpPath) -> anyhow::Result<Saturation> {
     let t = &p.target;
     let cpu = CpuMeter::start(&t.pids);
+    let host = HostMeter::start();
     let run = oha(
         b,
         plan,
@@ -134,6 +135,7 @@ pub fn saturation(b: &Bench, plan: &Plan, p: &HttpPath) -> anyhow::Result<Satura
     )?;
     Ok(Saturation {
         cpu_s_per_1000: per_1000(cpu.seconds(), &t.pids, run.responses()),
+        host: host.finish(),
         run,
     })
 }
@@ -192,6 +194,7 @@ pub fn bulk(b: &Bench, plan: &Plan, placement: Placement, via: Via) -> anyhow::R
         placement,
         via,
         saturation: None,
+        saturation_rounds: Vec::new(),
         latency: None,
         bulk: Some(Bulk {
             gbit_per_s: bps / 1e9,

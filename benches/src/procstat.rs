@@ -122,6 +122,64 @@ impl CpuMeter {
     }
 }
 
+/// The whole machine's CPU time so far, from the first line of `/proc/stat`, in ticks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct HostTicks {
+    total: u64,
+    /// Idle and waiting for I/O: nothing was runnable.
+    idle: u64,
+    /// Taken by the hypervisor for other guests.
+    steal: u64,
+}
+
+fn parse_host_ticks(stat: &str) -> Option<HostTicks> {
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let f: Vec<u64> = cpu
+        .split_whitespace()
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal; guest time is inside user and nice.
+    let first = f.get(..8)?;
+    Some(HostTicks {
+        total: first.iter().sum(),
+        idle: f[3] + f[4],
+        steal: f[7],
+    })
+}
+
+/// Where the machine's CPU time went during one measurement, in percent of all its CPUs'
+/// time. Idle time under a closed-loop load means the path left cores unused: its
+/// throughput was bound by wake-ups and hand-offs, not by CPU. Steal is the hypervisor
+/// serving other guests, the usual reason two runs on one machine disagree.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct HostCpu {
+    pub idle_percent: f64,
+    pub steal_percent: f64,
+}
+
+/// Reads `/proc/stat` around a measurement.
+pub struct HostMeter(Option<HostTicks>);
+
+impl HostMeter {
+    fn read() -> Option<HostTicks> {
+        parse_host_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    pub fn start() -> Self {
+        Self(Self::read())
+    }
+
+    pub fn finish(self) -> Option<HostCpu> {
+        let (a, b) = (self.0?, Self::read()?);
+        let total = b.total.checked_sub(a.total).filter(|t| *t > 0)? as f64;
+        let share = |x: u64, y: u64| y.saturating_sub(x) as f64 / total * 100.0;
+        Some(HostCpu {
+            idle_percent: share(a.idle, b.idle),
+            steal_percent: share(a.steal, b.steal),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +198,26 @@ mod tests {
         assert!(meter.seconds() > 0.0);
         assert!(rss_bytes(&[me]) > 1 << 20);
         assert_eq!(vm_rss_kib("Name:\tx\nVmRSS:\t   2048 kB\n"), Some(2048));
+    }
+
+    #[test]
+    fn host_ticks_count_iowait_as_idle_and_guests_once() {
+        let t = parse_host_ticks("cpu  100 5 50 800 20 3 7 15 40 0\ncpu0 1 2 3\n");
+        assert_eq!(
+            t,
+            Some(HostTicks {
+                total: 1000,
+                idle: 820,
+                steal: 15
+            })
+        );
+        assert_eq!(parse_host_ticks("intr 1 2 3\n"), None);
+        // Over a real interval the shares are percentages of the machine's time.
+        let meter = HostMeter::start();
+        std::thread::sleep(Duration::from_millis(50));
+        if let Some(h) = meter.finish() {
+            assert!((0.0..=100.0).contains(&h.idle_percent), "{h:?}");
+            assert!((0.0..=100.0).contains(&h.steal_percent), "{h:?}");
+        }
     }
 }
