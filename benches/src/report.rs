@@ -263,7 +263,6 @@ impl Report {
             let s = Scenario::Http1KeepAlive;
             let get = |via| self.find(s, placement, via);
             let p99 = |via| get(via)?.latency.as_ref()?.run.percentile("p99");
-            let rps = |via| Some(get(via)?.saturation.as_ref()?.run.rps);
             let mesh_lat = get(Via::Sidelane).and_then(|r| r.latency.as_ref());
             let verdict = |ok: Option<bool>| match ok {
                 Some(true) => "met",
@@ -279,16 +278,13 @@ impl Report {
                 num(added, 3),
                 verdict(added.map(|a| a <= 0.2))
             ));
+            // Every measured row holds its rounds (its `saturation` is one of them).
             let rounds = get(Via::Sidelane)
                 .zip(get(Via::Nginx))
                 .map(|(m, n)| paired_ratios(m, n))
                 .unwrap_or_default();
-            let vs_nginx = if rounds.is_empty() {
-                ratio(rps(Via::Sidelane), rps(Via::Nginx))
-            } else {
-                median_of(&rounds)
-            };
             let each: Vec<String> = rounds.iter().map(|r| format!("{r:.2}")).collect();
+            let vs_nginx = crate::measure::median(rounds, |r| *r);
             out.push(format!(
                 "{} {}: saturation throughput / nginx's: {} (target >= 1): {}{}",
                 s.label(),
@@ -335,12 +331,6 @@ fn paired_ratios(a: &Row, b: &Row) -> Vec<f64> {
         .filter(|(_, b)| b.rps > 0.0)
         .map(|(a, b)| a.rps / b.rps)
         .collect()
-}
-
-fn median_of(v: &[f64]) -> Option<f64> {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
 }
 
 fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
