@@ -12,7 +12,7 @@ use mesh_daemon::{
     discovery,
     metrics::{Metrics, ReloadLabels},
     netns::HostNetns,
-    proxy::ProxyInputs,
+    proxy::{ProxyInputs, shards::Shards},
     reconcile::{LiveProxies, Reconciler},
     settings::{ConfigSource, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCAN_INTERVAL, Settings},
     state::Snapshot,
@@ -22,9 +22,10 @@ use tokio::sync::{mpsc, watch};
 fn main() -> anyhow::Result<()> {
     let settings = Settings::parse();
     init_tracing(&settings.log_format);
-    // Two workers: the proxy is I/O bound and the node's cores belong to its pods.
+    // The control plane (configuration, discovery, admin API) needs little: one worker. The
+    // pods' traffic runs on the proxy threads (`Shards`).
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -101,6 +102,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         retry_503_by_default: settings.compat_before(1, 24),
         protocol_detection_timeout: Settings::unless_zero(settings.protocol_detection_timeout),
         tcp_reporting_interval: Settings::unless_zero(settings.tcp_reporting_interval),
+        shards: Shards::start(settings.proxy_threads).context("starting the proxy threads")?,
     });
 
     // Configuration: every batch of objects becomes a new snapshot, swapped in whole.

@@ -14,6 +14,7 @@ pub mod outbound;
 pub mod pool;
 pub mod protocol;
 pub mod replay;
+pub mod shards;
 pub mod sockets;
 pub mod splice;
 
@@ -40,4 +41,6 @@ pub struct ProxyInputs {
     /// How often an open TCP connection's bytes are added to the metrics; `None`: when it
     /// closes.
     pub tcp_reporting_interval: Option<std::time::Duration>,
+    /// The threads that serve the pods' connections.
+    pub shards: Arc<shards::Shards>,
 }

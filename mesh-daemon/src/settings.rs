@@ -5,6 +5,8 @@ use clap::Parser;
 
 /// Istio ambient's outbound capture port.
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+/// Proxy threads (`--proxy-threads`).
+pub const DEFAULT_PROXY_THREADS: usize = 2;
 /// Admin API, reachable on the node's loopback only (as Envoy's and ztunnel's).
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 /// Prometheus scrape endpoint.
@@ -85,6 +87,11 @@ pub struct Settings {
 
     #[arg(long, env = "SIDELANE_OUTBOUND_PORT", default_value_t = DEFAULT_OUTBOUND_PORT)]
     pub outbound_port: u16,
+
+    /// Threads that serve the pods' connections, each with its own event loop (the node's
+    /// cores belong to its pods: two keep a busy node's proxy off the critical path).
+    #[arg(long, env = "SIDELANE_PROXY_THREADS", default_value_t = DEFAULT_PROXY_THREADS)]
+    pub proxy_threads: usize,
 
     #[arg(long, env = "SIDELANE_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
     pub admin_addr: SocketAddr,

@@ -36,6 +36,8 @@ pub struct H1Conn {
     read: BytesMut,
     write: Vec<u8>,
     _slot: ConnSlot,
+    /// The proxy thread whose event loop the socket is registered with.
+    shard: Option<usize>,
 }
 
 impl H1Conn {
@@ -45,7 +47,13 @@ impl H1Conn {
             read: BytesMut::new(),
             write: Vec::new(),
             _slot: slot,
+            shard: super::shards::Shards::current(),
         }
+    }
+
+    /// Whether the socket is served by the calling thread's event loop.
+    pub fn is_local(&self) -> bool {
+        self.shard == super::shards::Shards::current()
     }
 
     /// Whether an idle connection can no longer carry a request: the peer closed or reset

@@ -55,7 +55,7 @@ const PASSTHROUGH_IDLE: std::time::Duration = std::time::Duration::from_secs(360
 pub struct Outbound {
     pod_uid: String,
     netns: Arc<Netns>,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<std::net::TcpListener>,
     inputs: Arc<ProxyInputs>,
     http: Arc<PodHttp>,
 }
@@ -111,27 +111,45 @@ impl Outbound {
             netns: self.netns,
             inputs: self.inputs,
         });
+        let shards = this.inputs.shards.clone();
         let mut tasks = tokio::task::JoinSet::new();
-        for l in self.listeners {
+        // One accept loop per listener, on its own proxy thread; each connection then goes
+        // to the thread with the fewest (`Shards::serve`). Dropping the set (the pod left)
+        // stops the loops.
+        for (i, l) in self.listeners.into_iter().enumerate() {
             let this = this.clone();
-            tasks.spawn(async move {
-                loop {
-                    match l.accept().await {
-                        Ok((stream, peer)) => {
-                            // TCP_NODELAY comes with the listener's options (`listen_in`).
-                            let this = this.clone();
-                            // The connection's future is ~8 KiB (every protocol's path
-                            // inline); spawned as it is, it was copied nine times on its way
-                            // into the task. Boxed inside the task, it is written once.
-                            tokio::spawn(async move { Box::pin(this.handle(stream, peer)).await });
-                        }
+            let home = shards.handle(i).clone();
+            let shards = shards.clone();
+            tasks.spawn_on(
+                async move {
+                    let l = match TcpListener::from_std(l) {
+                        Ok(l) => l,
                         Err(e) => {
-                            tracing::warn!(pod = %this.pod_uid, error = %e, "accept failed");
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            tracing::warn!(pod = %this.pod_uid, error = %e, "cannot accept on the outbound listener");
+                            return;
+                        }
+                    };
+                    loop {
+                        match l.accept().await {
+                            Ok((stream, peer)) => {
+                                // TCP_NODELAY comes with the listener's options (`listen_in`).
+                                let this = this.clone();
+                                // The connection's future is ~8 KiB (every protocol's path
+                                // inline); spawned as it is, it was copied nine times on its
+                                // way into the task. Boxed inside the task, it is written once.
+                                shards.serve(stream, peer, move |stream, peer| async move {
+                                    Box::pin(this.handle(stream, peer)).await
+                                });
+                            }
+                            Err(e) => {
+                                tracing::warn!(pod = %this.pod_uid, error = %e, "accept failed");
+                                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            }
                         }
                     }
-                }
-            });
+                },
+                &home,
+            );
         }
         while tasks.join_next().await.is_some() {}
     }

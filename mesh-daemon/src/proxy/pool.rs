@@ -506,6 +506,16 @@ impl PodPool {
             });
         }
         let list = c.idle.get_mut(key)?;
+        // A connection of this thread first: one of another thread works, but each of its
+        // reads is a wake-up across cores.
+        if let Some(i) = list
+            .conns
+            .iter()
+            .rposition(|idle| matches!(&idle.sender, Sender::H1(conn) if conn.is_local()))
+        {
+            let last = list.conns.len() - 1;
+            list.conns.swap(i, last);
+        }
         while let Some(idle) = list.conns.pop() {
             if idle.sender.is_closed() || idle.since.elapsed() >= policy.http_idle_timeout {
                 continue;

@@ -3,7 +3,7 @@ use std::net::SocketAddr;
 
 use mesh_common::DAEMON_SOCKET_MARK;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::netns::{HostNetns, Netns, NetnsError};
 
@@ -35,19 +35,19 @@ fn new_socket(addr: SocketAddr) -> std::io::Result<Socket> {
     Ok(s)
 }
 
-/// Binds a listener at `addr` inside `ns`.
+/// Binds a listener at `addr` inside `ns`. It is left unregistered, for the proxy thread
+/// that will accept on it.
 pub fn listen_in(
     ns: &Netns,
     host: &HostNetns,
     addr: SocketAddr,
-) -> Result<TcpListener, SocketError> {
+) -> Result<std::net::TcpListener, SocketError> {
     let io = |source| SocketError::Io {
         what: "listening on",
         addr,
         source,
     };
-    let std_listener = ns.run(host, || listening_socket(addr))?;
-    TcpListener::from_std(std_listener.map_err(io)?).map_err(io)
+    ns.run(host, || listening_socket(addr))?.map_err(io)
 }
 
 fn listening_socket(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
