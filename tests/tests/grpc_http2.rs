@@ -15,7 +15,10 @@ spec:
   host: echo
   subsets:
   - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
+  - name: v2
+    labels: {version: v2}
+    # One upstream connection for the subset, shared by every proxy thread.
+    trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -205,4 +208,31 @@ fn http2_ports_speak_http2_upstream_whatever_the_client_speaks() {
         many.iter().all(|r| r["version"] == "v2"),
         "the canary route did not apply to every stream: {many:?}"
     );
+}
+
+/// Each proxy thread opens its own HTTP/2 connection to an endpoint, as each of Envoy's
+/// workers has its own pool; at the cluster's `maxConnections` a thread shares another
+/// thread's connection rather than wait for a slot that will not come.
+#[test]
+fn http2_clients_on_every_proxy_thread_share_the_one_allowed_connection() {
+    let s = setup();
+    let url = format!("http://{}:8080/", s.vip());
+    let canary = ["--h2", "--header", "x-canary: true"];
+    // The first client connection goes to the accepting thread, which opens the v2 subset's
+    // one allowed upstream connection.
+    let first = s.c.http(s.client, &url, &canary).expect("first");
+    assert_eq!(first[0]["status"], 200, "{first:?}");
+    // Let the daemon see that client leave, then hold a connection open on that thread: the
+    // next client connection goes to the other thread (fewest open connections).
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let vip = format!("{}:8080", s.vip());
+    let mut held =
+        s.c.spawn_exec(s.client, &["tcp", "--addr", &vip, "--hold-ms", "3000"])
+            .expect("held");
+    let connected = held.next_json().expect("connected");
+    assert_eq!(connected["event"], "connected", "{connected}");
+    let second = s.c.http(s.client, &url, &canary).expect("second");
+    assert_eq!(second[0]["status"], 200, "{second:?}");
+    assert_eq!(second[0]["version"], "v2", "{second:?}");
+    assert_eq!(second[0]["body"]["proto"], "HTTP/2.0", "{second:?}");
 }

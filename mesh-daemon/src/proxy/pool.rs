@@ -30,6 +30,7 @@ use super::{
     cluster_state::{ClusterState, Slot, take_slot},
     h1_upstream::{H1Body, H1Conn, H1Error, Home},
     http::Body,
+    shards::Shards,
     sockets::{SocketError, connect_in},
 };
 use crate::{netns::Netns, routing::policy::ClusterPolicy};
@@ -166,6 +167,11 @@ struct Key {
     cluster: Arc<str>,
     endpoint: SocketAddr,
     h2: bool,
+    /// HTTP/2: the proxy thread whose connection this is. Each thread has its own, as each
+    /// of Envoy's workers has its own pool: one connection shared by all threads had every
+    /// stream of the other threads cross cores twice. `None` for HTTP/1.1, whose idle
+    /// connections any thread may borrow. (`u16`: it fits in the key's padding.)
+    thread: Option<u16>,
 }
 
 struct Idle {
@@ -447,6 +453,7 @@ impl PodPool {
             cluster: w.state.name.clone(),
             endpoint: w.endpoint,
             h2: w.h2,
+            thread: if w.h2 { Shards::current_u16() } else { None },
         };
         let limits = &w.policy.limits;
         let mut pending: Option<Slot> = None;
@@ -462,6 +469,11 @@ impl PodPool {
                 // otherwise size (and be copied with) every request's future.
                 return Box::pin(self.connect(key, w, slot)).await;
             }
+            // At `maxConnections`, another thread's HTTP/2 connection beats waiting for one
+            // of our own that the limit would not let us open.
+            if let Some(l) = self.reuse_other_thread(&key, w.policy) {
+                return Ok(l);
+            }
             if pending.is_none() {
                 pending = Some(
                     take_slot(&w.state.pending, limits.max_pending_requests)
@@ -476,6 +488,23 @@ impl PodPool {
             }
             returned.await;
         }
+    }
+
+    fn reuse_other_thread(self: &Arc<Self>, key: &Key, policy: &ClusterPolicy) -> Option<Lease> {
+        if !key.h2 {
+            return None;
+        }
+        (0..self.inputs.shards.len())
+            .filter_map(|t| u16::try_from(t).ok().map(Some))
+            .chain([None])
+            .filter(|t| *t != key.thread)
+            .find_map(|thread| {
+                let other = Key {
+                    thread,
+                    ..key.clone()
+                };
+                self.reuse(&other, policy)
+            })
     }
 
     fn reuse(self: &Arc<Self>, key: &Key, policy: &ClusterPolicy) -> Option<Lease> {

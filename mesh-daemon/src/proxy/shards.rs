@@ -72,6 +72,11 @@ impl Shards {
         CURRENT.get()
     }
 
+    /// [`Self::current`], small enough to sit in a map key's padding.
+    pub fn current_u16() -> Option<u16> {
+        Self::current().and_then(|i| u16::try_from(i).ok())
+    }
+
     pub fn len(&self) -> usize {
         self.shards.len()
     }
