@@ -25,7 +25,8 @@ thread_local! {
 }
 
 /// The proxy threads. Dropping this stops them (their tasks are dropped with their
-/// runtimes).
+/// runtimes); a connection's count holds its shard's counter, not this, so open
+/// connections do not keep the threads alive.
 pub struct Shards {
     shards: Vec<Shard>,
     _stop: watch::Sender<()>,
@@ -34,7 +35,7 @@ pub struct Shards {
 struct Shard {
     handle: Handle,
     /// Client connections this shard serves now.
-    open: AtomicUsize,
+    open: Arc<AtomicUsize>,
 }
 
 impl Shards {
@@ -58,7 +59,7 @@ impl Shards {
                 })?;
             shards.push(Shard {
                 handle,
-                open: AtomicUsize::new(0),
+                open: Arc::default(),
             });
         }
         Ok(Arc::new(Self {
@@ -110,13 +111,13 @@ impl Shards {
     /// Serves an accepted connection on the least loaded shard. A connection accepted on
     /// another thread is moved: taken off this thread's epoll and registered on the
     /// target's.
-    pub fn serve<F, Fut>(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr, serve: F)
+    pub fn serve<F, Fut>(&self, stream: TcpStream, peer: SocketAddr, serve: F)
     where
         F: FnOnce(TcpStream, SocketAddr) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let target = self.least_loaded();
-        let open = OpenConn::new(self.clone(), target);
+        let open = OpenConn::new(&self.shards[target].open);
         if Self::current() == Some(target) {
             tokio::spawn(async move {
                 let _open = open;
@@ -142,23 +143,18 @@ impl Shards {
 }
 
 /// One open connection counted on its shard until dropped.
-struct OpenConn {
-    shards: Arc<Shards>,
-    shard: usize,
-}
+struct OpenConn(Arc<AtomicUsize>);
 
 impl OpenConn {
-    fn new(shards: Arc<Shards>, shard: usize) -> Self {
-        shards.shards[shard].open.fetch_add(1, Ordering::Relaxed);
-        Self { shards, shard }
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
     }
 }
 
 impl Drop for OpenConn {
     fn drop(&mut self) {
-        self.shards.shards[self.shard]
-            .open
-            .fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
