@@ -149,8 +149,8 @@ fn parse_host_ticks(stat: &str) -> Option<HostTicks> {
 
 /// Where the machine's CPU time went during one measurement, in percent of all its CPUs'
 /// time. Idle time under a closed-loop load means the path left cores unused: its
-/// throughput was bound by wake-ups and hand-offs, not by CPU. Steal is the hypervisor
-/// serving other guests, the usual reason two runs on one machine disagree.
+/// throughput was bound by how its work was placed on the cores, not by CPU. Steal is the
+/// hypervisor serving other guests, one reason two runs on one machine may disagree.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct HostCpu {
     pub idle_percent: f64,
