@@ -7,6 +7,7 @@ pub mod forward;
 pub mod h1_codec;
 pub mod h1_server;
 pub mod h1_upstream;
+pub mod h2_upstream;
 pub mod hop_by_hop;
 pub mod http;
 pub mod observed;

@@ -43,6 +43,28 @@ pub fn strip(headers: &mut HeaderMap) {
     }
 }
 
+/// What HTTP/2 forbids in a request (RFC 9113 8.2.2): every connection-specific field, an
+/// upgrade's included, and `TE` other than `trailers`. [`strip`] has removed them from all
+/// but upgrade requests, so this is one pass over the names for nearly every request.
+pub fn strip_for_h2(headers: &mut HeaderMap) {
+    let any = headers
+        .keys()
+        .any(|k| k == header::TE || k == header::UPGRADE || ALWAYS.iter().any(|a| a == k));
+    if !any {
+        return;
+    }
+    for name in ALWAYS.iter().chain([&header::UPGRADE]) {
+        headers.remove(name);
+    }
+    if !headers
+        .get_all(header::TE)
+        .iter()
+        .all(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+}
+
 /// Whether a comma-separated list header (`Connection`, `TE`) names `token`, in any of its
 /// fields, case-insensitively.
 pub fn lists(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
@@ -92,5 +114,22 @@ mod tests {
         let mut h = map(&[("connection", "upgrade"), ("upgrade", "websocket")]);
         strip(&mut h);
         assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn http2_requests_lose_what_http2_forbids() {
+        let mut h = map(&[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("te", "trailers"),
+            ("x-end-to-end", "kept"),
+        ]);
+        strip_for_h2(&mut h);
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "x-end-to-end"]);
+        let mut h = map(&[("te", "gzip")]);
+        strip_for_h2(&mut h);
+        assert!(h.is_empty());
     }
 }

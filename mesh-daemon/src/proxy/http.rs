@@ -770,19 +770,12 @@ const RESET_BODY: &str = "upstream connect error or disconnect/reset before head
 /// What kind of failure a request error is: an HTTP/2 stream the upstream refused, or any
 /// other reset or disconnect before the response.
 fn classify(e: &SendError) -> Failure {
-    let SendError::H2(e) = e else {
-        return Failure::Reset;
-    };
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(h2) = s.downcast_ref::<h2::Error>()
-            && h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-        {
-            return Failure::RefusedStream;
+    match e {
+        SendError::H2(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
+            Failure::RefusedStream
         }
-        source = s.source();
+        _ => Failure::Reset,
     }
-    Failure::Reset
 }
 
 /// The request's consistent-hash key under `lb`, when it hashes and the key is there;

@@ -3,8 +3,9 @@
 //! request that finds none free waits, up to `http.http1MaxPendingRequests` waiting, beyond
 //! which it is answered 503 UO), `http.maxRequestsPerConnection`, `http.idleTimeout`, and
 //! HTTP/2 multiplexing (one connection per endpoint) for http2/grpc ports and
-//! `h2UpgradePolicy: UPGRADE`. HTTP/1.1 exchanges run in the request's own task
-//! ([`super::h1_upstream`]); HTTP/2 connections are hyper's, each with its task.
+//! `h2UpgradePolicy: UPGRADE`. Both protocols' exchanges run in the request's own task
+//! ([`super::h1_upstream`], [`super::h2_upstream`]); an HTTP/2 connection also has a task
+//! that moves its frames.
 // foldhash, not SipHash: these maps are looked up on every request and their keys are not
 // chosen by a client.
 use hashbrown::HashMap;
@@ -18,17 +19,14 @@ use std::{
 };
 
 use bytes::Bytes;
-use hyper::{
-    body::{Frame, Incoming, SizeHint},
-    client::conn::http2,
-};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::body::{Frame, SizeHint};
 use tokio::sync::Notify;
 
 use super::{
     ProxyInputs,
     cluster_state::{ClusterState, Slot, take_slot},
     h1_upstream::{H1Body, H1Conn, H1Error, Home},
+    h2_upstream::{self, H2Body, H2Conn},
     http::Body,
     shards::Shards,
     sockets::{SocketError, connect_in},
@@ -43,7 +41,7 @@ pub enum PoolError {
     #[error(transparent)]
     Connect(#[from] SocketError),
     #[error("HTTP handshake failed: {0}")]
-    Handshake(hyper::Error),
+    Handshake(h2::Error),
 }
 
 impl PoolError {
@@ -59,7 +57,7 @@ pub enum SendError {
     #[error(transparent)]
     H1(#[from] H1Error),
     #[error(transparent)]
-    H2(#[from] hyper::Error),
+    H2(#[from] h2::Error),
 }
 
 /// A connection lent to one request. An HTTP/1.1 connection travels on with the response
@@ -79,7 +77,7 @@ pub struct Lease {
 
 enum Sender {
     H1(H1Conn),
-    H2(http2::SendRequest<Body>),
+    H2(H2Conn),
 }
 
 impl Sender {
@@ -103,9 +101,7 @@ impl Lease {
         // HTTP/2: the sender stays in the lease while the request is sent, so a cancelled send
         // (per-try timeout) still gives the stream count back when the lease drops.
         if let Some(Sender::H2(s)) = &mut self.sender {
-            let req = h2_request(head, target, body);
-            s.ready().await?;
-            return Ok(s.send_request(req).await?.map(UpstreamBody::H2));
+            return Ok(s.send(head, target, body).await?.map(UpstreamBody::H2));
         }
         match self.sender.take() {
             Some(Sender::H1(conn)) => {
@@ -244,26 +240,6 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// An HTTP/2 request: the URI carries the authority (`:authority`), not a Host header.
-fn h2_request(head: &http::request::Parts, target: &str, body: Body) -> http::Request<Body> {
-    let mut req = http::Request::new(body);
-    *req.method_mut() = head.method.clone();
-    *req.headers_mut() = head.headers.clone();
-    *req.version_mut() = http::Version::HTTP_2;
-    let authority = req
-        .headers_mut()
-        .remove(http::header::HOST)
-        .and_then(|h| h.to_str().ok().map(str::to_owned));
-    let uri = match authority {
-        Some(a) => format!("http://{a}{target}").parse::<http::Uri>(),
-        None => target.parse::<http::Uri>(),
-    };
-    if let Ok(uri) = uri {
-        *req.uri_mut() = uri;
-    }
-    req
-}
-
 /// A connection's hold on one of its cluster's `maxConnections` slots: dropped with the
 /// connection, it frees the slot and tells the requests waiting for one.
 pub struct ConnSlot {
@@ -313,10 +289,10 @@ impl Home for PoolHome {
     }
 }
 
-/// An upstream response body: read by the request's task (HTTP/1.1) or hyper's (HTTP/2).
+/// An upstream response body, read by the request's task.
 pub enum UpstreamBody {
     H1(H1Body<PoolHome>),
-    H2(Incoming),
+    H2(H2Body),
 }
 
 impl hyper::body::Body for UpstreamBody {
@@ -583,7 +559,7 @@ impl PodPool {
             .unwrap_or(u32::MAX);
         let idle_timeout = w.policy.http_idle_timeout;
         if key.h2 {
-            let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            let (sender, conn) = h2_upstream::handshake(stream)
                 .await
                 .map_err(PoolError::Handshake)?;
             // The connection task holds the cluster's connection slot: it is free again when
@@ -591,7 +567,7 @@ impl PodPool {
             let held = ConnSlot::new(slot, self.returned.clone());
             tokio::spawn(async move {
                 let _held = held;
-                let _ = conn.await;
+                conn.await;
             });
             let mut c = self.lock();
             c.generation += 1;
