@@ -284,9 +284,7 @@ impl Body for H2Body {
             match ready!(this.recv.poll_data(cx)) {
                 Some(Ok(data)) => {
                     let _ = this.recv.flow_control().release_capacity(data.len());
-                    this.length = this
-                        .length
-                        .map(|l| l.saturating_sub(data.len() as u64));
+                    this.length = this.length.map(|l| l.saturating_sub(data.len() as u64));
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(e)) => return Poll::Ready(ended_early(e)),

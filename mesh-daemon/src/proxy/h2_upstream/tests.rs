@@ -1,0 +1,117 @@
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body_util::{BodyExt as _, Full, StreamBody};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{H2Conn, RequestBody, handshake};
+
+/// An h2 server on loopback answering each stream with what `answer` makes of it.
+async fn server<F, Fut>(answer: F) -> std::net::SocketAddr
+where
+    F: Fn(Request<h2::RecvStream>, h2::server::SendResponse<Bytes>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let Ok((sock, _)) = listener.accept().await else {
+            return;
+        };
+        let Ok(mut conn) = h2::server::handshake(sock).await else {
+            return;
+        };
+        while let Some(Ok((req, respond))) = conn.accept().await {
+            tokio::spawn(answer(req, respond));
+        }
+    });
+    addr
+}
+
+async fn connect(addr: std::net::SocketAddr) -> H2Conn {
+    let io = TcpStream::connect(addr).await.expect("connect");
+    let (conn, drive) = handshake(io).await.expect("handshake");
+    tokio::spawn(drive);
+    conn
+}
+
+fn head(extra: &[(&'static str, &'static str)]) -> http::request::Parts {
+    let mut req = Request::post("/echo").body(()).expect("request");
+    req.headers_mut()
+        .insert("host", HeaderValue::from_static("svc.test"));
+    for (k, v) in extra {
+        req.headers_mut().insert(*k, HeaderValue::from_static(v));
+    }
+    req.into_parts().0
+}
+
+#[tokio::test]
+async fn a_large_body_and_trailers_go_and_come_back_whole() {
+    let addr = server(|req, mut respond| async move {
+        let mut body = req.into_body();
+        let mut got = 0usize;
+        while let Some(Ok(d)) = body.data().await {
+            got += d.len();
+            let _ = body.flow_control().release_capacity(d.len());
+        }
+        let trailer = body
+            .trailers()
+            .await
+            .ok()
+            .flatten()
+            .and_then(|t| t.get("x-sum").cloned());
+        let Ok(mut send) = respond.send_response(Response::new(()), false) else {
+            return;
+        };
+        let _ = send.send_data(Bytes::from(got.to_string()), false);
+        let mut t = HeaderMap::new();
+        t.insert(
+            "x-seen",
+            trailer.unwrap_or(HeaderValue::from_static("none")),
+        );
+        let _ = send.send_trailers(t);
+    })
+    .await;
+    let mut conn = connect(addr).await;
+    let chunks: Vec<Result<hyper::body::Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> =
+        (0..10)
+            .map(|_| Ok(hyper::body::Frame::data(Bytes::from(vec![7u8; 30_000]))))
+            .chain([Ok(hyper::body::Frame::trailers({
+                let mut t = HeaderMap::new();
+                t.insert("x-sum", HeaderValue::from_static("300000"));
+                t
+            }))])
+            .collect();
+    let body: RequestBody = StreamBody::new(futures::stream::iter(chunks)).boxed();
+    let resp = conn
+        .send(
+            &head(&[("connection", "upgrade"), ("upgrade", "x")]),
+            "/echo",
+            body,
+        )
+        .await
+        .expect("response");
+    let collected = resp.into_body().collect().await.expect("body");
+    let trailers = collected.trailers().cloned();
+    assert_eq!(collected.to_bytes(), Bytes::from("300000"));
+    assert_eq!(
+        trailers.and_then(|t| t.get("x-seen").cloned()),
+        Some(HeaderValue::from_static("300000"))
+    );
+}
+
+#[tokio::test]
+async fn a_refused_stream_is_reported_as_refused_and_the_connection_stays_open() {
+    let addr = server(|_req, mut respond| async move {
+        respond.send_reset(h2::Reason::REFUSED_STREAM);
+    })
+    .await;
+    let mut conn = connect(addr).await;
+    let body: RequestBody = Full::new(Bytes::new()).map_err(|e| match e {}).boxed();
+    let err = conn
+        .send(&head(&[]), "/", body)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.reason(), Some(h2::Reason::REFUSED_STREAM));
+    assert!(!conn.is_closed());
+}
