@@ -27,11 +27,11 @@ use h2::{
     Reason, RecvStream, SendStream,
     client::{self, SendRequest},
 };
-use http::{HeaderMap, HeaderValue, Method, Response, header};
+use http::{HeaderValue, Method, Response, header};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
 
-use super::hop_by_hop;
+use super::{hop_by_hop, http::content_length};
 
 /// The request body type the proxy forwards.
 pub type RequestBody = super::http::Body;
@@ -147,22 +147,17 @@ fn request(head: &http::request::Parts, target: &str, body: &RequestBody) -> htt
     // As hyper does: a body of known length says so, unless it is an empty one on a method
     // whose requests carry none.
     if let Some(len) = body.size_hint().exact()
-        && (len != 0 || !matches!(head.method, Method::GET | Method::HEAD | Method::DELETE))
+        && (len != 0
+            || !matches!(
+                head.method,
+                Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
+            ))
         && !req.headers().contains_key(header::CONTENT_LENGTH)
     {
         req.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     req
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 /// Sends a request body on its stream, each chunk once the peer's window has room, and

@@ -14,11 +14,7 @@ const ALWAYS: [HeaderName; 4] = [
 ];
 
 pub fn strip(headers: &mut HeaderMap) {
-    // Most messages carry none of these: one pass over the names (no hashing) settles it.
-    let any = headers
-        .keys()
-        .any(|k| k == header::TE || k == header::UPGRADE || ALWAYS.iter().any(|a| a == k));
-    if !any {
+    if !any_named(headers) {
         return;
     }
     // A protocol upgrade (WebSocket) needs `Connection: upgrade` and `Upgrade` to reach the
@@ -36,32 +32,37 @@ pub fn strip(headers: &mut HeaderMap) {
     for name in listed.iter().chain(ALWAYS.iter()) {
         headers.remove(name);
     }
-    let te_trailers = lists(headers, &header::TE, "trailers");
-    headers.remove(header::TE);
-    if te_trailers {
-        headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
-    }
+    te_to_trailers(headers);
 }
 
 /// What HTTP/2 forbids in a request (RFC 9113 8.2.2): every connection-specific field, an
 /// upgrade's included, and `TE` other than `trailers`. [`strip`] has removed them from all
 /// but upgrade requests, so this is one pass over the names for nearly every request.
 pub fn strip_for_h2(headers: &mut HeaderMap) {
-    let any = headers
-        .keys()
-        .any(|k| k == header::TE || k == header::UPGRADE || ALWAYS.iter().any(|a| a == k));
-    if !any {
+    if !any_named(headers) {
         return;
     }
     for name in ALWAYS.iter().chain([&header::UPGRADE]) {
         headers.remove(name);
     }
-    if !headers
-        .get_all(header::TE)
-        .iter()
-        .all(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"trailers"))
-    {
-        headers.remove(header::TE);
+    te_to_trailers(headers);
+}
+
+/// Whether any hop-by-hop name is there at all. Most messages carry none: one pass over the
+/// names (no hashing) settles it.
+fn any_named(headers: &HeaderMap) -> bool {
+    headers
+        .keys()
+        .any(|k| k == header::TE || k == header::UPGRADE || ALWAYS.iter().any(|a| a == k))
+}
+
+/// `TE` keeps `trailers` if it listed it (end to end in practice: gRPC needs it) and nothing
+/// else.
+fn te_to_trailers(headers: &mut HeaderMap) {
+    let te_trailers = lists(headers, &header::TE, "trailers");
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, http::HeaderValue::from_static("trailers"));
     }
 }
 
@@ -131,5 +132,8 @@ mod tests {
         let mut h = map(&[("te", "gzip")]);
         strip_for_h2(&mut h);
         assert!(h.is_empty());
+        let mut h = map(&[("te", "gzip, trailers")]);
+        strip_for_h2(&mut h);
+        assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
     }
 }

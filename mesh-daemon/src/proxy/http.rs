@@ -477,10 +477,7 @@ impl Upstream<'_> {
             // No percentage: all traffic is mirrored.
             .filter(|(_, pct)| pct.is_none_or(|p| fastrand::f64() * 100.0 < p.value))
             .collect();
-        let length = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let length = content_length(req.headers());
         let bodiless = length.is_none() && req.headers().get(header::TRANSFER_ENCODING).is_none();
         let fits = bodiless || length.is_some_and(|l| l <= MIRROR_BODY_LIMIT);
         if hits.is_empty() || !fits {
@@ -766,6 +763,16 @@ const OVERFLOW_BODY: &str =
 const CONNECT_FAILURE_BODY: &str =
     "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
 const RESET_BODY: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
+
+/// A message's `Content-Length`, when it has one that reads as a number.
+pub(super) fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
 
 /// What kind of failure a request error is: an HTTP/2 stream the upstream refused, or any
 /// other reset or disconnect before the response.
