@@ -80,8 +80,22 @@ pub async fn handshake(
 
 impl H2Conn {
     /// Whether the connection can no longer take a request.
-    pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
+    ///
+    /// A GOAWAY reaches the handles at once, but the connection's task lives on until the
+    /// streams in flight are done (nginx sends one after every 1,000 requests by default):
+    /// h2 is asked, so the pool stops lending the connection as soon as the frame is read.
+    pub fn is_closed(&mut self) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return true;
+        }
+        // This handle never sends, so it holds no stream waiting to open and the poll
+        // only reads the connection's error; the waker is never needed.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(Err(_)) = self.send.poll_ready(&mut cx) {
+            self.closed.store(true, Ordering::Release);
+            return true;
+        }
+        false
     }
 
     /// Sends a request (a copy of the borrowed head, the Host header as `:authority`,

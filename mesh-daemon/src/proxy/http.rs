@@ -781,6 +781,10 @@ fn classify(e: &SendError) -> Failure {
         SendError::H2(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
             Failure::RefusedStream
         }
+        // A GOAWAY fails only the streams it says the server never processed (and requests
+        // that could not open one): safe to send again, and Envoy reports those as
+        // refused streams too.
+        SendError::H2(e) if e.is_go_away() && e.is_remote() => Failure::RefusedStream,
         _ => Failure::Reset,
     }
 }

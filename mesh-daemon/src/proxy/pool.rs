@@ -81,7 +81,7 @@ enum Sender {
 }
 
 impl Sender {
-    fn is_closed(&self) -> bool {
+    fn is_closed(&mut self) -> bool {
         match self {
             Sender::H1(s) => s.is_closed(),
             Sender::H2(s) => s.is_closed(),
@@ -395,7 +395,7 @@ impl PodPool {
                 let mut oldest: Option<Instant> = None;
                 if let Some(list) = c.idle.get_mut(&key) {
                     list.conns
-                        .retain(|i| i.since.elapsed() < timeout && !i.sender.is_closed());
+                        .retain_mut(|i| i.since.elapsed() < timeout && !i.sender.is_closed());
                     oldest = list.conns.iter().map(|i| i.since).min();
                 }
                 match c.h2.get(&key) {
@@ -521,7 +521,7 @@ impl PodPool {
             let last = list.conns.len() - 1;
             list.conns.swap(i, last);
         }
-        while let Some(idle) = list.conns.pop() {
+        while let Some(mut idle) = list.conns.pop() {
             if idle.sender.is_closed() || idle.since.elapsed() >= policy.http_idle_timeout {
                 continue;
             }

@@ -115,3 +115,126 @@ async fn a_refused_stream_is_reported_as_refused_and_the_connection_stays_open()
     assert_eq!(err.reason(), Some(h2::Reason::REFUSED_STREAM));
     assert!(!conn.is_closed());
 }
+
+fn empty() -> RequestBody {
+    Full::new(Bytes::new()).map_err(|e| match e {}).boxed()
+}
+
+/// Polls `done` every 10 ms for at most two seconds.
+async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..200 {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_goaway_closes_the_connection_to_new_requests_and_they_fail_as_unprocessed() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let Ok((sock, _)) = listener.accept().await else {
+            return;
+        };
+        let Ok(mut conn) = h2::server::handshake(sock).await else {
+            return;
+        };
+        if let Some(Ok((_req, mut respond))) = conn.accept().await {
+            // The stream in flight still gets its answer; no new one is taken.
+            conn.graceful_shutdown();
+            let _ = respond.send_response(Response::new(()), true);
+        }
+        while let Some(Ok(_)) = conn.accept().await {}
+    });
+    let mut conn = connect(addr).await;
+    let resp = conn.send(&head(&[]), "/", empty()).await.expect("answered");
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    assert!(
+        eventually(|| conn.is_closed()).await,
+        "the pool would still lend a connection told to go away"
+    );
+    let err = conn
+        .send(&head(&[]), "/", empty())
+        .await
+        .err()
+        .expect("no stream opens after a GOAWAY");
+    assert!(
+        err.is_go_away() && err.is_remote(),
+        "not reported as the server's GOAWAY: {err}"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_whose_server_went_away_reports_closed() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let Ok((sock, _)) = listener.accept().await else {
+            return;
+        };
+        let Ok(mut conn) = h2::server::handshake(sock).await else {
+            return;
+        };
+        // Answer one stream, then drop the connection without a GOAWAY.
+        if let Some(Ok((_req, mut respond))) = conn.accept().await {
+            let _ = respond.send_response(Response::new(()), true);
+        }
+        // Long enough to flush the answer; then the socket closes under the client.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            std::future::poll_fn(|cx| conn.poll_closed(cx)),
+        )
+        .await;
+    });
+    let mut conn = connect(addr).await;
+    assert!(!conn.is_closed());
+    let resp = conn.send(&head(&[]), "/", empty()).await.expect("answered");
+    assert_eq!(resp.status(), http::StatusCode::OK);
+    assert!(eventually(|| conn.is_closed()).await);
+}
+
+#[tokio::test]
+async fn a_request_body_that_fails_resets_the_upstream_stream() {
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let addr = server(move |req, _respond| {
+        let seen_tx = seen_tx.clone();
+        async move {
+            let mut body = req.into_body();
+            let mut got = 0usize;
+            let end = loop {
+                match body.data().await {
+                    Some(Ok(d)) => {
+                        got += d.len();
+                        let _ = body.flow_control().release_capacity(d.len());
+                    }
+                    Some(Err(e)) => break e.reason(),
+                    None => break None,
+                }
+            };
+            let _ = seen_tx.send((got, end));
+        }
+    })
+    .await;
+    let mut conn = connect(addr).await;
+    let chunks: Vec<Result<hyper::body::Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>> = vec![
+        Ok(hyper::body::Frame::data(Bytes::from_static(b"partial"))),
+        Err("client went away".into()),
+    ];
+    let body: RequestBody = StreamBody::new(futures::stream::iter(chunks)).boxed();
+    let sent = conn.send(&head(&[]), "/upload", body).await;
+    assert!(sent.is_err(), "a request cut short got a response");
+    let (got, end) = tokio::time::timeout(std::time::Duration::from_secs(5), seen.recv())
+        .await
+        .expect("the server saw the stream end")
+        .expect("report");
+    // The chunk may still sit in h2's buffer when the reset comes, and go with it.
+    assert!(got <= b"partial".len());
+    assert_eq!(
+        end,
+        Some(h2::Reason::INTERNAL_ERROR),
+        "the upstream took a cut-short body as whole"
+    );
+}
