@@ -2,11 +2,14 @@
 pub mod access_log;
 pub mod cluster_state;
 pub mod cors;
+pub mod date;
 pub mod detect;
 pub mod forward;
 pub mod h1_codec;
 pub mod h1_server;
 pub mod h1_upstream;
+pub mod h2_body;
+pub mod h2_server;
 pub mod h2_upstream;
 pub mod hop_by_hop;
 pub mod http;

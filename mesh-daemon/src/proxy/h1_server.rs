@@ -17,13 +17,12 @@
 //! malformed head gets 400, a head over 60 KiB 431 (Envoy's limit), and the connection
 //! closes. HTTP/2 is recognised by its preface and left to the caller.
 use std::{
-    cell::RefCell,
     future::Future,
     io,
     pin::{Pin, pin},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     task::{Context, Poll, ready},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
@@ -279,7 +278,7 @@ where
                 out.extend_from_slice(b"HTTP/1.1 ");
                 out.extend_from_slice(status.as_bytes());
                 out.extend_from_slice(b"\r\ncontent-length: 0\r\nconnection: close\r\n");
-                write_date(&mut out);
+                super::date::write_field(&mut out);
                 out.extend_from_slice(b"\r\n");
                 let _ = write.write_all(&out).await;
                 return;
@@ -533,7 +532,7 @@ fn encode_response<B: Body>(
     let headers = response.headers();
     let declared = h1_codec::write_fields(out, headers);
     if !headers.contains_key(header::DATE) {
-        write_date(out);
+        super::date::write_field(out);
     }
     let framing = if h1_codec::bodiless_response(head_request, status) {
         Framing::Empty
@@ -556,27 +555,6 @@ fn encode_response<B: Body>(
     }
     out.extend_from_slice(b"\r\n");
     (framing, keep)
-}
-
-/// `date: <IMF-fixdate>\r\n`, formatted once a second per thread.
-fn write_date(out: &mut Vec<u8>) {
-    thread_local! {
-        static CACHED: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
-    }
-    let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    CACHED.with_borrow_mut(|(at, text)| {
-        if *at != secs {
-            let formatted = httpdate::fmt_http_date(now);
-            if formatted.len() == text.len() {
-                text.copy_from_slice(formatted.as_bytes());
-                *at = secs;
-            }
-        }
-        out.extend_from_slice(b"date: ");
-        out.extend_from_slice(text);
-        out.extend_from_slice(b"\r\n");
-    });
 }
 
 #[cfg(test)]

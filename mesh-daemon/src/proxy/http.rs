@@ -3,7 +3,6 @@
 //! pool whose sockets live in the pod's network namespace.
 use std::{
     borrow::Cow,
-    convert::Infallible,
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
@@ -14,7 +13,6 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use super::{
@@ -22,7 +20,7 @@ use super::{
     cluster_state::{self, Choice, ClusterState, InFlight, Outcome, PodClusters, Slot, take_slot},
     cors::Decision,
     h1_server::{self, Speaks},
-    hop_by_hop,
+    h2_server, hop_by_hop,
     observed::{Completion, Counted, Observed, PodSeries, SeriesCache},
     pool::{Lease, PodPool, PoolError, SendError, UpstreamBody, Want},
     protocol::Protocol,
@@ -103,17 +101,7 @@ pub async fn serve(conn: Arc<Downstream>, client: TcpStream) {
         Speaks::Http1(accepted) => {
             h1_server::serve(accepted, h1_server::IDLE_TIMEOUT, |req| handle(&conn, req)).await;
         }
-        Speaks::Http2(io) => {
-            let svc = hyper::service::service_fn(|req| {
-                let conn = conn.clone();
-                // hyper spawns each stream's future as a task: the handler's ~6 KiB, inline,
-                // was copied on every move on the way in. Boxed, it is written once.
-                async move { Ok::<_, Infallible>(Box::pin(handle(&conn, req)).await) }
-            });
-            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(io), svc)
-                .await;
-        }
+        Speaks::Http2(io) => h2_server::serve(io, |req| handle(&conn, req)).await,
         Speaks::Nothing => {}
     }
 }
