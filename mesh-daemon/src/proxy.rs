@@ -13,6 +13,7 @@ pub mod h2_server;
 pub mod h2_upstream;
 pub mod hop_by_hop;
 pub mod http;
+pub mod idle;
 pub mod observed;
 pub mod outbound;
 pub mod pool;

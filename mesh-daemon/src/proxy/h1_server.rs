@@ -36,6 +36,7 @@ use tokio::{
 use super::{
     h1_codec::{self, BodyState, BoxError, FieldSpans, Framing, H1Error, MAX_HEAD, MAX_HEADERS},
     hop_by_hop,
+    idle::IdleDeadline,
 };
 
 /// What a client sends first on an HTTP/2 connection with prior knowledge.
@@ -44,8 +45,6 @@ const READ_BUF: usize = 8 * 1024;
 /// An unread request body is read and dropped up to this much after the response, so the
 /// connection can carry the next request; past it the connection is closed.
 const DRAIN_LIMIT: u64 = 64 * 1024;
-/// Envoy's default `idle_timeout` for downstream HTTP connections, which Istio keeps.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 /// A client connection before its protocol is known.
 pub struct Accepted {
@@ -323,45 +322,6 @@ where
         if !finish_request_body(&shared).await {
             return;
         }
-    }
-}
-
-/// The connection's idle timeout, kept by one timer for the connection's life: a timer per
-/// request was registered with the runtime's timer wheel (a lock) while the connection waited
-/// for the next request and taken out again when it came, on every request. This one is only
-/// moved on when it fires early, i.e. about once per timeout.
-struct IdleDeadline {
-    timeout: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl IdleDeadline {
-    fn new(timeout: Duration) -> Self {
-        Self {
-            timeout,
-            timer: Box::pin(tokio::time::sleep(timeout)),
-        }
-    }
-
-    /// Runs `wait` (the wait for the next request); `None` when nothing came for the timeout.
-    async fn unless_idle<F: Future>(&mut self, wait: F) -> Option<F::Output> {
-        let since = tokio::time::Instant::now();
-        let mut wait = pin!(wait);
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(out) = wait.as_mut().poll(cx) {
-                return Poll::Ready(Some(out));
-            }
-            while self.timer.as_mut().poll(cx).is_ready() {
-                // Set while an earlier request was in progress: idle time counts from `since`.
-                let deadline = since + self.timeout;
-                if tokio::time::Instant::now() >= deadline {
-                    return Poll::Ready(None);
-                }
-                self.timer.as_mut().reset(deadline);
-            }
-            Poll::Pending
-        })
-        .await
     }
 }
 

@@ -15,6 +15,7 @@
 use std::{
     future::Future,
     task::{Poll, ready},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -22,13 +23,17 @@ use futures::stream::{FuturesUnordered, StreamExt as _};
 use h2::{RecvStream, server::SendResponse};
 use http::{HeaderValue, Request, Response, header};
 use hyper::body::Body as _;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    time::Instant,
+};
 
 use super::{
     date,
     h2_body::{H2Body, send_body},
     hop_by_hop,
     http::Body,
+    idle::IdleDeadline,
 };
 
 const STREAM_WINDOW: u32 = 1024 * 1024;
@@ -42,8 +47,9 @@ const MAX_CONCURRENT_STREAMS: u32 = 200;
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// Serves HTTP/2 on `io` (its preface not yet read), answering each request with `answer`,
-/// until the connection closes.
-pub async fn serve<I, F, Fut>(io: I, answer: F)
+/// until the connection closes. After `idle_timeout` with no stream open the connection is
+/// drained (GOAWAY, then closed), as Envoy does with its downstream `idle_timeout`.
+pub async fn serve<I, F, Fut>(io: I, idle_timeout: Duration, answer: F)
 where
     I: AsyncRead + AsyncWrite + Unpin,
     F: Fn(Request<H2Body>) -> Fut,
@@ -67,10 +73,24 @@ where
     };
     let answer = &answer;
     let mut streams = FuturesUnordered::new();
+    let mut idle = IdleDeadline::new(idle_timeout);
+    let mut idle_since = Instant::now();
+    let mut draining = false;
     std::future::poll_fn(|cx| {
         loop {
             // The streams first: what they send is then written by the connection's poll.
+            let busy = !streams.is_empty();
             while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+            if streams.is_empty() {
+                if busy {
+                    idle_since = Instant::now();
+                }
+                if !draining && idle.poll_expired(cx, idle_since).is_ready() {
+                    tracing::debug!("HTTP/2 client connection idle; draining it");
+                    conn.graceful_shutdown();
+                    draining = true;
+                }
+            }
             match ready!(conn.poll_accept(cx)) {
                 Some(Ok((req, respond))) => streams.push(exchange(answer, req, respond)),
                 Some(Err(e)) => {

@@ -20,7 +20,7 @@ use super::{
     cluster_state::{self, Choice, ClusterState, InFlight, Outcome, PodClusters, Slot, take_slot},
     cors::Decision,
     h1_server::{self, Speaks},
-    h2_server, hop_by_hop,
+    h2_server, hop_by_hop, idle,
     observed::{Completion, Counted, Observed, PodSeries, SeriesCache},
     pool::{Lease, PodPool, PoolError, SendError, UpstreamBody, Want},
     protocol::Protocol,
@@ -99,9 +99,11 @@ pub struct Downstream {
 pub async fn serve(conn: Arc<Downstream>, client: TcpStream) {
     match h1_server::Accepted::detect(client).await {
         Speaks::Http1(accepted) => {
-            h1_server::serve(accepted, h1_server::IDLE_TIMEOUT, |req| handle(&conn, req)).await;
+            h1_server::serve(accepted, idle::IDLE_TIMEOUT, |req| handle(&conn, req)).await;
         }
-        Speaks::Http2(io) => h2_server::serve(io, |req| handle(&conn, req)).await,
+        Speaks::Http2(io) => {
+            h2_server::serve(io, idle::IDLE_TIMEOUT, |req| handle(&conn, req)).await
+        }
         Speaks::Nothing => {}
     }
 }

@@ -18,17 +18,33 @@ where
     F: Fn(Request<H2Body>) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
+    let (send, conn) = pair_idle(Duration::from_secs(3600), answer).await;
+    tokio::spawn(conn);
+    send
+}
+
+/// As [`pair`], with the server's idle timeout, and the client's connection future (it ends
+/// when the connection closes) left to the caller.
+async fn pair_idle<F, Fut>(
+    idle: Duration,
+    answer: F,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    h2::client::Connection<TcpStream, Bytes>,
+)
+where
+    F: Fn(Request<H2Body>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         if let Ok((sock, _)) = listener.accept().await {
-            serve(sock, answer).await;
+            serve(sock, idle, answer).await;
         }
     });
     let io = TcpStream::connect(addr).await.expect("connect");
-    let (send, conn) = h2::client::handshake(io).await.expect("handshake");
-    tokio::spawn(conn);
-    send
+    h2::client::handshake(io).await.expect("handshake")
 }
 
 fn full(b: &'static [u8]) -> Response<Body> {
@@ -187,4 +203,45 @@ async fn a_stream_the_client_resets_cancels_its_answer() {
     tokio::time::timeout(Duration::from_secs(5), dropped.recv())
         .await
         .expect("the answer ran on after the client reset its stream");
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_drained_after_the_idle_timeout_and_not_before() {
+    let idle = Duration::from_millis(300);
+    let (mut send, conn) =
+        pair_idle(idle, |_req: Request<H2Body>| async move { full(b"ok") }).await;
+    let mut conn = tokio::spawn(conn);
+    let (response, _) = send.send_request(get("/"), true).expect("stream");
+    let answered = tokio::time::Instant::now();
+    let resp = response.await.expect("response");
+    assert_eq!(read_all(resp.into_body()).await.0, b"ok");
+    let closed = tokio::time::timeout(Duration::from_secs(5), &mut conn)
+        .await
+        .expect("an idle connection stayed open past its idle timeout");
+    assert!(
+        answered.elapsed() >= idle - Duration::from_millis(50),
+        "closed after {:?}, before the idle timeout",
+        answered.elapsed()
+    );
+    // Drained with a GOAWAY: the client sees an orderly close, not a failure.
+    assert!(matches!(closed, Ok(Ok(()))), "{closed:?}");
+}
+
+#[tokio::test]
+async fn a_stream_open_longer_than_the_idle_timeout_is_not_cut() {
+    let (mut send, conn) = pair_idle(
+        Duration::from_millis(100),
+        |_req: Request<H2Body>| async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            full(b"slow")
+        },
+    )
+    .await;
+    tokio::spawn(conn);
+    let (response, _) = send.send_request(get("/slow"), true).expect("stream");
+    let resp = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("in time")
+        .expect("a stream in progress was cut by the idle timeout");
+    assert_eq!(read_all(resp.into_body()).await.0, b"slow");
 }
