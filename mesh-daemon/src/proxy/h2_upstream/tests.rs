@@ -5,10 +5,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{H2Conn, RequestBody, handshake};
 
-/// An h2 server on loopback answering each stream with what `answer` makes of it.
-async fn server<F, Fut>(answer: F) -> std::net::SocketAddr
+/// An h2 server on loopback that takes one connection and hands it to `then`.
+async fn one_connection<F, Fut>(then: F) -> std::net::SocketAddr
 where
-    F: Fn(Request<h2::RecvStream>, h2::server::SendResponse<Bytes>) -> Fut + Send + 'static,
+    F: FnOnce(h2::server::Connection<TcpStream, Bytes>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -17,14 +17,25 @@ where
         let Ok((sock, _)) = listener.accept().await else {
             return;
         };
-        let Ok(mut conn) = h2::server::handshake(sock).await else {
-            return;
-        };
-        while let Some(Ok((req, respond))) = conn.accept().await {
-            tokio::spawn(answer(req, respond));
+        if let Ok(conn) = h2::server::handshake(sock).await {
+            then(conn).await;
         }
     });
     addr
+}
+
+/// An h2 server on loopback answering each stream with what `answer` makes of it.
+async fn server<F, Fut>(answer: F) -> std::net::SocketAddr
+where
+    F: Fn(Request<h2::RecvStream>, h2::server::SendResponse<Bytes>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    one_connection(|mut conn| async move {
+        while let Some(Ok((req, respond))) = conn.accept().await {
+            tokio::spawn(answer(req, respond));
+        }
+    })
+    .await
 }
 
 async fn connect(addr: std::net::SocketAddr) -> H2Conn {
@@ -133,22 +144,15 @@ async fn eventually(mut done: impl FnMut() -> bool) -> bool {
 
 #[tokio::test]
 async fn a_goaway_closes_the_connection_to_new_requests_and_they_fail_as_unprocessed() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let Ok((sock, _)) = listener.accept().await else {
-            return;
-        };
-        let Ok(mut conn) = h2::server::handshake(sock).await else {
-            return;
-        };
+    let addr = one_connection(|mut conn| async move {
         if let Some(Ok((_req, mut respond))) = conn.accept().await {
             // The stream in flight still gets its answer; no new one is taken.
             conn.graceful_shutdown();
             let _ = respond.send_response(Response::new(()), true);
         }
         while let Some(Ok(_)) = conn.accept().await {}
-    });
+    })
+    .await;
     let mut conn = connect(addr).await;
     let resp = conn.send(&head(&[]), "/", empty()).await.expect("answered");
     assert_eq!(resp.status(), http::StatusCode::OK);
@@ -169,15 +173,7 @@ async fn a_goaway_closes_the_connection_to_new_requests_and_they_fail_as_unproce
 
 #[tokio::test]
 async fn a_connection_whose_server_went_away_reports_closed() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let Ok((sock, _)) = listener.accept().await else {
-            return;
-        };
-        let Ok(mut conn) = h2::server::handshake(sock).await else {
-            return;
-        };
+    let addr = one_connection(|mut conn| async move {
         // Answer one stream, then drop the connection without a GOAWAY.
         if let Some(Ok((_req, mut respond))) = conn.accept().await {
             let _ = respond.send_response(Response::new(()), true);
@@ -188,7 +184,8 @@ async fn a_connection_whose_server_went_away_reports_closed() {
             std::future::poll_fn(|cx| conn.poll_closed(cx)),
         )
         .await;
-    });
+    })
+    .await;
     let mut conn = connect(addr).await;
     assert!(!conn.is_closed());
     let resp = conn.send(&head(&[]), "/", empty()).await.expect("answered");
