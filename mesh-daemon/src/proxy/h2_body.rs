@@ -11,9 +11,10 @@ use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use hyper::body::{Body as _, Frame, SizeHint};
 
-use super::http::{Body, content_length};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use super::{
+    h1_codec::BoxError,
+    http::{Body, content_length},
+};
 
 /// Sends a body on its stream, each chunk once the peer's window has room, and stops when
 /// the peer resets the stream. A body that fails resets the stream, so the peer cannot take
