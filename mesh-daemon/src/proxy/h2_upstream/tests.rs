@@ -235,3 +235,14 @@ async fn a_request_body_that_fails_resets_the_upstream_stream() {
         "the upstream took a cut-short body as whole"
     );
 }
+
+#[test]
+fn the_uri_takes_its_authority_from_host_and_keeps_the_query() {
+    let host = HeaderValue::from_static("reviews.default:9080");
+    let uri = super::h2_uri(Some(&host), "/a/b?x=1&y").expect("uri");
+    assert_eq!(uri.to_string(), "http://reviews.default:9080/a/b?x=1&y");
+    let bare = super::h2_uri(None, "/only").expect("uri");
+    assert_eq!((bare.authority(), bare.path()), (None, "/only"));
+    let bad = HeaderValue::from_static("not a host");
+    assert!(super::h2_uri(Some(&bad), "/").is_none());
+}
