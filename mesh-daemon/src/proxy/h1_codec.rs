@@ -316,20 +316,110 @@ impl FieldSpans {
 
     /// The header map (names validated, values sliced out of `head`, the head's bytes
     /// frozen, without copying) and what its framing and connection fields say, read in
-    /// the same pass: looked up afterwards, each would hash its name again.
-    pub fn header_map(&self, head: &Bytes) -> Result<(HeaderMap, HeadFacts), H1Error> {
+    /// the same pass: looked up afterwards, each would hash its name again. A head that
+    /// repeats the names of the connection's last one starts from a copy of their map.
+    pub fn header_map(
+        &self,
+        head: &Bytes,
+        recent: &mut RecentNames,
+    ) -> Result<(HeaderMap, HeadFacts), H1Error> {
+        if recent.repeated_by(self, head)
+            && let Some(names) = &recent.map
+        {
+            let mut headers = names.clone();
+            let mut facts = HeadFacts::default();
+            for ((name, value), &[_, _, at, len]) in headers.iter_mut().zip(&self.at[..self.n]) {
+                *value = value_at(head, at, len)?;
+                facts.note(name, value.as_bytes());
+            }
+            return Ok((headers, facts));
+        }
         let mut headers = HeaderMap::with_capacity(self.n);
         let mut facts = HeadFacts::default();
         for &[name_at, name_len, at, len] in &self.at[..self.n] {
-            let (name_at, at) = (usize::from(name_at), usize::from(at));
+            let name_at = usize::from(name_at);
             let name = HeaderName::from_bytes(&head[name_at..name_at + usize::from(name_len)])
                 .map_err(|_| H1Error::Malformed("header name"))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(at..at + usize::from(len)))
-                .map_err(|_| H1Error::Malformed("header value"))?;
+            let value = value_at(head, at, len)?;
             facts.note(&name, value.as_bytes());
             headers.append(name, value);
         }
+        recent.remember(self, head, &headers);
         Ok((headers, facts))
+    }
+
+    fn names<'h>(&self, head: &'h [u8]) -> impl Iterator<Item = &'h [u8]> {
+        self.at[..self.n].iter().map(move |&[at, len, _, _]| {
+            let at = usize::from(at);
+            &head[at..at + usize::from(len)]
+        })
+    }
+}
+
+fn value_at(head: &Bytes, at: u16, len: u16) -> Result<HeaderValue, H1Error> {
+    let at = usize::from(at);
+    HeaderValue::from_maybe_shared(head.slice(at..at + usize::from(len)))
+        .map_err(|_| H1Error::Malformed("header value"))
+}
+
+/// The field names of the last head read on a connection. A keep-alive peer sends the same
+/// fields in the same order head after head (a client its `Host`, `User-Agent`, `Accept`; a
+/// server its `Content-Type`, `Content-Length`), and validating each name and hashing it
+/// into a fresh map was most of the cost of reading a head; a copy of a map that has the
+/// names already only takes the new values.
+#[derive(Default)]
+pub struct RecentNames {
+    /// The names as they came, back to back, and where each ends: one allocation a
+    /// connection, sized to the first head (most connections carry one request).
+    raw: Vec<u8>,
+    ends: [u16; RECENT_NAMES],
+    n: usize,
+    /// Those names with empty values, built once a second head has repeated them (a
+    /// connection that carries one request pays nothing for it). `None` also for heads
+    /// that repeat a name: a map iterates a repeated name's values together, out of the
+    /// head's order.
+    map: Option<HeaderMap>,
+}
+
+/// Heads with more fields than this are not remembered.
+const RECENT_NAMES: usize = 32;
+
+impl RecentNames {
+    fn repeated_by(&self, spans: &FieldSpans, head: &[u8]) -> bool {
+        let mut start = 0;
+        spans.n == self.n
+            && spans.names(head).zip(&self.ends).all(|(name, &end)| {
+                let end = usize::from(end);
+                let same = self.raw.get(start..end) == Some(name);
+                start = end;
+                same
+            })
+    }
+
+    fn remember(&mut self, spans: &FieldSpans, head: &[u8], headers: &HeaderMap) {
+        if self.map.is_none() && self.repeated_by(spans, head) {
+            if headers.len() == spans.n && headers.keys_len() == spans.n {
+                let mut names = headers.clone();
+                for value in names.values_mut() {
+                    *value = HeaderValue::from_static("");
+                }
+                self.map = Some(names);
+            }
+            return;
+        }
+        self.map = None;
+        self.raw.clear();
+        self.n = 0;
+        if spans.n > RECENT_NAMES {
+            return;
+        }
+        self.raw.reserve(spans.names(head).map(<[u8]>::len).sum());
+        for (name, end) in spans.names(head).zip(&mut self.ends) {
+            self.raw.extend_from_slice(name);
+            // Under MAX_HEAD (60 KiB), as the head is.
+            *end = u16::try_from(self.raw.len()).unwrap_or(u16::MAX);
+        }
+        self.n = spans.n;
     }
 }
 
@@ -614,7 +704,7 @@ pub fn peer_closed(io: &tokio::net::TcpStream) -> bool {
 mod tests {
     use http::{HeaderMap, HeaderValue, header};
 
-    use super::write_fields;
+    use super::{FieldSpans, RecentNames, write_fields};
 
     fn written(lengths: &[&'static str]) -> (String, Option<u64>) {
         let mut h = HeaderMap::new();
@@ -646,5 +736,67 @@ mod tests {
         assert_eq!(written(&["5", "6"]), ("host: a\r\n".into(), None));
         assert_eq!(written(&["five"]), ("host: a\r\n".into(), None));
         assert_eq!(written(&[]), ("host: a\r\n".into(), None));
+    }
+
+    /// Reads `fields` as a response head would be, with the connection's recent names.
+    fn read(recent: &mut RecentNames, fields: &str) -> (HeaderMap, Option<u64>) {
+        let text = format!("HTTP/1.1 200 OK\r\n{fields}\r\n");
+        let mut slots = [httparse::EMPTY_HEADER; 8];
+        let mut parsed = httparse::Response::new(&mut slots);
+        let head = bytes::Bytes::from(text);
+        assert!(parsed.parse(&head).expect("parses").is_complete());
+        let spans = FieldSpans::of(parsed.headers, head.as_ptr()).expect("spans");
+        let (map, facts) = spans.header_map(&head, recent).expect("map");
+        (map, facts.declared_length().expect("length"))
+    }
+
+    fn pairs(map: &HeaderMap) -> Vec<(String, String)> {
+        map.iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_head_that_repeats_the_last_names_gets_its_own_values() {
+        let mut recent = RecentNames::default();
+        let fields = |n: u32| format!("Content-Type: text/n{n}\r\nContent-Length: {n}\r\n");
+        for n in 1..=4 {
+            let (map, length) = read(&mut recent, &fields(n));
+            assert_eq!(length, Some(u64::from(n)), "head {n}");
+            assert_eq!(
+                pairs(&map),
+                [
+                    ("content-type".into(), format!("text/n{n}")),
+                    ("content-length".into(), n.to_string()),
+                ],
+                "head {n}"
+            );
+            // From the third head on, the map is a copy of the remembered names.
+            assert_eq!(recent.map.is_some(), n >= 2, "head {n}");
+        }
+        // Other names (or the same in another case) are read afresh and remembered anew.
+        let (map, length) = read(&mut recent, "content-type: a\r\nX-Id: 7\r\n");
+        assert_eq!(length, None);
+        assert_eq!(
+            pairs(&map),
+            [
+                ("content-type".into(), "a".into()),
+                ("x-id".into(), "7".into())
+            ]
+        );
+        assert!(recent.map.is_none());
+    }
+
+    #[test]
+    fn a_head_with_a_repeated_name_keeps_every_value_in_order() {
+        let mut recent = RecentNames::default();
+        let fields = "Set-Cookie: a=1\r\nServer: s\r\nSet-Cookie: b=2\r\n";
+        for _ in 0..3 {
+            let (map, _) = read(&mut recent, fields);
+            let cookies: Vec<_> = map.get_all("set-cookie").iter().collect();
+            assert_eq!(cookies, ["a=1", "b=2"]);
+            assert_eq!(map.get("server").map(|v| v.as_bytes()), Some(&b"s"[..]));
+            assert!(recent.map.is_none(), "never copied from remembered names");
+        }
     }
 }

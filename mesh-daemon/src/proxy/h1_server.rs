@@ -34,7 +34,9 @@ use tokio::{
 };
 
 use super::{
-    h1_codec::{self, BodyState, BoxError, FieldSpans, Framing, H1Error, MAX_HEAD, MAX_HEADERS},
+    h1_codec::{
+        self, BodyState, BoxError, FieldSpans, Framing, H1Error, MAX_HEAD, MAX_HEADERS, RecentNames,
+    },
     hop_by_hop,
     idle::IdleDeadline,
 };
@@ -152,6 +154,7 @@ struct ReadSide {
     body: BodyState,
     /// Which request the body belongs to: a body that outlives its exchange reads nothing.
     exchange: u64,
+    names: RecentNames,
 }
 
 impl ReadSide {
@@ -260,6 +263,7 @@ where
         buf: accepted.buf,
         body: BodyState::Done,
         exchange: 0,
+        names: RecentNames::default(),
     }));
     let mut out = Vec::with_capacity(READ_BUF);
     let mut idle = IdleDeadline::new(idle_timeout);
@@ -393,7 +397,8 @@ async fn read_head(shared: &Shared) -> Result<Option<Head>, Refused> {
         let mut side = lock(shared);
         loop {
             if !side.buf.is_empty() {
-                match parse_head(&mut side.buf) {
+                let side = &mut *side;
+                match parse_head(&mut side.buf, &mut side.names) {
                     Ok(Some(head)) => return Poll::Ready(Ok(Some(head))),
                     Ok(None) if side.buf.len() >= MAX_HEAD => {
                         return Poll::Ready(Err(Refused::TooLarge));
@@ -414,7 +419,7 @@ async fn read_head(shared: &Shared) -> Result<Option<Head>, Refused> {
 }
 
 /// A request head from the front of `buf`, consumed; `None` until a whole one is there.
-fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
+fn parse_head(buf: &mut BytesMut, names: &mut RecentNames) -> Result<Option<Head>, H1Error> {
     // Left uninitialised: filling 100 empty headers first cost a 3 KiB write a request.
     let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
@@ -440,7 +445,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, H1Error> {
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target_at.0..target_at.0 + target_at.1))
         .map_err(|_| H1Error::Malformed("request target"))?;
-    let (mut headers, facts) = spans.header_map(&head)?;
+    let (mut headers, facts) = spans.header_map(&head, names)?;
 
     let framing = match facts.chunked {
         // Both framings at once is how requests are smuggled; Envoy refuses them too.

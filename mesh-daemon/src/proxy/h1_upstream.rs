@@ -4,7 +4,7 @@
 //! that task, which woke the request's task with the response head and again for every body
 //! chunk. A node proxy makes one such exchange per request, so this codec writes the request
 //! and reads the response straight from the upstream socket inside the task that serves the
-//! client connection (the downstream write happens in the same poll). HTTP/2 stays on hyper.
+//! client connection (the downstream write happens in the same poll). HTTP/2 is `h2_upstream`'s.
 //!
 //! What it speaks (RFC 9112): request bodies by `Content-Length` or chunked; response bodies
 //! by length, chunked (trailers passed on) or until close; no body for HEAD, 1xx, 204 and
@@ -23,7 +23,10 @@ use tokio::{io::AsyncRead, net::TcpStream};
 
 pub use super::h1_codec::H1Error;
 use super::{
-    h1_codec::{self, BodyState, BoxError, FieldSpans, Framing, HeadFacts, MAX_HEAD, MAX_HEADERS},
+    h1_codec::{
+        self, BodyState, BoxError, FieldSpans, Framing, HeadFacts, MAX_HEAD, MAX_HEADERS,
+        RecentNames,
+    },
     pool::ConnSlot,
 };
 
@@ -34,6 +37,9 @@ const READ_RESERVE: usize = 16 * 1024;
 pub struct H1Conn {
     io: TcpStream,
     read: BytesMut,
+    /// Boxed: a connection moves in and out of the pool and through the request's future,
+    /// and each move would copy the names' map too.
+    names: Box<RecentNames>,
     write: Vec<u8>,
     _slot: ConnSlot,
     /// The proxy thread whose event loop the socket is registered with.
@@ -45,6 +51,7 @@ impl H1Conn {
         Self {
             io,
             read: BytesMut::new(),
+            names: Box::default(),
             write: Vec::new(),
             _slot: slot,
             shard: super::shards::Shards::current(),
@@ -88,7 +95,7 @@ impl H1Conn {
                 // and then neither read on nor close: its answer is what the client should
                 // see, now, as Envoy forwards it, not after the route's timeout.
                 let mut write = pin!(write);
-                let early = pin!(read_head(&mut reader, &mut self.read));
+                let early = pin!(read_head(&mut reader, &mut self.read, &mut self.names));
                 match futures::future::select(write.as_mut(), early).await {
                     Either::Left((written, _)) => Sent::Whole(written),
                     Either::Right((Ok(head), _)) => Sent::Early(head),
@@ -110,7 +117,7 @@ impl H1Conn {
                     Err(e) => return Err(e),
                     Ok(()) => Ok(()),
                 };
-                match read_head(&mut self.io, &mut self.read).await {
+                match read_head(&mut self.io, &mut self.read, &mut self.names).await {
                     Ok((resp, framing, keep)) => (resp, framing, keep, written.is_ok()),
                     Err(e) => return Err(written.err().map_or(e, H1Error::Io)),
                 }
@@ -171,9 +178,10 @@ enum Sent {
 async fn read_head<R: AsyncRead + Unpin>(
     io: &mut R,
     read: &mut BytesMut,
+    names: &mut RecentNames,
 ) -> Result<ResponseHead, H1Error> {
     loop {
-        if let Some(parsed) = parse_head(read)? {
+        if let Some(parsed) = parse_head(read, names)? {
             let (resp, framing, keep) = parsed;
             if resp.status().is_informational() && resp.status() != StatusCode::SWITCHING_PROTOCOLS
             {
@@ -193,7 +201,10 @@ async fn read_head<R: AsyncRead + Unpin>(
 }
 
 /// A response head from the read buffer, when a whole one is there.
-fn parse_head(read: &mut BytesMut) -> Result<Option<ResponseHead>, H1Error> {
+fn parse_head(
+    read: &mut BytesMut,
+    names: &mut RecentNames,
+) -> Result<Option<ResponseHead>, H1Error> {
     if read.is_empty() {
         return Ok(None);
     }
@@ -216,7 +227,7 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<ResponseHead>, H1Error> {
     let version = h1_codec::version(parsed.version);
     let spans = FieldSpans::of(parsed.headers, read.as_ptr())?;
     let head = read.split_to(len).freeze();
-    let (headers, facts) = spans.header_map(&head)?;
+    let (headers, facts) = spans.header_map(&head, names)?;
     let framing = response_framing(&facts)?;
     let keep = facts.keeps_alive(version);
     let mut resp = Response::new(());

@@ -290,6 +290,9 @@ impl Home for PoolHome {
 }
 
 /// An upstream response body, read by the request's task.
+// HTTP/1.1's variant holds its connection and is the common one: boxing it would allocate
+// for every response.
+#[allow(clippy::large_enum_variant)]
 pub enum UpstreamBody {
     H1(H1Body<PoolHome>),
     H2(H2Body),
