@@ -323,9 +323,8 @@ impl FieldSpans {
         head: &Bytes,
         recent: &mut RecentNames,
     ) -> Result<(HeaderMap, HeadFacts), H1Error> {
-        if recent.repeated_by(self, head)
-            && let Some(names) = &recent.map
-        {
+        let repeated = recent.repeated_by(self, head);
+        if repeated && let Some(names) = &recent.map {
             let mut headers = names.clone();
             let mut facts = HeadFacts::default();
             for ((name, value), &[_, _, at, len]) in headers.iter_mut().zip(&self.at[..self.n]) {
@@ -344,7 +343,7 @@ impl FieldSpans {
             facts.note(&name, value.as_bytes());
             headers.append(name, value);
         }
-        recent.remember(self, head, &headers);
+        recent.remember(self, head, &headers, repeated);
         Ok((headers, facts))
     }
 
@@ -396,8 +395,10 @@ impl RecentNames {
             })
     }
 
-    fn remember(&mut self, spans: &FieldSpans, head: &[u8], headers: &HeaderMap) {
-        if self.map.is_none() && self.repeated_by(spans, head) {
+    /// Notes the names of a head built afresh; `repeated`: they are the remembered ones (and
+    /// no map of them exists yet, or the head would have been copied from it).
+    fn remember(&mut self, spans: &FieldSpans, head: &[u8], headers: &HeaderMap, repeated: bool) {
+        if repeated {
             if headers.len() == spans.n && headers.keys_len() == spans.n {
                 let mut names = headers.clone();
                 for value in names.values_mut() {
