@@ -14,6 +14,7 @@ pub mod datapath;
 pub mod dir_changes;
 pub mod discovery;
 pub mod enrollment;
+pub mod handover;
 pub mod metrics;
 pub mod netns;
 pub mod proxy;

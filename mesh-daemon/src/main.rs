@@ -10,6 +10,7 @@ use mesh_daemon::{
     config::{kube_source, manifest_dir},
     datapath::Datapath,
     discovery,
+    handover::{self, Inherited, Role},
     metrics::{Metrics, ReloadLabels},
     netns::HostNetns,
     proxy::{ProxyInputs, shards::Shards},
@@ -17,7 +18,7 @@ use mesh_daemon::{
     settings::{ConfigSource, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCAN_INTERVAL, Settings},
     state::Snapshot,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 fn main() -> anyhow::Result<()> {
     let settings = Settings::parse();
@@ -67,22 +68,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         "eBPF programs attached"
     );
 
-    // Bind every listener before serving anything, so a port clash shows at once.
-    let admin_l = admin::bind(settings.admin_addr)
-        .await
-        .with_context(|| format!("binding the admin API on {}", settings.admin_addr))?;
-    let metrics_l = admin::bind(settings.metrics_addr)
-        .await
-        .with_context(|| format!("binding metrics on {}", settings.metrics_addr))?;
-    let ready_l = admin::bind(settings.readiness_addr)
-        .await
-        .with_context(|| format!("binding readiness on {}", settings.readiness_addr))?;
-
     let metrics = Arc::new(Metrics::new());
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let workloads = Arc::new(ArcSwap::from_pointee(Vec::new()));
     let (ready_tx, ready_rx) = watch::channel(false);
     let (changed_tx, changed_rx) = watch::channel(0u64);
+    let (handed_over_tx, handed_over_rx) = oneshot::channel();
 
     let Datapath {
         pods,
@@ -91,6 +82,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         programs: _programs,
         ..
     } = datapath;
+    let shards = Shards::start(settings.proxy_threads).context("starting the proxy threads")?;
     let inputs = Arc::new(ProxyInputs {
         snapshot: snapshot.clone(),
         orig_dst,
@@ -102,7 +94,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         retry_503_by_default: settings.compat_before(1, 24),
         protocol_detection_timeout: Settings::unless_zero(settings.protocol_detection_timeout),
         tcp_reporting_interval: Settings::unless_zero(settings.tcp_reporting_interval),
-        shards: Shards::start(settings.proxy_threads).context("starting the proxy threads")?,
+        shards: shards.clone(),
     });
 
     // Configuration: every batch of objects becomes a new snapshot, swapped in whole.
@@ -148,6 +140,58 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     apply(&first, generation);
 
+    // Listeners: those of the daemon running before, when it hands them over (a restart or
+    // an upgrade then refuses nothing), else bound here. Taken once the configuration is in,
+    // so that the old daemon stops accepting only when this one can route at once.
+    let handover_path = settings.handover_socket.clone();
+    let mut inherited =
+        match tokio::task::spawn_blocking(move || handover::take_over(&handover_path)).await {
+            Ok(Ok(Some(inherited))) => {
+                tracing::info!(
+                    listeners = inherited.len(),
+                    "took the listeners over from the daemon running before"
+                );
+                inherited
+            }
+            Ok(Ok(None)) => Inherited::default(),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "no handover from the running daemon; binding afresh");
+                Inherited::default()
+            }
+            Err(e) => anyhow::bail!("the handover task failed: {e}"),
+        };
+    let admin_l = listener(
+        &mut inherited,
+        Role::Admin,
+        settings.admin_addr,
+        "the admin API",
+    )
+    .await?;
+    let metrics_l = listener(
+        &mut inherited,
+        Role::Metrics,
+        settings.metrics_addr,
+        "metrics",
+    )
+    .await?;
+    let ready_l = listener(
+        &mut inherited,
+        Role::Readiness,
+        settings.readiness_addr,
+        "readiness",
+    )
+    .await?;
+    let own_listeners = [
+        (Role::Admin, &admin_l),
+        (Role::Metrics, &metrics_l),
+        (Role::Readiness, &ready_l),
+    ]
+    .into_iter()
+    .map(|(role, l)| Ok((role, socket2::SockRef::from(l).try_clone()?.into())))
+    .collect::<std::io::Result<Vec<_>>>()
+    .context("copying the admin listeners for a successor")?;
+    let successors = offer_to_successors(&settings.handover_socket);
+
     let proxies = LiveProxies::default();
     let admin_state = Arc::new(AdminState {
         snapshot: snapshot.clone(),
@@ -158,13 +202,15 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         ready: ready_rx,
         node_name: settings.node_name.clone(),
     });
-    tokio::spawn(admin::serve(admin_l, admin_state.clone(), Exposure::Admin));
-    tokio::spawn(admin::serve(
-        metrics_l,
-        admin_state.clone(),
-        Exposure::Metrics,
-    ));
-    tokio::spawn(admin::serve(ready_l, admin_state, Exposure::Readiness));
+    let admin_tasks = [
+        tokio::spawn(admin::serve(admin_l, admin_state.clone(), Exposure::Admin)),
+        tokio::spawn(admin::serve(
+            metrics_l,
+            admin_state.clone(),
+            Exposure::Metrics,
+        )),
+        tokio::spawn(admin::serve(ready_l, admin_state, Exposure::Readiness)),
+    ];
 
     let reconciler = Reconciler {
         node_name: settings.node_name.clone(),
@@ -183,10 +229,15 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         workloads,
         proxies,
         ready: ready_tx,
+        inherited,
+        successors,
+        own_listeners,
+        handed_over: Some(handed_over_tx),
     };
-    tokio::spawn(reconciler.run(changed_rx));
+    let reconciling = tokio::spawn(reconciler.run(changed_rx));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut handed_over = std::pin::pin!(handed_over_rx);
     loop {
         tokio::select! {
             Some(objects) = obj_rx.recv() => {
@@ -194,14 +245,115 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                 apply(&objects, generation);
                 let _ = changed_tx.send(generation);
             }
-            _ = sigterm.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            Ok(()) = &mut handed_over => break,
+            _ = sigterm.recv() => {
+                // Nothing accepts from here on: new connections are refused (fail closed,
+                // and a client may retry) rather than cut when the drain ends.
+                tracing::info!("SIGTERM: no longer accepting; draining");
+                break;
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupted: no longer accepting; draining");
+                break;
+            }
         }
     }
+    reconciling.abort();
+    for t in admin_tasks {
+        t.abort();
+    }
+    drain(
+        &shards,
+        Settings::unless_zero(settings.drain_timeout),
+        &mut sigterm,
+    )
+    .await;
     // Programs and maps stay pinned: pods stay redirected (and fail closed) until the next
     // daemon takes over.
     tracing::info!("shutting down; eBPF programs stay attached for the next daemon");
     mesh_daemon::proxy::access_log::flush();
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(())
+}
+
+/// HTTP connections finish their exchange and close; the rest get until `deadline` (or,
+/// without one, until they end). A second SIGTERM or an interrupt ends the wait.
+async fn drain(
+    shards: &Shards,
+    deadline: Option<Duration>,
+    sigterm: &mut tokio::signal::unix::Signal,
+) {
+    shards.drain().start();
+    let started = tokio::time::Instant::now();
+    let open_left = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        while shards.open_connections() > 0 {
+            tick.tick().await;
+        }
+    };
+    let past_deadline = async {
+        match deadline {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = open_left => tracing::info!(took = ?started.elapsed(), "drained: no connection left"),
+        () = past_deadline => tracing::warn!(
+            left = shards.open_connections(),
+            "drain timeout; closing the connections left"
+        ),
+        _ = sigterm.recv() => tracing::warn!(left = shards.open_connections(), "SIGTERM again; closing the connections left"),
+        _ = tokio::signal::ctrl_c() => tracing::warn!(left = shards.open_connections(), "interrupted; closing the connections left"),
+    }
+}
+
+/// A listener handed over for `role`, or one bound at `addr`.
+async fn listener(
+    inherited: &mut Inherited,
+    role: Role,
+    addr: std::net::SocketAddr,
+    what: &str,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    match inherited.take(&role) {
+        Some(l) => tokio::net::TcpListener::from_std(l)
+            .with_context(|| format!("serving {what} on the listener handed over")),
+        None => admin::bind(addr)
+            .await
+            .with_context(|| format!("binding {what} on {addr}")),
+    }
+}
+
+/// Listens for a successor at `path`, on a thread of its own (the wait is a blocking accept).
+/// Without the offer a restart still works, but resets the connections open at the time.
+fn offer_to_successors(path: &std::path::Path) -> Option<mpsc::Receiver<handover::Successor>> {
+    let offer = match handover::Offer::listen(path) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot offer the listeners to a successor; a restart will reset open connections");
+            return None;
+        }
+    };
+    let (tx, rx) = mpsc::channel(1);
+    let spawned = std::thread::Builder::new()
+        .name("sl-handover".into())
+        .spawn(move || {
+            loop {
+                match offer.next_successor() {
+                    Ok(s) => {
+                        if tx.blocking_send(s).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "a successor's request failed"),
+                }
+            }
+        });
+    match spawned {
+        Ok(_) => Some(rx),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the handover thread");
+            None
+        }
+    }
 }

@@ -4,6 +4,7 @@ pub mod cluster_state;
 pub mod cors;
 pub mod date;
 pub mod detect;
+pub mod drain;
 pub mod forward;
 pub mod h1_codec;
 pub mod h1_server;

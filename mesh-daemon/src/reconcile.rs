@@ -5,12 +5,13 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use arc_swap::ArcSwap;
 use mesh_common::PodPolicy;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     datapath::{PodsMap, pod_policy},
     dir_changes::DirChanges,
     discovery::{self, DiscoveredPod},
+    handover::{Inherited, Role, Successor},
     metrics::Metrics,
     netns::Netns,
     proxy::{ProxyInputs, http::PodHttp, outbound::Outbound},
@@ -35,6 +36,8 @@ struct Active {
     cookie: u64,
     policy: PodPolicy,
     listeners: Vec<String>,
+    /// Second descriptors of the pod's listeners, for a successor.
+    copies: Vec<std::net::TcpListener>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -59,6 +62,16 @@ pub struct Reconciler {
     pub workloads: Arc<ArcSwap<Vec<WorkloadStatus>>>,
     pub proxies: LiveProxies,
     pub ready: watch::Sender<bool>,
+    /// The handover from the daemon that ran before: its pods' listeners, claimed as the
+    /// pods are enrolled again (those left after the first pass are closed).
+    pub inherited: Inherited,
+    /// Daemons asking for the listeners (`handover::Offer`).
+    pub successors: Option<mpsc::Receiver<Successor>>,
+    /// Second descriptors of the daemon's own listeners (admin, metrics, readiness), sent
+    /// along with the pods'.
+    pub own_listeners: Vec<(Role, std::net::TcpListener)>,
+    /// Told once a successor holds the listeners: `run` has returned, nothing accepts here.
+    pub handed_over: Option<oneshot::Sender<()>>,
 }
 
 /// The HTTP side of each enrolled pod's proxy, by pod UID: what the admin API shows of
@@ -86,6 +99,13 @@ impl LiveProxies {
     }
 }
 
+async fn next_successor(successors: &mut Option<mpsc::Receiver<Successor>>) -> Option<Successor> {
+    match successors {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A scan also runs this often when the pod tree is watched, in case the kernel dropped an
 /// event (its queue overflowing is reported, but a missed pod would stay out of the mesh).
 const RESCAN: Duration = Duration::from_secs(10);
@@ -100,8 +120,8 @@ async fn pods_may_have_changed(changes: &mut Option<DirChanges>, poll: Duration)
 }
 
 impl Reconciler {
-    /// Runs until the process ends. Wakes on every configuration change and on a timer
-    /// (pods come and go without a configuration change).
+    /// Runs until the process ends or a successor holds the listeners. Wakes on every
+    /// configuration change and on a timer (pods come and go without a configuration change).
     pub async fn run(mut self, mut config_changed: watch::Receiver<u64>) {
         let mut active: HashMap<String, Active> = HashMap::new();
         let mut first = true;
@@ -116,6 +136,13 @@ impl Reconciler {
             let status = self.reconcile(&snap, &found, &mut active);
             if first {
                 self.remove_stale_entries(&active);
+                if !self.inherited.is_empty() {
+                    tracing::info!(
+                        listeners = self.inherited.len(),
+                        "closing listeners handed over for pods no longer enrolled"
+                    );
+                }
+                self.inherited = Inherited::default();
                 first = false;
             }
             self.metrics.enrolled_pods.set(active.len() as i64);
@@ -124,6 +151,66 @@ impl Reconciler {
             tokio::select! {
                 _ = config_changed.changed() => {}
                 () = pods_may_have_changed(&mut self.pod_changes, self.scan_interval) => {}
+                Some(successor) = next_successor(&mut self.successors) => {
+                    if self.hand_over(successor, &active).await {
+                        if let Some(tx) = self.handed_over.take() {
+                            let _ = tx.send(());
+                        }
+                        // Dropping `active` stops the accept loops; the pods' map entries
+                        // stay, for the successor.
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends every listener to `successor`; true once it holds them.
+    async fn hand_over(&self, successor: Successor, active: &HashMap<String, Active>) -> bool {
+        let mut listeners = Vec::new();
+        let copies = self
+            .own_listeners
+            .iter()
+            .map(|(role, l)| (role.clone(), l))
+            .chain(active.iter().flat_map(|(uid, a)| {
+                a.copies.iter().map(|l| {
+                    let role = Role::Outbound {
+                        pod_uid: uid.clone(),
+                        netns_inode: a.netns_inode,
+                    };
+                    (role, l)
+                })
+            }));
+        for (role, l) in copies {
+            match l.try_clone() {
+                Ok(l) => listeners.push((role, l)),
+                Err(e) => {
+                    tracing::warn!(error = %e, ?role, "cannot copy a listener for the successor; not handing over");
+                    return false;
+                }
+            }
+        }
+        let n = listeners.len();
+        let sent = tokio::task::spawn_blocking(move || {
+            let fds: Vec<_> = listeners
+                .iter()
+                .map(|(role, l)| (role.clone(), std::os::fd::AsFd::as_fd(l)))
+                .collect();
+            successor.hand_over(&fds)
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => {
+                tracing::info!(listeners = n, "a successor holds the listeners; draining");
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "handover failed; still serving");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "handover failed; still serving");
+                false
             }
         }
     }
@@ -216,8 +303,21 @@ impl Reconciler {
         if !active.contains_key(uid) {
             let path = self.proc_root.join(pod.pid.to_string()).join("ns/net");
             let netns = Arc::new(Netns::open(&path, &self.inputs.host).map_err(|e| e.to_string())?);
-            let outbound = Outbound::bind(uid.to_owned(), netns.clone(), self.inputs.clone())
-                .map_err(|e| e.to_string())?;
+            let inherited = self.inherited.take_outbound(uid, pod.netns_inode);
+            let outbound = if inherited.is_empty() {
+                Outbound::bind(uid.to_owned(), netns.clone(), self.inputs.clone())
+                    .map_err(|e| e.to_string())?
+            } else {
+                Outbound::adopt(
+                    uid.to_owned(),
+                    netns.clone(),
+                    self.inputs.clone(),
+                    inherited,
+                )
+            };
+            let copies = outbound
+                .copies()
+                .map_err(|e| format!("copying the pod's listeners: {e}"))?;
             let listeners = outbound
                 .addresses()
                 .iter()
@@ -240,6 +340,7 @@ impl Reconciler {
                     cookie: netns.cookie(),
                     policy,
                     listeners,
+                    copies,
                     task,
                 },
             );

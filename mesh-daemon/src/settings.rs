@@ -15,6 +15,7 @@ pub const DEFAULT_METRICS_ADDR: &str = "[::]:15020";
 pub const DEFAULT_READINESS_ADDR: &str = "[::]:15021";
 /// Where programs, links and maps are pinned.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sidelane";
+pub const DEFAULT_HANDOVER_SOCKET: &str = "/run/sidelane/handover.sock";
 /// How often the pod scan runs when the pod cgroups cannot be watched (inotify unavailable
 /// or out of watches): a new pod is then enrolled within this long after its first process
 /// starts, instead of as soon as it starts.
@@ -139,6 +140,23 @@ pub struct Settings {
         value_parser = crate::config::istio::types::Duration::parse
     )]
     pub tcp_reporting_interval: crate::config::istio::types::Duration,
+
+    /// Where a running daemon offers its listeners to its successor (a Unix socket on a path
+    /// both can reach: a hostPath in the DaemonSet). A new daemon takes the listeners over
+    /// from the one running, which then drains: a restart or upgrade refuses no connection.
+    #[arg(long, env = "SIDELANE_HANDOVER_SOCKET", default_value = DEFAULT_HANDOVER_SOCKET)]
+    pub handover_socket: PathBuf,
+
+    /// How long a daemon that stops (SIGTERM, or its listeners taken over) waits for its open
+    /// connections to end before it exits and resets those left; "0s" waits until they end.
+    /// Keep it below the pod's `terminationGracePeriodSeconds`.
+    #[arg(
+        long,
+        env = "SIDELANE_DRAIN_TIMEOUT",
+        default_value = "25s",
+        value_parser = crate::config::istio::types::Duration::parse
+    )]
+    pub drain_timeout: crate::config::istio::types::Duration,
 
     /// Log format: "text" or "json".
     #[arg(long, env = "SIDELANE_LOG_FORMAT", default_value = "text")]

@@ -80,5 +80,52 @@ fn the_daemonset_runs_on_every_node_with_the_host_views_it_needs() {
         .iter()
         .filter_map(|m| m["mountPath"].as_str())
         .collect();
-    assert_eq!(mounts, ["/sys/fs/bpf", "/sys/fs/cgroup"]);
+    assert_eq!(mounts, ["/sys/fs/bpf", "/sys/fs/cgroup", "/run/sidelane"]);
+}
+
+/// An update runs the new daemon beside the old one, where it finds the old one's handover
+/// socket, and the old one's drain ends before the kubelet's SIGKILL.
+#[test]
+fn the_daemonset_updates_by_handing_the_listeners_over() {
+    let ds = docs("daemonset.yaml").remove(0);
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(rolling["maxSurge"], 1);
+    assert_eq!(rolling["maxUnavailable"], 0);
+    let spec = &ds["spec"]["template"]["spec"];
+    let c = &spec["containers"][0];
+    assert!(
+        c["ports"].is_null(),
+        "declared ports are host ports under hostNetwork: the surge pod could not schedule"
+    );
+    let socket_dir = std::path::Path::new(mesh_daemon::settings::DEFAULT_HANDOVER_SOCKET)
+        .parent()
+        .and_then(|d| d.to_str())
+        .expect("a directory");
+    let mount = c["volumeMounts"]
+        .as_sequence()
+        .expect("mounts")
+        .iter()
+        .find(|m| m["mountPath"] == socket_dir)
+        .expect("the handover socket's directory is mounted");
+    let volume = spec["volumes"]
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .expect("its volume");
+    assert_eq!(
+        volume["hostPath"]["path"], socket_dir,
+        "shared by the old and the new daemon's pods"
+    );
+    let grace = spec["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("a grace period");
+    let drain = <mesh_daemon::settings::Settings as clap::Parser>::parse_from([
+        "mesh-daemon",
+        "--node-name",
+        "n",
+    ])
+    .drain_timeout
+    .0;
+    assert!(drain.as_secs() < grace, "drain {drain:?}, grace {grace}s");
 }

@@ -131,6 +131,8 @@ struct Node {
     cgroup: PathBuf,
     pin_dir: PathBuf,
     daemon: Option<Child>,
+    /// Daemons told to stop (SIGTERM, or a successor took their listeners), draining.
+    retiring: Vec<Child>,
     pods: usize,
 }
 
@@ -362,6 +364,7 @@ impl Cluster {
             netns,
             cgroup,
             daemon: None,
+            retiring: Vec::new(),
             pods: 0,
         });
         Ok(())
@@ -663,6 +666,8 @@ impl Cluster {
             .args(["--cgroup", &format!("/{}/{}", self.cgroup_top_rel, n.name)])
             .arg("--pin-dir")
             .arg(&n.pin_dir)
+            .arg("--handover-socket")
+            .arg(self.run_dir.join(format!("{}-handover.sock", n.name)))
             .env("RUST_LOG", "info")
             .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().map_err(io_err("log"))?)
@@ -687,6 +692,74 @@ impl Cluster {
             .then_some(Ok(()))
         });
         ready?
+    }
+
+    /// Starts a second daemon on a node while the first runs, as a rolling update with
+    /// `maxSurge` does: it takes the listeners over and the first drains (see
+    /// [`Self::wait_retired`]). Returns once the successor holds the listeners and is ready.
+    pub fn start_successor(&mut self, node: usize) -> Result<()> {
+        const HANDED: &str = "a successor holds the listeners";
+        let before = self.daemon_log(node).matches(HANDED).count();
+        let old = self.nodes[node - 1]
+            .daemon
+            .take()
+            .ok_or_else(|| HarnessError::Other(format!("no daemon runs on node {node}")))?;
+        self.nodes[node - 1].retiring.push(old);
+        // Readiness may still be answered by the old daemon: wait for the handover too.
+        self.start_daemon(node)?;
+        sys::wait_for(
+            "the handover to the successor",
+            DAEMON_READY_TIMEOUT,
+            || (self.daemon_log(node).matches(HANDED).count() > before).then_some(()),
+        )?;
+        let netns = self.nodes[node - 1].netns.clone();
+        sys::wait_for("the successor's readiness", DAEMON_READY_TIMEOUT, || {
+            let addr = SocketAddr::from(([127, 0, 0, 1], READY_PORT));
+            matches!(
+                sys::http_get_in(&netns, addr, "/healthz/ready"),
+                Ok((200, _))
+            )
+            .then_some(())
+        })
+    }
+
+    /// Sends SIGTERM to a node's daemon, which drains; [`Self::wait_retired`] waits for it.
+    pub fn terminate_daemon(&mut self, node: usize) {
+        if let Some(c) = self.nodes[node - 1].daemon.take() {
+            sys::kill(c.id(), nix::sys::signal::Signal::SIGTERM);
+            self.nodes[node - 1].retiring.push(c);
+        }
+    }
+
+    /// Waits up to `timeout` for a node's retiring daemons to exit by themselves; their exit
+    /// statuses, or an error naming what still runs.
+    pub fn wait_retired(
+        &mut self,
+        node: usize,
+        timeout: Duration,
+    ) -> Result<Vec<std::process::ExitStatus>> {
+        let n = &mut self.nodes[node - 1];
+        let deadline = std::time::Instant::now() + timeout;
+        let mut statuses = Vec::new();
+        while let Some(c) = n.retiring.last_mut() {
+            match c.try_wait() {
+                Ok(Some(status)) => {
+                    statuses.push(status);
+                    n.retiring.pop();
+                }
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(None) => {
+                    return Err(HarnessError::Other(format!(
+                        "the retiring daemon {} on node {node} still runs after {timeout:?}",
+                        c.id()
+                    )));
+                }
+                Err(e) => return Err(HarnessError::Other(format!("waiting for a daemon: {e}"))),
+            }
+        }
+        Ok(statuses)
     }
 
     /// Stops a pod's server as if it crashed: the pod stays in its Services' endpoints, and
@@ -882,6 +955,10 @@ impl Cluster {
 
     fn cleanup(&mut self) {
         for n in &mut self.nodes {
+            for mut c in n.retiring.drain(..) {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
             if let Some(mut c) = n.daemon.take() {
                 sys::kill(c.id(), nix::sys::signal::Signal::SIGTERM);
                 let deadline = std::time::Instant::now() + Duration::from_secs(2);

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use sidelane_tests::{Cluster, PodRef, PodSpec, ServicePortSpec, ServiceRef, leftovers, sys};
+use sidelane_tests::{
+    Cluster, PodRef, PodSpec, RunningClient, ServicePortSpec, ServiceRef, leftovers, sys,
+};
 
 struct Setup {
     c: Cluster,
@@ -479,13 +481,17 @@ fn a_killed_daemon_fails_closed_and_its_successor_adopts_the_pins() {
     assert_eq!(ok_from(&r, "api-server-v1"), 2, "{r:?}");
     let log = c.daemon_log(1);
     assert!(log.contains("adopted=true"), "{log}");
-    // Exactly one copy of each program on the node's cgroup: the old links were replaced.
-    let cg = c.node_cgroup(1);
+    assert_one_copy_of_each_program(&c, 1);
+}
+
+/// Exactly one copy of each program on the node's cgroup: a new daemon's links replaced the
+/// old ones.
+fn assert_one_copy_of_each_program(c: &Cluster, node: usize) {
     let out = std::process::Command::new("bpftool")
         .arg("-j")
         .arg("cgroup")
         .arg("show")
-        .arg(cg)
+        .arg(c.node_cgroup(node))
         .output()
         .expect("bpftool");
     let progs: Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
@@ -502,6 +508,128 @@ fn a_killed_daemon_fails_closed_and_its_successor_adopts_the_pins() {
         ["sl_connect4", "sl_connect6", "sl_sockops"],
         "{names:?}"
     );
+}
+
+/// A rolling update with `maxSurge`: the new daemon starts beside the old one and takes its
+/// listeners over. Nothing is refused or reset: a connection open across the handover keeps
+/// flowing, a request in flight is answered (with `connection: close`, the old daemon
+/// draining), new connections go to the new daemon, and the old one exits by itself once its
+/// connections are done.
+#[test]
+fn a_successor_takes_the_listeners_over_and_the_old_daemon_drains() {
+    let s = setup(|p| p);
+    let mut c = s.c;
+    c.wait_enrolled(s.client, true).expect("enrolled");
+    let vip = c.service(s.svc).vip4.clone();
+    let vip_tcp = format!("{vip}:9000");
+    let mut held = c
+        .spawn_exec(
+            s.client,
+            &[
+                "tcp",
+                "--addr",
+                &vip_tcp,
+                "--send",
+                "across the handover\\n",
+                "--hold-ms",
+                "5000",
+                "--timeout-ms",
+                "20000",
+            ],
+        )
+        .expect("tcp client");
+    let connected = held.next_json().expect("connected");
+    assert_eq!(connected["event"], "connected", "{connected}");
+    // Long enough to be in flight when the successor has started.
+    let mut slow = slow_request(&c, s.client, &vip, 4, 2);
+    let first = c.daemon_pid(1);
+
+    c.start_successor(1).expect("successor");
+    assert_ne!(c.daemon_pid(1), first);
+    let r = c
+        .http(
+            s.client,
+            &format!("http://{vip}/"),
+            &["--count", "3", "--new-conn"],
+        )
+        .expect("http");
+    assert_eq!(ok_from(&r, "api-server-v1"), 3, "{r:?}");
+    assert_eq!(
+        proxied(&c, 1),
+        3,
+        "new connections went to the successor (its own count)"
+    );
+
+    let answered = slow.next_json().expect("slow answer");
+    assert_eq!(answered["status"], 200, "{answered}");
+    assert_eq!(answered["headers"]["connection"], "close", "{answered}");
+    let done = held.next_json().expect("held result");
+    assert_eq!(
+        done["received"].as_str(),
+        Some("pod=api-server-v1 version=v1\necho:across the handover\nbye\n"),
+        "a connection open across the handover was cut: {done}"
+    );
+    assert_drained_and_exited(&mut c, 1, "took the listeners over");
+    assert_one_copy_of_each_program(&c, 1);
+}
+
+/// An HTTP request from `client` to `vip` that the backend answers after `secs` seconds,
+/// started once node 1's daemon has accepted `accepted` connections in all (this one too).
+fn slow_request(c: &Cluster, client: PodRef, vip: &str, secs: u32, accepted: u64) -> RunningClient {
+    let url = format!("http://{vip}/delay/{secs}");
+    let slow = c
+        .spawn_exec(client, &["http", "--url", &url, "--timeout-ms", "20000"])
+        .expect("http client");
+    sys::wait_for(
+        "the request to reach the daemon",
+        Duration::from_secs(5),
+        || (proxied(c, 1) == accepted).then_some(()),
+    )
+    .expect("the daemon accepted it");
+    slow
+}
+
+/// The node's retiring daemon exits by itself, successfully, once its connections are done;
+/// its log says `why` it stopped.
+fn assert_drained_and_exited(c: &mut Cluster, node: usize, why: &str) {
+    let exited = c
+        .wait_retired(node, Duration::from_secs(15))
+        .expect("the daemon exits once drained");
+    assert!(
+        exited.iter().all(std::process::ExitStatus::success),
+        "{exited:?}"
+    );
+    let log = c.daemon_log(node);
+    assert!(log.contains(why), "{log}");
+    assert!(log.contains("drained: no connection left"), "{log}");
+}
+
+/// SIGTERM without a successor: new connections are refused at once (fail closed, no
+/// bypass), the request in flight is answered, and the daemon exits when it is.
+#[test]
+fn sigterm_refuses_new_connections_and_lets_the_one_in_flight_finish() {
+    let s = setup(|p| p);
+    let mut c = s.c;
+    c.wait_enrolled(s.client, true).expect("enrolled");
+    let vip = c.service(s.svc).vip4.clone();
+    let server_ip = c.pod(s.server).ip4.clone();
+    let mut slow = slow_request(&c, s.client, &vip, 2, 1);
+
+    c.terminate_daemon(1);
+    let refused = sys::wait_for("new connections refused", Duration::from_secs(5), || {
+        let r = c
+            .tcp(s.client, &format!("{server_ip}:9000"), "")
+            .expect("tcp");
+        (r["error"] == "refused").then_some(r)
+    });
+    assert!(
+        refused.is_ok(),
+        "a draining daemon still accepted, or the pod bypassed it"
+    );
+    let answered = slow.next_json().expect("slow answer");
+    assert_eq!(answered["status"], 200, "{answered}");
+    assert_eq!(answered["pod"], "api-server-v1", "{answered}");
+    assert_drained_and_exited(&mut c, 1, "SIGTERM: no longer accepting");
 }
 
 #[test]

@@ -22,7 +22,6 @@ use std::{
     pin::{Pin, pin},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     task::{Context, Poll, ready},
-    time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
@@ -247,10 +246,10 @@ enum Refused {
     TooLarge,
 }
 
-/// Serves an HTTP/1.1 connection until it closes or stays idle (no request in progress) for
-/// `idle_timeout`: each request goes to `service`, its response is written back before the
-/// next request is read.
-pub async fn serve<S, F, B>(accepted: Accepted, idle_timeout: Duration, mut service: S)
+/// Serves an HTTP/1.1 connection until it closes, stays idle (no request in progress) past
+/// `idle`'s timeout, or the daemon drains: each request goes to `service`, its response is
+/// written back before the next request is read.
+pub async fn serve<S, F, B>(accepted: Accepted, mut idle: IdleDeadline, mut service: S)
 where
     S: FnMut(Request<RequestBody>) -> F,
     F: Future<Output = Response<B>>,
@@ -266,7 +265,6 @@ where
         names: RecentNames::default(),
     }));
     let mut out = Vec::with_capacity(READ_BUF);
-    let mut idle = IdleDeadline::new(idle_timeout);
     loop {
         // A connection with no request in progress for this long is closed.
         let head = match idle.unless_idle(read_head(&shared)).await {
@@ -313,8 +311,11 @@ where
         let Some(response) = answer_unless_client_leaves(answer, &shared).await else {
             return;
         };
+        // A draining daemon keeps no connection for another request (Envoy's drain: the
+        // response says `connection: close`).
+        let keep_alive = head.keep_alive && !idle.draining();
         let (framing, keep) =
-            encode_response(&mut out, &response, head_request, version, head.keep_alive);
+            encode_response(&mut out, &response, head_request, version, keep_alive);
         let (_, body) = response.into_parts();
         if h1_codec::write_body(&mut write, &mut out, body, framing, head.trailers_wanted)
             .await

@@ -15,7 +15,6 @@
 use std::{
     future::Future,
     task::{Poll, ready},
-    time::Duration,
 };
 
 use bytes::Bytes;
@@ -47,9 +46,10 @@ const MAX_CONCURRENT_STREAMS: u32 = 200;
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// Serves HTTP/2 on `io` (its preface not yet read), answering each request with `answer`,
-/// until the connection closes. After `idle_timeout` with no stream open the connection is
-/// drained (GOAWAY, then closed), as Envoy does with its downstream `idle_timeout`.
-pub async fn serve<I, F, Fut>(io: I, idle_timeout: Duration, answer: F)
+/// until the connection closes. After `idle`'s timeout with no stream open, or once the daemon
+/// drains, the connection is drained (GOAWAY, open streams finished, then closed), as Envoy
+/// does with its downstream `idle_timeout` and its drain.
+pub async fn serve<I, F, Fut>(io: I, mut idle: IdleDeadline, answer: F)
 where
     I: AsyncRead + AsyncWrite + Unpin,
     F: Fn(Request<H2Body>) -> Fut,
@@ -73,7 +73,6 @@ where
     };
     let answer = &answer;
     let mut streams = FuturesUnordered::new();
-    let mut idle = IdleDeadline::new(idle_timeout);
     let mut idle_since = Instant::now();
     let mut draining = false;
     std::future::poll_fn(|cx| {
@@ -90,6 +89,11 @@ where
                     conn.graceful_shutdown();
                     draining = true;
                 }
+            }
+            if !draining && idle.poll_drain(cx).is_ready() {
+                tracing::debug!("the daemon drains; so does this HTTP/2 client connection");
+                conn.graceful_shutdown();
+                draining = true;
             }
             match ready!(conn.poll_accept(cx)) {
                 Some(Ok((req, respond))) => streams.push(exchange(answer, req, respond)),

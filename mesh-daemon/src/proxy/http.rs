@@ -20,7 +20,8 @@ use super::{
     cluster_state::{self, Choice, ClusterState, InFlight, Outcome, PodClusters, Slot, take_slot},
     cors::Decision,
     h1_server::{self, Speaks},
-    h2_server, hop_by_hop, idle,
+    h2_server, hop_by_hop,
+    idle::{self, IdleDeadline},
     observed::{Completion, Counted, Observed, PodSeries, SeriesCache},
     pool::{Lease, PodPool, PoolError, SendError, UpstreamBody, Want},
     protocol::Protocol,
@@ -97,13 +98,12 @@ pub struct Downstream {
 
 /// Serves one client connection (HTTP/1.1, or HTTP/2 with prior knowledge) until it closes.
 pub async fn serve(conn: Arc<Downstream>, client: TcpStream) {
+    let idle = || IdleDeadline::new(idle::IDLE_TIMEOUT, conn.pod.inputs.shards.drain().signal());
     match h1_server::Accepted::detect(client).await {
         Speaks::Http1(accepted) => {
-            h1_server::serve(accepted, idle::IDLE_TIMEOUT, |req| handle(&conn, req)).await;
+            h1_server::serve(accepted, idle(), |req| handle(&conn, req)).await;
         }
-        Speaks::Http2(io) => {
-            h2_server::serve(io, idle::IDLE_TIMEOUT, |req| handle(&conn, req)).await
-        }
+        Speaks::Http2(io) => h2_server::serve(io, idle(), |req| handle(&conn, req)).await,
         Speaks::Nothing => {}
     }
 }

@@ -82,13 +82,31 @@ impl Outbound {
             Ok(l) => listeners.push(l),
             Err(e) => tracing::info!(pod = %pod_uid, error = %e, "no IPv6 outbound listener"),
         }
-        Ok(Self {
+        Ok(Self::adopt(pod_uid, netns, inputs, listeners))
+    }
+
+    /// Serves listeners bound already: by the daemon that ran before, which handed them over.
+    pub fn adopt(
+        pod_uid: String,
+        netns: Arc<Netns>,
+        inputs: Arc<ProxyInputs>,
+        listeners: Vec<std::net::TcpListener>,
+    ) -> Self {
+        Self {
             pod_uid,
             http: Arc::new(PodHttp::new(netns.clone(), inputs.clone())),
             netns,
             listeners,
             inputs,
-        })
+        }
+    }
+
+    /// Second descriptors of the listeners, to hand to a successor while these accept.
+    pub fn copies(&self) -> std::io::Result<Vec<std::net::TcpListener>> {
+        self.listeners
+            .iter()
+            .map(std::net::TcpListener::try_clone)
+            .collect()
     }
 
     /// The pod's HTTP side (pool, cluster state), for the admin API to look into.

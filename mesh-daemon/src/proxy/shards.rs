@@ -19,6 +19,8 @@ use std::{
 
 use tokio::{net::TcpStream, runtime::Handle, sync::watch};
 
+use super::drain::Drain;
+
 thread_local! {
     /// Which shard the running thread is (`None` off the proxy threads).
     static CURRENT: Cell<Option<usize>> = const { Cell::new(None) };
@@ -29,6 +31,7 @@ thread_local! {
 /// connections do not keep the threads alive.
 pub struct Shards {
     shards: Vec<Shard>,
+    drain: Arc<Drain>,
     _stop: watch::Sender<()>,
 }
 
@@ -63,6 +66,7 @@ impl Shards {
             });
         }
         Ok(Arc::new(Self {
+            drain: Drain::new(shards.len()),
             shards,
             _stop: stop,
         }))
@@ -76,6 +80,19 @@ impl Shards {
     /// [`Self::current`], small enough to sit in a map key's padding.
     pub fn current_u16() -> Option<u16> {
         Self::current().and_then(|i| u16::try_from(i).ok())
+    }
+
+    /// The drain of the connections these threads serve.
+    pub fn drain(&self) -> &Arc<Drain> {
+        &self.drain
+    }
+
+    /// Client connections open on all threads (a drain is over when none is left).
+    pub fn open_connections(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.open.load(Ordering::Relaxed))
+            .sum()
     }
 
     pub fn len(&self) -> usize {
@@ -208,13 +225,7 @@ mod tests {
 
         drop(clients);
         let deadline = Instant::now() + Duration::from_secs(5);
-        let open = || {
-            shards
-                .shards
-                .iter()
-                .map(|s| s.open.load(std::sync::atomic::Ordering::Relaxed))
-                .sum::<usize>()
-        };
+        let open = || shards.open_connections();
         while open() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -11,7 +11,7 @@ use tokio::{
 };
 
 use super::{Accepted, RequestBody, Speaks, serve};
-use crate::proxy::h1_codec::BoxError;
+use crate::proxy::{drain::Drain, h1_codec::BoxError, idle::IdleDeadline};
 
 type TestBody = BoxBody<Bytes, BoxError>;
 
@@ -21,7 +21,8 @@ fn full(text: String) -> TestBody {
 
 /// What the test service does, by path: `/echo` reads the body and tells what it got,
 /// `/stream` answers with a body of unknown size and a trailer, `/wait` never answers (and
-/// reports being dropped), anything else answers at once without reading the body.
+/// reports being dropped), `/slow` answers after 300 ms, anything else answers at once
+/// without reading the body.
 async fn service(
     req: Request<RequestBody>,
     dropped: mpsc::UnboundedSender<()>,
@@ -67,6 +68,10 @@ async fn service(
             std::future::pending::<()>().await;
             Response::new(full(String::new()))
         }
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Response::new(full("slow".to_owned()))
+        }
         other => Response::new(full(format!("at {other}"))),
     }
 }
@@ -82,6 +87,10 @@ async fn server() -> Server {
 }
 
 async fn server_idle_for(idle: Duration) -> Server {
+    server_with(idle, Drain::new(0)).await
+}
+
+async fn server_with(idle: Duration, drain: std::sync::Arc<Drain>) -> Server {
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind loopback");
@@ -90,6 +99,7 @@ async fn server_idle_for(idle: Duration) -> Server {
     tokio::spawn(async move {
         while let Ok((sock, _)) = listener.accept().await {
             let tx = tx.clone();
+            let idle = IdleDeadline::new(idle, drain.signal());
             tokio::spawn(async move {
                 match Accepted::detect(sock).await {
                     Speaks::Http1(a) => serve(a, idle, |req| service(req, tx.clone())).await,
@@ -384,4 +394,38 @@ async fn an_idle_connection_is_closed_after_the_idle_timeout() {
     let got = read_to_close(&mut sock).await;
     assert_eq!(statuses(&got), ["200"], "{got}");
     assert!(got.ends_with("at /a"), "{got}");
+}
+
+/// Once the daemon drains, an idle connection is closed at once and a busy one gets its
+/// answer with `connection: close`, then closes; a connection opened during the drain is
+/// served once.
+#[tokio::test]
+async fn a_drain_closes_idle_connections_and_ends_busy_ones_after_their_answer() {
+    let drain = Drain::new(0);
+    let s = server_with(Duration::from_secs(60), drain.clone()).await;
+    let mut idle = TcpStream::connect(s.addr).await.expect("connect");
+    idle.write_all(b"GET /a HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .expect("send");
+    read_until(&mut idle, "at /a").await;
+    let mut busy = TcpStream::connect(s.addr).await.expect("connect");
+    busy.write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .expect("send");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    drain.start();
+    assert_eq!(
+        read_to_close(&mut idle).await,
+        "",
+        "an idle connection stayed open"
+    );
+    let answer = read_to_close(&mut busy).await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(answer.contains("connection: close\r\n"), "{answer}");
+    assert!(answer.ends_with("slow"), "{answer}");
+
+    let late = exchange(s.addr, b"GET /b HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert_eq!(statuses(&late), ["200"], "{late}");
+    assert!(late.contains("connection: close\r\n"), "{late}");
 }

@@ -9,7 +9,7 @@ use tokio::{
 };
 
 use super::serve;
-use crate::proxy::{h2_body::H2Body, http::Body};
+use crate::proxy::{drain::Drain, h2_body::H2Body, http::Body, idle::IdleDeadline};
 
 /// A loopback server running `serve` with `answer` on its one connection, and an h2 client
 /// connected to it.
@@ -27,6 +27,20 @@ where
 /// when the connection closes) left to the caller.
 async fn pair_idle<F, Fut>(
     idle: Duration,
+    answer: F,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    h2::client::Connection<TcpStream, Bytes>,
+)
+where
+    F: Fn(Request<H2Body>) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
+    pair_with(IdleDeadline::new(idle, Drain::new(0).signal()), answer).await
+}
+
+async fn pair_with<F, Fut>(
+    idle: IdleDeadline,
     answer: F,
 ) -> (
     h2::client::SendRequest<Bytes>,
@@ -244,4 +258,35 @@ async fn a_stream_open_longer_than_the_idle_timeout_is_not_cut() {
         .expect("in time")
         .expect("a stream in progress was cut by the idle timeout");
     assert_eq!(read_all(resp.into_body()).await.0, b"slow");
+}
+
+/// Once the daemon drains, the client is told (GOAWAY), the stream in progress is answered,
+/// and the connection then closes.
+#[tokio::test]
+async fn a_drain_finishes_open_streams_then_closes_the_connection() {
+    let drain = Drain::new(0);
+    let (mut send, conn) = pair_with(
+        IdleDeadline::new(Duration::from_secs(3600), drain.signal()),
+        |_req: Request<H2Body>| async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            full(b"slow")
+        },
+    )
+    .await;
+    let conn = tokio::spawn(conn);
+    let (response, _) = send.send_request(get("/slow"), true).expect("request");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drain.start();
+    let response = tokio::time::timeout(Duration::from_secs(5), response)
+        .await
+        .expect("answered in time")
+        .expect("the stream in progress was answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    let (body, _) = read_all(response.into_body()).await;
+    assert_eq!(body, b"slow");
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the drained connection closed")
+        .expect("task")
+        .expect("closed cleanly, by GOAWAY");
 }
