@@ -23,6 +23,7 @@ pub mod replay;
 pub mod shards;
 pub mod sockets;
 pub mod splice;
+pub mod upgrade;
 
 use std::sync::Arc;
 

@@ -644,3 +644,79 @@ fn hop_by_hop_headers_stay_on_their_connection_and_upstream_connections_are_reus
         "upstream connections not reused: {peers:?}"
     );
 }
+
+/// A WebSocket-style upgrade passes as Istio's Envoy lets it: the 101 reaches the client as
+/// the upstream sent it, bytes then flow both ways (a FIN passed on as a FIN), and the
+/// request is recorded once the tunnel has closed, with code 101 and the tunnel's bytes.
+#[test]
+fn an_upgraded_connection_carries_bytes_both_ways_until_each_side_closes() {
+    let s = setup();
+    let c = &s.c;
+    let addr = s.url.trim_start_matches("http://");
+    let sent = "hello through the tunnel\n";
+    let request = format!(
+        "GET /upgrade HTTP/1.1\\r\\nhost: api-server\\r\\nconnection: Upgrade\\r\\nupgrade: sidelane-echo\\r\\n\\r\\n{}",
+        sent.replace('\n', "\\n")
+    );
+    // The FIN waits a moment: a client that closes before its 101 has left.
+    let mut client = c
+        .spawn_exec(
+            s.client,
+            &[
+                "tcp",
+                "--addr",
+                addr,
+                "--send",
+                &request,
+                "--linger-ms",
+                "300",
+            ],
+        )
+        .expect("tcp");
+    let sent_event = client.next_json().expect("sent");
+    assert_eq!(sent_event["event"], "sent", "{sent_event}");
+    let r = client.next_json().expect("result");
+    let got = r["received"].as_str().unwrap_or_default();
+    let (head, tunnel) = got.split_once("\r\n\r\n").unwrap_or((got, ""));
+    assert!(
+        head.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
+        "{r}"
+    );
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("\r\nupgrade: sidelane-echo"), "{head}");
+    assert!(head.contains("\r\nconnection: upgrade"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    assert!(
+        tunnel.starts_with("pod=api-server-v")
+            && [" version=v1\n", " version=v2\n"]
+                .iter()
+                .any(|v| tunnel.ends_with(&format!("{v}echo:hello through the tunnel\nbye\n"))),
+        "{r}"
+    );
+
+    let sample = |m: &str, name: &str| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with(name) && l.contains("response_code=\"101\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let m = sidelane_tests::sys::wait_for(
+        "the upgrade's metrics",
+        std::time::Duration::from_secs(5),
+        || {
+            let m = c.metrics(1).ok()?;
+            (sample(&m, "istio_requests_total{") == 1.0).then_some(m)
+        },
+    )
+    .expect("one request with code 101, recorded when its tunnel closed");
+    assert_eq!(
+        sample(&m, "istio_request_bytes_sum{"),
+        sent.len() as f64,
+        "the tunnel's bytes to the upstream"
+    );
+    assert_eq!(
+        sample(&m, "istio_response_bytes_sum{"),
+        tunnel.len() as f64,
+        "the tunnel's bytes to the client"
+    );
+}

@@ -15,7 +15,8 @@
 //! none. A client that leaves while its request is being answered cancels the answer; one
 //! that sends nothing for an hour (Envoy's idle timeout) has its connection closed. A
 //! malformed head gets 400, a head over 60 KiB 431 (Envoy's limit), and the connection
-//! closes. HTTP/2 is recognised by its preface and left to the caller.
+//! closes. A 101 to an upgrade request (WebSocket) turns the connection into a tunnel to the
+//! upstream (`upgrade`). HTTP/2 is recognised by its preface and left to the caller.
 use std::{
     future::Future,
     io,
@@ -38,6 +39,7 @@ use super::{
     },
     hop_by_hop,
     idle::IdleDeadline,
+    upgrade::{Tunnel, Upgraded},
 };
 
 /// What a client sends first on an HTTP/2 connection with prior knowledge.
@@ -311,6 +313,30 @@ where
         let Some(response) = answer_unless_client_leaves(answer, &shared).await else {
             return;
         };
+        if let Some(tunnel) = switched(&response) {
+            encode_response(&mut out, &response, false, version, false);
+            if write.write_all(&out).await.is_err() {
+                return;
+            }
+            // Nothing else holds the read side now: the request had no body to read.
+            let Ok(side) = Arc::try_unwrap(shared) else {
+                return;
+            };
+            let side = side.into_inner().unwrap_or_else(PoisonError::into_inner);
+            let Ok(client) = side.io.reunite(write) else {
+                return;
+            };
+            // Boxed: inline, the tunnel's state would make every connection's future (moved
+            // on each spawn) larger for the sake of the rare upgrade.
+            Box::pin(tunnel.join(client, side.buf.freeze())).await;
+            // The request ends with its tunnel: its telemetry is recorded as the (empty)
+            // response body ends.
+            let (_, mut body) = response.into_parts();
+            while let Some(Ok(_)) =
+                std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+            {}
+            return;
+        }
         // A draining daemon keeps no connection for another request (Envoy's drain: the
         // response says `connection: close`).
         let keep_alive = head.keep_alive && !idle.draining();
@@ -328,6 +354,18 @@ where
             return;
         }
     }
+}
+
+/// The upstream side of a connection switched by a 101 to an upgrade request, if this
+/// response is one.
+fn switched<B>(response: &Response<B>) -> Option<Tunnel> {
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return None;
+    }
+    response
+        .extensions()
+        .get::<Upgraded>()
+        .and_then(Upgraded::take)
 }
 
 /// Runs the service's answer; while it runs, reads the client's side (once the request body
@@ -509,12 +547,18 @@ fn encode_response<B: Body>(
         h1_codec::frame_undeclared(out, response.body(), true, version == Version::HTTP_11)
     };
     let says_close = hop_by_hop::lists(headers, &header::CONNECTION, "close");
-    // No upgrade is carried through: what would follow a 101 is not HTTP/1.1.
+    // What follows a 101 is not HTTP/1.1: a switched connection is joined to its upstream
+    // (`upgrade`) or closed.
     let keep = keep_alive
         && !says_close
         && framing != Framing::Close
         && status != StatusCode::SWITCHING_PROTOCOLS;
-    if !keep && !says_close && version == Version::HTTP_11 {
+    // A 101 says `connection: upgrade`, and the connection goes on as what it switched to.
+    if !keep
+        && !says_close
+        && version == Version::HTTP_11
+        && status != StatusCode::SWITCHING_PROTOCOLS
+    {
         out.extend_from_slice(b"connection: close\r\n");
     } else if keep && version == Version::HTTP_10 {
         out.extend_from_slice(b"connection: keep-alive\r\n");

@@ -9,7 +9,8 @@
 //! What it speaks (RFC 9112): request bodies by `Content-Length` or chunked; response bodies
 //! by length, chunked (trailers passed on) or until close; no body for HEAD, 1xx, 204 and
 //! 304; interim 1xx responses (`100 Continue`) skipped; the connection kept only when the
-//! response allows it and was read to its end.
+//! response allows it and was read to its end; after a `101` to an upgrade request, the
+//! connection handed to the client's side whole (`upgrade`).
 use std::{
     pin::{Pin, pin},
     task::{Context, Poll},
@@ -28,6 +29,7 @@ use super::{
         RecentNames,
     },
     pool::ConnSlot,
+    upgrade::{self, Upgraded},
 };
 
 const READ_RESERVE: usize = 16 * 1024;
@@ -123,6 +125,19 @@ impl H1Conn {
                 }
             }
         };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade::requested(&head.headers) {
+            // The connection leaves the pool for the client's side to join (`upgrade`).
+            let mut resp = resp;
+            let early = self.read.split().freeze();
+            resp.extensions_mut()
+                .insert(Upgraded::new(self.io, early, self._slot));
+            return Ok(resp.map(|()| H1Body {
+                conn: None,
+                state: BodyState::Done,
+                keep: false,
+                home: None,
+            }));
+        }
         let body_framing = if h1_codec::bodiless_response(head_only, resp.status()) {
             Framing::Empty
         } else {

@@ -26,6 +26,7 @@ use super::{
     pool::{Lease, PodPool, PoolError, SendError, UpstreamBody, Want},
     protocol::Protocol,
     replay::Replayable,
+    upgrade,
 };
 use crate::{
     config::istio::{networking::HeaderOperations, validate::GRPC_STATUS},
@@ -237,6 +238,10 @@ where
         } else {
             None
         },
+        tunnel: response
+            .extensions()
+            .get::<upgrade::Upgraded>()
+            .map(upgrade::Upgraded::bytes),
     };
     response.map(|b| Observed::new(b, done).boxed())
 }
@@ -575,7 +580,9 @@ impl Attempts<'_> {
         let (parts, body) = req.into_parts();
         let body = Replayable::new(body);
         let policy = self.up.retry_policy();
-        let h2 = self.up.uses_h2(self.cluster.policy.h2_upgrade);
+        // An upgrade stays HTTP/1.1 (h2 has no `Upgrade`): Envoy does not move it either.
+        let h2 =
+            self.up.uses_h2(self.cluster.policy.h2_upgrade) && !upgrade::requested(&parts.headers);
         let pool = &self.up.conn.pod.pool;
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retries = 0u32;

@@ -19,6 +19,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use super::{
     access_log,
     http::{Body, Downstream, grpc_status},
+    upgrade::TunnelBytes,
 };
 use crate::{
     metrics::{RequestLabels, RequestSeries, TcpLabels},
@@ -168,6 +169,9 @@ pub struct Completion {
     pub request_bytes: Option<Arc<AtomicU64>>,
     /// The `grpc-status` the response carried, in its head (trailers-only) or trailers.
     pub grpc_status: Option<u8>,
+    /// After a 101, the bytes the tunnel carried: the request's and the response's, as
+    /// Envoy counts an upgraded stream's.
+    pub tunnel: Option<Arc<TunnelBytes>>,
 }
 
 /// What Envoy reports as a gRPC call's status when the response carried none: the gRPC
@@ -191,10 +195,18 @@ impl Completion {
         let elapsed = self.started.elapsed();
         // The endpoint that answered, or the original destination if none did.
         let upstream = self.log.upstream_host.unwrap_or(self.conn.original_dst);
-        let request_bytes = self
-            .request_bytes
-            .as_ref()
-            .map_or(0, |n| n.load(Ordering::Relaxed));
+        let (tunnel_up, tunnel_down) = self.tunnel.as_ref().map_or((0, 0), |t| {
+            (
+                t.to_upstream.load(Ordering::Relaxed),
+                t.to_client.load(Ordering::Relaxed),
+            )
+        });
+        let response_bytes = response_bytes + tunnel_down;
+        let request_bytes = tunnel_up
+            + self
+                .request_bytes
+                .as_ref()
+                .map_or(0, |n| n.load(Ordering::Relaxed));
         let key = SeriesKey {
             generation: self.snap.generation,
             upstream: upstream.ip(),
@@ -257,8 +269,10 @@ impl Observed {
             sent: 0,
             done: Some(done),
         };
-        // A body with nothing in it never gets polled to its end by some clients.
+        // A body with nothing in it never gets polled to its end by some clients. A 101's
+        // is polled once its tunnel has closed: the request lasts as long.
         if this.inner.is_end_stream()
+            && this.done.as_ref().is_some_and(|d| d.tunnel.is_none())
             && let Some(d) = this.done.take()
         {
             d.record(0, true);

@@ -148,7 +148,7 @@ fn main() -> anyhow::Result<()> {
                 linger_ms,
                 timeout_ms,
             } => {
-                let mut send = send.replace("\\n", "\n").into_bytes();
+                let mut send = send.replace("\\r", "\r").replace("\\n", "\n").into_bytes();
                 if bulk > 0 {
                     send.extend(std::iter::repeat_n(b'x', bulk));
                     send.push(b'\n');
@@ -243,7 +243,7 @@ async fn serve(id: Arc<Identity>, http_port: u16, tcp_port: u16) -> anyhow::Resu
             let handle = Arc::new(handle);
             let svc = service_fn(move |req| respond(id.clone(), peer, handle.clone(), req));
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
+                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                 .await;
         });
     }
@@ -253,9 +253,29 @@ async fn respond(
     id: Arc<Identity>,
     peer: SocketAddr,
     handle: Arc<std::net::TcpStream>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, std::io::Error> {
     let path = req.uri().path().to_owned();
+    if path == "/upgrade"
+        && let Some(protocol) = req.headers().get(hyper::header::UPGRADE).cloned()
+    {
+        // Switches to the raw TCP service's protocol (greeting, then echoed lines).
+        let switched = hyper::upgrade::on(&mut req);
+        let id = id.clone();
+        tokio::spawn(async move {
+            if let Ok(io) = switched.await {
+                echo_lines(&id, TokioIo::new(io)).await;
+            }
+        });
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("upgrade"),
+        );
+        r.headers_mut().insert(hyper::header::UPGRADE, protocol);
+        return Ok(r);
+    }
     // HTTP/2 carries the host as :authority, which apps see as their request's host.
     let host = req
         .headers()
@@ -328,36 +348,43 @@ async fn respond(
 /// Raw TCP: greet, then echo lines; "RESET" resets the connection; a FIN from the client is
 /// answered with "bye" and a FIN.
 async fn tcp_conn(id: Arc<Identity>, s: TcpStream) {
-    let (r, mut w) = s.into_split();
+    if let Some(s) = echo_lines(&id, s).await {
+        let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    }
+}
+
+/// The raw TCP service on any byte stream; the stream back when the client asked for a reset.
+async fn echo_lines<S>(id: &Identity, s: S) -> Option<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (r, mut w) = tokio::io::split(s);
     let mut lines = BufReader::new(r).lines();
     if w.write_all(format!("pod={} version={}\n", id.pod, id.version).as_bytes())
         .await
         .is_err()
     {
-        return;
+        return None;
     }
     loop {
         match lines.next_line().await {
             Ok(Some(line)) if line.trim() == "RESET" => {
-                if let Ok(s) = lines.into_inner().into_inner().reunite(w) {
-                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-                }
-                return;
+                return Some(lines.into_inner().into_inner().unsplit(w));
             }
             Ok(Some(line)) => {
                 if w.write_all(format!("echo:{line}\n").as_bytes())
                     .await
                     .is_err()
                 {
-                    return;
+                    return None;
                 }
             }
             Ok(None) => {
                 let _ = w.write_all(b"bye\n").await;
                 let _ = w.shutdown().await;
-                return;
+                return None;
             }
-            Err(_) => return,
+            Err(_) => return None,
         }
     }
 }

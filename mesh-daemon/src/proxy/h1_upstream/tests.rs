@@ -358,3 +358,71 @@ async fn an_answer_that_comes_before_the_whole_body_is_returned_at_once() {
         "a connection with half a request on it is not reused"
     );
 }
+
+/// A 101 to an upgrade request hands the connection over whole: what the upstream sent after
+/// its head is kept for the client, the socket carries bytes both ways, the cluster slot is
+/// held until the tunnel goes, and the connection never goes back to the pool.
+#[tokio::test]
+async fn a_switch_of_protocols_hands_the_connection_over() {
+    let up = upstream(vec![
+        (
+            "\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\nfirst",
+        ),
+        ("ping", b"pong"),
+    ])
+    .await;
+    let Connected { conn, slots } = connect(up.addr).await;
+    let req = Request::builder()
+        .uri("/chat")
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .body(Empty::<Bytes>::new())
+        .expect("a valid request");
+    let (head, body) = req.into_parts();
+    let shelf = Shelf::default();
+    let resp = conn
+        .send(&head, "/chat", body, shelf.clone())
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let tunnel = resp
+        .extensions()
+        .get::<crate::proxy::upgrade::Upgraded>()
+        .and_then(crate::proxy::upgrade::Upgraded::take)
+        .expect("the upstream connection, for the client's side");
+    drop(resp);
+    assert!(
+        shelf.take().is_none(),
+        "a switched connection went back to the pool"
+    );
+    assert_eq!(
+        slots.load(Ordering::Relaxed),
+        1,
+        "slot given up while the tunnel is open"
+    );
+
+    let (mut ours, theirs) = {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let c = TcpStream::connect(addr).await.expect("connect");
+        (c, l.accept().await.expect("accept").0)
+    };
+    let joined = tokio::spawn(tunnel.join(theirs, Bytes::from_static(b"ping")));
+    let mut got = [0u8; 9];
+    ours.read_exact(&mut got).await.expect("read");
+    assert_eq!(
+        &got, b"firstpong",
+        "the bytes after the 101, then the answer"
+    );
+    drop(ours);
+    tokio::time::timeout(std::time::Duration::from_secs(5), joined)
+        .await
+        .expect("the tunnel ends once both sides close")
+        .expect("task");
+    assert_eq!(
+        slots.load(Ordering::Relaxed),
+        0,
+        "slot kept after the tunnel"
+    );
+}
