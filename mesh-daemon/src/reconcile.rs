@@ -199,14 +199,13 @@ impl Reconciler {
             successor.hand_over(&fds)
         })
         .await;
-        match sent {
-            Ok(Ok(())) => {
+        match sent
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            Ok(()) => {
                 tracing::info!(listeners = n, "a successor holds the listeners; draining");
                 true
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "handover failed; still serving");
-                false
             }
             Err(e) => {
                 tracing::warn!(error = %e, "handover failed; still serving");
