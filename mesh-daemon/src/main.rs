@@ -237,7 +237,13 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let reconciling = tokio::spawn(reconciler.run(changed_rx));
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut handed_over = std::pin::pin!(handed_over_rx);
+    // Only a sent handover counts: a reconciler that ended otherwise (a panic) dropped the
+    // sender, and a finished receiver must not be polled again.
+    let mut handed_over = std::pin::pin!(async {
+        if handed_over_rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    });
     loop {
         tokio::select! {
             Some(objects) = obj_rx.recv() => {
@@ -245,7 +251,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                 apply(&objects, generation);
                 let _ = changed_tx.send(generation);
             }
-            Ok(()) = &mut handed_over => break,
+            () = &mut handed_over => break,
             _ = sigterm.recv() => {
                 // Nothing accepts from here on: new connections are refused (fail closed,
                 // and a client may retry) rather than cut when the drain ends.

@@ -175,6 +175,15 @@ pub struct Cluster {
     daemon_wrapper: Vec<String>,
 }
 
+/// Whether the daemon of the node whose network namespace is `netns` says it is ready.
+fn daemon_ready(netns: &str) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], READY_PORT));
+    matches!(
+        sys::http_get_in(netns, addr, "/healthz/ready"),
+        Ok((200, _))
+    )
+}
+
 /// Where `mesh-daemon` and `sidelane-workload` were built.
 pub fn bin_dir() -> Result<PathBuf> {
     if let Ok(d) = std::env::var("SIDELANE_BIN_DIR") {
@@ -684,12 +693,7 @@ impl Cluster {
                     self.daemon_log(node)
                 ))));
             }
-            let addr = SocketAddr::from(([127, 0, 0, 1], READY_PORT));
-            matches!(
-                sys::http_get_in(&netns, addr, "/healthz/ready"),
-                Ok((200, _))
-            )
-            .then_some(Ok(()))
+            daemon_ready(&netns).then_some(Ok(()))
         });
         ready?
     }
@@ -714,12 +718,7 @@ impl Cluster {
         )?;
         let netns = self.nodes[node - 1].netns.clone();
         sys::wait_for("the successor's readiness", DAEMON_READY_TIMEOUT, || {
-            let addr = SocketAddr::from(([127, 0, 0, 1], READY_PORT));
-            matches!(
-                sys::http_get_in(&netns, addr, "/healthz/ready"),
-                Ok((200, _))
-            )
-            .then_some(())
+            daemon_ready(&netns).then_some(())
         })
     }
 
