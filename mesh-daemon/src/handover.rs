@@ -51,6 +51,11 @@ pub enum Role {
         pod_uid: String,
         netns_inode: u64,
     },
+    /// A pod's mTLS tunnel listener (IPv4 or IPv6), in the namespace with this inode.
+    Tunnel {
+        pod_uid: String,
+        netns_inode: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,15 +91,13 @@ impl Inherited {
         Some(self.listeners.swap_remove(i).1)
     }
 
-    /// Every listener of the pod `pod_uid` in the namespace `netns_inode`; none when the pod's
-    /// sandbox has been replaced since (its old listeners are for a namespace that is gone).
-    pub fn take_outbound(&mut self, pod_uid: &str, netns_inode: u64) -> Vec<TcpListener> {
+    /// Every listener handed over as `role` (a pod's IPv4 and IPv6 ones). None for a pod whose
+    /// sandbox has been replaced since: the role names the namespace, and the old one is gone.
+    pub fn take_all(&mut self, role: &Role) -> Vec<TcpListener> {
         let mut taken = Vec::new();
         let mut i = 0;
         while i < self.listeners.len() {
-            if matches!(&self.listeners[i].0,
-                Role::Outbound { pod_uid: u, netns_inode: n } if u == pod_uid && *n == netns_inode)
-            {
+            if &self.listeners[i].0 == role {
                 taken.push(self.listeners.swap_remove(i).1);
             } else {
                 i += 1;
@@ -356,11 +359,15 @@ mod tests {
             .expect("a daemon was running");
         old.join().expect("old side");
         assert_eq!(got.len(), 2);
+        let pod = |netns_inode| Role::Outbound {
+            pod_uid: "uid-1".into(),
+            netns_inode,
+        };
         assert!(
-            got.take_outbound("uid-1", 7).is_empty(),
+            got.take_all(&pod(7)).is_empty(),
             "another sandbox's listener"
         );
-        let taken = got.take_outbound("uid-1", 42);
+        let taken = got.take_all(&pod(42));
         assert_eq!(taken.len(), 1);
         assert!(got.take(&Role::Admin).is_some());
         assert!(got.is_empty());

@@ -15,6 +15,7 @@ pub mod dir_changes;
 pub mod discovery;
 pub mod enrollment;
 pub mod handover;
+pub mod identity;
 pub mod metrics;
 pub mod netns;
 pub mod proxy;

@@ -11,6 +11,10 @@ use mesh_daemon::{
     datapath::Datapath,
     discovery,
     handover::{self, Inherited, Role},
+    identity::{
+        ca::{self, Ca},
+        certs::Certificates,
+    },
     metrics::{Metrics, ReloadLabels},
     netns::HostNetns,
     proxy::{ProxyInputs, shards::Shards},
@@ -95,6 +99,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         protocol_detection_timeout: Settings::unless_zero(settings.protocol_detection_timeout),
         tcp_reporting_interval: Settings::unless_zero(settings.tcp_reporting_interval),
         shards: shards.clone(),
+        certs: workload_certificates(&settings)?,
     });
 
     // Configuration: every batch of objects becomes a new snapshot, swapped in whole.
@@ -362,4 +367,22 @@ fn offer_to_successors(path: &std::path::Path) -> Option<mpsc::Receiver<handover
             None
         }
     }
+}
+
+/// The workload certificates, when the mesh has a CA: none at `--ca-dir` leaves traffic
+/// between pods in plaintext (said once, loudly); a CA that is there but unusable stops the
+/// daemon rather than silently dropping mTLS.
+fn workload_certificates(settings: &Settings) -> anyhow::Result<Option<Arc<Certificates>>> {
+    let dir = &settings.ca_dir;
+    if !dir.join(ca::CA_KEY).exists() {
+        tracing::warn!(ca_dir = %dir.display(), "no CA: traffic between enrolled pods stays plaintext (create one with `meshctl ca init`)");
+        return Ok(None);
+    }
+    let ca = Ca::load(dir).with_context(|| format!("loading the CA from {}", dir.display()))?;
+    tracing::info!(ca_dir = %dir.display(), trust_domain = %settings.trust_domain, "mTLS between enrolled pods");
+    Ok(Some(Arc::new(Certificates::new(
+        ca,
+        &settings.trust_domain,
+        settings.workload_cert_ttl.0,
+    ))))
 }

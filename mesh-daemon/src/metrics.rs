@@ -162,6 +162,10 @@ pub struct Metrics {
     pub bpf_decisions: Family<DecisionLabels, Gauge>,
     pub outbound_connections: Counter,
     pub outbound_failures: Counter,
+    /// Tunnel connections refused at the TLS handshake (no or untrusted client certificate).
+    pub tunnel_refused: Counter,
+    /// Tunnels this node could not open to another pod's daemon.
+    pub tunnel_failures: Counter,
     pub access_log_dropped: Gauge,
 }
 
@@ -281,6 +285,18 @@ impl Metrics {
             "Redirected connections the proxy could not deliver",
             outbound_failures.clone(),
         );
+        let tunnel_refused = Counter::default();
+        own.register(
+            "tunnel_refused",
+            "Connections to the mTLS tunnel port refused at the handshake (no or untrusted client certificate)",
+            tunnel_refused.clone(),
+        );
+        let tunnel_failures = Counter::default();
+        own.register(
+            "tunnel_failures",
+            "mTLS tunnels to another pod that could not be opened",
+            tunnel_failures.clone(),
+        );
         let access_log_dropped = Gauge::default();
         own.register(
             "access_log_dropped",
@@ -307,6 +323,8 @@ impl Metrics {
             bpf_decisions,
             outbound_connections,
             outbound_failures,
+            tunnel_refused,
+            tunnel_failures,
         }
     }
 

@@ -12,11 +12,13 @@ pub mod h1_upstream;
 pub mod h2_body;
 pub mod h2_server;
 pub mod h2_upstream;
+pub mod hbone;
 pub mod hop_by_hop;
 pub mod http;
 pub mod idle;
 pub mod observed;
 pub mod outbound;
+pub mod pod_listeners;
 pub mod pool;
 pub mod protocol;
 pub mod replay;
@@ -29,9 +31,12 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::{datapath::OrigDstMap, metrics::Metrics, netns::HostNetns, state::Snapshot};
+use crate::{
+    datapath::OrigDstMap, identity::certs::Certificates, metrics::Metrics, netns::HostNetns,
+    state::Snapshot,
+};
 
-/// What every proxy task may read: nothing more (no certificates, no map writers).
+/// What every proxy task may read: nothing more (no CA, no map writers).
 pub struct ProxyInputs {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     pub orig_dst: OrigDstMap,
@@ -50,4 +55,7 @@ pub struct ProxyInputs {
     pub tcp_reporting_interval: Option<std::time::Duration>,
     /// The threads that serve the pods' connections.
     pub shards: Arc<shards::Shards>,
+    /// Workload certificates for the mTLS tunnel; `None`: no CA configured, traffic between
+    /// pods stays plaintext.
+    pub certs: Option<Arc<Certificates>>,
 }

@@ -14,7 +14,10 @@ use crate::{
     handover::{Inherited, Role, Successor},
     metrics::Metrics,
     netns::Netns,
-    proxy::{ProxyInputs, http::PodHttp, outbound::Outbound},
+    proxy::{
+        ProxyInputs, hbone::inbound::TunnelServer, http::PodHttp, outbound::Outbound,
+        pod_listeners::PodListeners,
+    },
     state::Snapshot,
 };
 
@@ -37,13 +40,15 @@ struct Active {
     policy: PodPolicy,
     listeners: Vec<String>,
     /// Second descriptors of the pod's listeners, for a successor.
-    copies: Vec<std::net::TcpListener>,
-    task: tokio::task::JoinHandle<()>,
+    copies: Vec<(Role, std::net::TcpListener)>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 
@@ -172,15 +177,11 @@ impl Reconciler {
             .own_listeners
             .iter()
             .map(|(role, l)| (role.clone(), l))
-            .chain(active.iter().flat_map(|(uid, a)| {
-                a.copies.iter().map(|l| {
-                    let role = Role::Outbound {
-                        pod_uid: uid.clone(),
-                        netns_inode: a.netns_inode,
-                    };
-                    (role, l)
-                })
-            }));
+            .chain(
+                active
+                    .values()
+                    .flat_map(|a| a.copies.iter().map(|(role, l)| (role.clone(), l))),
+            );
         for (role, l) in copies {
             match l.try_clone() {
                 Ok(l) => listeners.push((role, l)),
@@ -302,31 +303,24 @@ impl Reconciler {
         if !active.contains_key(uid) {
             let path = self.proc_root.join(pod.pid.to_string()).join("ns/net");
             let netns = Arc::new(Netns::open(&path, &self.inputs.host).map_err(|e| e.to_string())?);
-            let inherited = self.inherited.take_outbound(uid, pod.netns_inode);
-            let outbound = if inherited.is_empty() {
-                Outbound::bind(uid.to_owned(), netns.clone(), self.inputs.clone())
-                    .map_err(|e| e.to_string())?
-            } else {
-                Outbound::adopt(
-                    uid.to_owned(),
-                    netns.clone(),
-                    self.inputs.clone(),
-                    inherited,
-                )
-            };
-            let copies = outbound
-                .copies()
-                .map_err(|e| format!("copying the pod's listeners: {e}"))?;
+            let (outbound, tunnel, copies) = self.listeners_for(uid, pod, &netns)?;
             let listeners = outbound
+                .listeners()
                 .addresses()
                 .iter()
+                .chain(tunnel.as_ref().map(|(l, _)| l.addresses()).iter().flatten())
                 .map(ToString::to_string)
                 .collect();
             let http = outbound.http();
-            let task = tokio::spawn(outbound.run());
+            let mut tasks = vec![tokio::spawn(outbound.run())];
+            if let Some((listeners, server)) = tunnel {
+                tasks.push(tokio::spawn(server.run(listeners)));
+            }
+            let abort_all =
+                |tasks: &[tokio::task::JoinHandle<()>]| tasks.iter().for_each(|t| t.abort());
             // Listener first, map entry second: a connect redirected here always finds us.
             if let Err(e) = self.pods_map.set(netns.cookie(), &policy) {
-                task.abort();
+                abort_all(&tasks);
                 return Err(format!("writing sl_pods: {e}"));
             }
             tracing::info!(pod = %uid, cookie = netns.cookie(), "pod enrolled");
@@ -340,7 +334,7 @@ impl Reconciler {
                     policy,
                     listeners,
                     copies,
-                    task,
+                    tasks,
                 },
             );
         }
@@ -354,6 +348,69 @@ impl Reconciler {
             a.policy = policy;
         }
         Ok(a)
+    }
+
+    /// The pod's outbound listeners and, with mTLS on, its tunnel listeners: those the daemon
+    /// before handed over, else bound now; with second descriptors of each for a successor.
+    #[allow(clippy::type_complexity)]
+    fn listeners_for(
+        &mut self,
+        uid: &str,
+        pod: &DiscoveredPod,
+        netns: &Arc<Netns>,
+    ) -> Result<
+        (
+            Outbound,
+            Option<(PodListeners, TunnelServer)>,
+            Vec<(Role, std::net::TcpListener)>,
+        ),
+        String,
+    > {
+        let inputs = &self.inputs;
+        let (outbound_role, tunnel_role) = (
+            Role::Outbound {
+                pod_uid: uid.to_owned(),
+                netns_inode: pod.netns_inode,
+            },
+            Role::Tunnel {
+                pod_uid: uid.to_owned(),
+                netns_inode: pod.netns_inode,
+            },
+        );
+        let inherited = self.inherited.take_all(&outbound_role);
+        let outbound = if inherited.is_empty() {
+            Outbound::bind(uid.to_owned(), netns.clone(), inputs.clone())
+                .map_err(|e| e.to_string())?
+        } else {
+            Outbound::adopt(
+                uid.to_owned(),
+                netns.clone(),
+                inputs.clone(),
+                PodListeners::adopt(inherited),
+            )
+        };
+        let copy_of = |role: &Role, l: &PodListeners| {
+            l.copies()
+                .map(|c| c.into_iter().map(|c| (role.clone(), c)).collect::<Vec<_>>())
+                .map_err(|e| format!("copying the pod's listeners: {e}"))
+        };
+        let mut copies = copy_of(&outbound_role, outbound.listeners())?;
+        let inherited = self.inherited.take_all(&tunnel_role);
+        let tunnel = match &inputs.certs {
+            None => None,
+            Some(certs) => {
+                let server =
+                    TunnelServer::new(uid.to_owned(), netns.clone(), inputs.clone(), certs.clone());
+                let listeners = if inherited.is_empty() {
+                    server.bind().map_err(|e| e.to_string())?
+                } else {
+                    PodListeners::adopt(inherited)
+                };
+                copies.extend(copy_of(&tunnel_role, &listeners)?);
+                Some((listeners, server))
+            }
+        };
+        Ok((outbound, tunnel, copies))
     }
 
     fn release(&mut self, uid: &str, active: &mut HashMap<String, Active>) {

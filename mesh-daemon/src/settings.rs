@@ -16,6 +16,8 @@ pub const DEFAULT_READINESS_ADDR: &str = "[::]:15021";
 /// Where programs, links and maps are pinned.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sidelane";
 pub const DEFAULT_HANDOVER_SOCKET: &str = "/run/sidelane/handover.sock";
+/// Where istiod reads a plugged-in CA (the `cacerts` secret, mounted).
+pub const DEFAULT_CA_DIR: &str = "/etc/cacerts";
 /// How often the pod scan runs when the pod cgroups cannot be watched (inotify unavailable
 /// or out of watches): a new pod is then enrolled within this long after its first process
 /// starts, instead of as soon as it starts.
@@ -157,6 +159,25 @@ pub struct Settings {
         value_parser = crate::config::istio::types::Duration::parse
     )]
     pub drain_timeout: crate::config::istio::types::Duration,
+
+    /// The mesh's CA in Istio's `cacerts` layout (`ca-cert.pem`, `ca-key.pem`, optionally
+    /// `root-cert.pem` and `cert-chain.pem`; `meshctl ca init` writes one). With it, traffic
+    /// between enrolled pods goes through the mTLS tunnel; without it, it stays plaintext.
+    #[arg(long, env = "SIDELANE_CA_DIR", default_value = DEFAULT_CA_DIR)]
+    pub ca_dir: PathBuf,
+
+    /// The SPIFFE trust domain of workload identities.
+    #[arg(long, env = "SIDELANE_TRUST_DOMAIN", default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// Lifetime of workload certificates; each is renewed at half its life.
+    #[arg(
+        long,
+        env = "SIDELANE_WORKLOAD_CERT_TTL",
+        default_value = "24h",
+        value_parser = crate::config::istio::types::Duration::parse
+    )]
+    pub workload_cert_ttl: crate::config::istio::types::Duration,
 
     /// Log format: "text" or "json".
     #[arg(long, env = "SIDELANE_LOG_FORMAT", default_value = "text")]

@@ -80,7 +80,23 @@ fn the_daemonset_runs_on_every_node_with_the_host_views_it_needs() {
         .iter()
         .filter_map(|m| m["mountPath"].as_str())
         .collect();
-    assert_eq!(mounts, ["/sys/fs/bpf", "/sys/fs/cgroup", "/run/sidelane"]);
+    assert_eq!(
+        mounts,
+        [
+            "/sys/fs/bpf",
+            "/sys/fs/cgroup",
+            "/run/sidelane",
+            mesh_daemon::settings::DEFAULT_CA_DIR
+        ]
+    );
+    let cacerts = spec["volumes"]
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "cacerts")
+        .expect("the CA's volume");
+    // Istio's name for a plugged-in CA's secret.
+    assert_eq!(cacerts["secret"]["secretName"], "cacerts");
 }
 
 /// An update runs the new daemon beside the old one, where it finds the old one's handover

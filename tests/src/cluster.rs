@@ -53,6 +53,8 @@ pub struct PodSpec {
     pub annotations: BTreeMap<String, String>,
     /// Run the workload server (HTTP on 8080, TCP on 9000).
     pub serve: bool,
+    /// The pod's identity in the mesh.
+    pub service_account: String,
 }
 
 impl PodSpec {
@@ -64,7 +66,12 @@ impl PodSpec {
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
             serve: false,
+            service_account: "default".into(),
         }
+    }
+    pub fn service_account(mut self, name: &str) -> Self {
+        self.service_account = name.into();
+        self
     }
     pub fn label(mut self, k: &str, v: &str) -> Self {
         self.labels.insert(k.into(), v.into());
@@ -280,6 +287,13 @@ impl Cluster {
         std::fs::create_dir_all(&config_dir).map_err(io_err("creating the run directory"))?;
         std::fs::create_dir_all(run_dir.join("logs"))
             .map_err(io_err("creating the log directory"))?;
+        // The mesh's CA, as an operator would create the `cacerts` secret: every daemon reads
+        // it, so traffic between enrolled pods goes through the mTLS tunnel.
+        let ca_dir = run_dir.join("cacerts");
+        std::fs::create_dir_all(&ca_dir).map_err(io_err("creating the CA directory"))?;
+        mesh_daemon::identity::ca::Ca::generate(mesh_daemon::identity::DEFAULT_TRUST_DOMAIN)
+            .and_then(|ca| ca.write(&ca_dir))
+            .map_err(|e| HarnessError::Other(format!("making the test CA: {e}")))?;
         let cgroup_top_rel = format!("sidelane-test-{id}");
         let cgroup_top = sys::cgroup2_root()?.join(&cgroup_top_rel);
         let mut c = Cluster {
@@ -539,6 +553,7 @@ impl Cluster {
                 labels: &p.spec.labels,
                 annotations: &p.spec.annotations,
                 ips: [&p.ip4, &p.ip6],
+                service_account: &p.spec.service_account,
             }));
         }
         for s in &self.services {
@@ -678,6 +693,8 @@ impl Cluster {
             .arg("--handover-socket")
             .arg(self.run_dir.join(format!("{}-handover.sock", n.name)))
             .env("RUST_LOG", "info")
+            // An environment variable rather than a flag, so a test can point it elsewhere.
+            .env("SIDELANE_CA_DIR", self.run_dir.join("cacerts"))
             .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().map_err(io_err("log"))?)
             .stderr(log);

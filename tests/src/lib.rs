@@ -3,6 +3,7 @@
 //! See `tests/README.md` for the layout and the rules every test follows.
 #![deny(rust_2018_idioms)]
 
+pub mod capture;
 pub mod cluster;
 pub mod manifests;
 pub mod scenario;

@@ -11,6 +11,7 @@ pub struct PodObject<'a> {
     pub labels: &'a BTreeMap<String, String>,
     pub annotations: &'a BTreeMap<String, String>,
     pub ips: [&'a str; 2],
+    pub service_account: &'a str,
 }
 
 pub fn namespace(name: &str, labels: &BTreeMap<String, String>) -> Value {
@@ -22,7 +23,7 @@ pub fn pod(p: &PodObject<'_>) -> Value {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid, "labels": p.labels, "annotations": p.annotations},
-        "spec": {"nodeName": p.node, "containers": [{"name": "app", "image": "sidelane-workload"}]},
+        "spec": {"nodeName": p.node, "serviceAccountName": p.service_account, "containers": [{"name": "app", "image": "sidelane-workload"}]},
         "status": {"phase": "Running", "podIP": p.ips[0], "podIPs": [{"ip": p.ips[0]}, {"ip": p.ips[1]}]},
     })
 }

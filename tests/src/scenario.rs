@@ -60,3 +60,15 @@ pub fn tally(responses: &[Value], field: &str) -> BTreeMap<String, usize> {
     }
     t
 }
+
+/// Sum of a metric's samples whose labels contain every `label="value"` given.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+        })
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}

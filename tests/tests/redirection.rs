@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sidelane_tests::{
-    Cluster, PodRef, PodSpec, RunningClient, ServicePortSpec, ServiceRef, leftovers, sys,
+    Cluster, PodRef, PodSpec, RunningClient, ServicePortSpec, ServiceRef, leftovers,
+    scenario::metric, sys,
 };
 
 struct Setup {
@@ -67,18 +68,6 @@ fn setup_with(client_spec: impl FnOnce(PodSpec) -> PodSpec, settings: &[(&str, &
 fn proxied(c: &Cluster, node: usize) -> u64 {
     let m = c.metrics(node).expect("metrics");
     metric(&m, "sidelane_outbound_connections_total", &[])
-}
-
-/// Sum of a metric's samples whose labels contain every `label="value"` given.
-fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
-    text.lines()
-        .filter(|l| {
-            l.starts_with(name)
-                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
-        })
-        .filter(|l| labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
 }
 
 fn ok_from(responses: &[Value], pod: &str) -> usize {

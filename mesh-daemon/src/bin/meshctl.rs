@@ -61,12 +61,30 @@ enum Cmd {
     /// Print CustomResourceDefinitions for Istio's resources, for clusters without Istio
     /// (`meshctl crds | kubectl apply -f -`).
     Crds,
+    /// The mesh's certificate authority.
+    Ca {
+        #[command(subcommand)]
+        what: CaCmd,
+    },
     /// The kernel side, read from the pinned maps.
     Bpf {
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
         #[command(subcommand)]
         what: BpfCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Make a self-signed root CA and write it in Istio's `cacerts` layout, for the daemons'
+    /// `--ca-dir` (`kubectl create secret generic cacerts -n sidelane-system --from-file=DIR`).
+    Init {
+        /// The directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = mesh_daemon::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
     },
 }
 
@@ -108,6 +126,14 @@ fn main() -> anyhow::Result<()> {
                 // istioctl's exit code for "analyzers found issues".
                 std::process::exit(79);
             }
+            Ok(())
+        }
+        Cmd::Ca {
+            what: CaCmd::Init { out, trust_domain },
+        } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            mesh_daemon::identity::ca::Ca::generate(&trust_domain)?.write(&out)?;
+            println!("CA for {trust_domain} written to {}", out.display());
             Ok(())
         }
         Cmd::Bpf { pin_dir, what } => match what {

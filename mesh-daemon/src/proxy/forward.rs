@@ -8,7 +8,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{
         TcpStream,
         tcp::{ReadHalf, WriteHalf},
@@ -55,12 +55,29 @@ enum Dir {
     Reset,
 }
 
-async fn pump(
-    mut r: ReadHalf<'_>,
-    mut w: WriteHalf<'_>,
-    counted: &AtomicU64,
-    activity: &Activity,
-) -> Dir {
+/// One direction's ends. The TCP socket under each, when both have one, lets bulk skip user
+/// space; a tunnel stream has none.
+pub trait Half {
+    fn tcp(&self) -> Option<&TcpStream>;
+}
+
+impl Half for ReadHalf<'_> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl Half for WriteHalf<'_> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+async fn pump<R, W>(mut r: R, mut w: W, counted: &AtomicU64, activity: &Activity) -> Dir
+where
+    R: AsyncRead + Half + Unpin,
+    W: AsyncWrite + Half + Unpin,
+{
     let moved = |n: usize| {
         counted.fetch_add(n as u64, Ordering::Relaxed);
         activity.touch();
@@ -77,6 +94,8 @@ async fn pump(
                 }
                 moved(n);
                 if n == buf.len()
+                    && r.tcp().is_some()
+                    && w.tcp().is_some()
                     && let Ok(pipe) = Pipe::new()
                 {
                     break pipe;
@@ -87,8 +106,11 @@ async fn pump(
         }
     };
     drop(buf);
+    let (Some(from), Some(to)) = (r.tcp(), w.tcp()) else {
+        return Dir::Reset;
+    };
     loop {
-        match pipe.relay(r.as_ref(), w.as_ref()).await {
+        match pipe.relay(from, to).await {
             Ok(0) => return pass_fin(&mut w).await,
             Ok(n) => moved(n),
             Err(_) => return Dir::Reset,
@@ -97,7 +119,7 @@ async fn pump(
 }
 
 /// Passes a FIN on; the other direction keeps flowing.
-async fn pass_fin(w: &mut WriteHalf<'_>) -> Dir {
+async fn pass_fin(w: &mut (impl AsyncWrite + Unpin)) -> Dir {
     match w.shutdown().await {
         Ok(()) => Dir::Eof,
         Err(_) => Dir::Reset,
@@ -135,8 +157,41 @@ pub async fn forward(
     mut upstream: TcpStream,
     idle: Duration,
     report_every: Option<Duration>,
-    mut report: impl FnMut(u64, u64),
+    report: impl FnMut(u64, u64),
 ) -> Outcome {
+    let out = {
+        let (cr, cw) = client.split();
+        let (ur, uw) = upstream.split();
+        drive(cr, cw, ur, uw, idle, report_every, report).await
+    };
+    if out.idle_timeout {
+        let _ = client.shutdown().await;
+        let _ = upstream.shutdown().await;
+    }
+    if out.reset {
+        abort(&client);
+        abort(&upstream);
+    }
+    out
+}
+
+/// Runs both directions, with the idle timeout and the periodic report `forward` describes;
+/// closing or resetting the streams afterwards is the caller's.
+pub async fn drive<CR, CW, UR, UW>(
+    client_read: CR,
+    client_write: CW,
+    upstream_read: UR,
+    upstream_write: UW,
+    idle: Duration,
+    report_every: Option<Duration>,
+    mut report: impl FnMut(u64, u64),
+) -> Outcome
+where
+    CR: AsyncRead + Half + Unpin,
+    CW: AsyncWrite + Half + Unpin,
+    UR: AsyncRead + Half + Unpin,
+    UW: AsyncWrite + Half + Unpin,
+{
     let mut out = Outcome::default();
     let counts = Counts::default();
     let mut reported = (0, 0);
@@ -145,10 +200,8 @@ pub async fn forward(
         last_ms: AtomicU64::new(0),
     };
     {
-        let (cr, cw) = client.split();
-        let (ur, uw) = upstream.split();
-        let to_upstream = pump(cr, uw, &counts.upstream, &activity);
-        let to_client = pump(ur, cw, &counts.downstream, &activity);
+        let to_upstream = pump(client_read, upstream_write, &counts.upstream, &activity);
+        let to_client = pump(upstream_read, client_write, &counts.downstream, &activity);
         tokio::pin!(to_upstream, to_client);
         let every = report_every.unwrap_or(Duration::MAX);
         let report_timer = tokio::time::sleep(every);
@@ -173,17 +226,9 @@ pub async fn forward(
             out.reset = matches!(dir, Dir::Reset);
         }
     }
-    if out.idle_timeout {
-        let _ = client.shutdown().await;
-        let _ = upstream.shutdown().await;
-    }
     let (up, down) = counts.since(&mut reported);
     report(up, down);
     (out.sent_upstream, out.sent_downstream) = reported;
-    if out.reset {
-        abort(&client);
-        abort(&upstream);
-    }
     out
 }
 

@@ -3,12 +3,12 @@
 //! picks the upstream, connects from inside the pod's namespace and forwards.
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Instant, SystemTime},
 };
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use super::{
     ProxyInputs,
@@ -16,11 +16,21 @@ use super::{
     cluster_state::{Choice, InFlight, Outcome, Slot, source_hash, take_slot},
     detect,
     forward::{abort, forward},
+    hbone::{
+        self,
+        connect::TunnelTo,
+        stream::{Tunnel, forward_tunnel},
+    },
     http::{self, Downstream, PodHttp},
+    pod_listeners::{PodListeners, Scope},
     protocol::Protocol,
-    sockets::{SocketError, connect_in, listen_in},
+    sockets::{SocketError, connect_in},
 };
 use crate::{
+    identity::{
+        Identity,
+        certs::{CertError, IdentityTls},
+    },
     metrics::TcpLabels,
     netns::Netns,
     routing::{
@@ -55,42 +65,34 @@ const PASSTHROUGH_IDLE: std::time::Duration = std::time::Duration::from_secs(360
 pub struct Outbound {
     pod_uid: String,
     netns: Arc<Netns>,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: PodListeners,
     inputs: Arc<ProxyInputs>,
     http: Arc<PodHttp>,
 }
 
 impl Outbound {
-    /// Binds in the pod's namespace. IPv6 is optional: a pod without it gets IPv4 only.
+    /// Binds on the pod's loopback, where the connect hooks send its connections.
     pub fn bind(
         pod_uid: String,
         netns: Arc<Netns>,
         inputs: Arc<ProxyInputs>,
     ) -> Result<Self, SocketError> {
-        let port = inputs.outbound_port;
-        let v4 = listen_in(
+        let listeners = PodListeners::bind(
+            &pod_uid,
             &netns,
             &inputs.host,
-            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
+            Scope::Loopback,
+            inputs.outbound_port,
         )?;
-        let mut listeners = vec![v4];
-        match listen_in(
-            &netns,
-            &inputs.host,
-            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port),
-        ) {
-            Ok(l) => listeners.push(l),
-            Err(e) => tracing::info!(pod = %pod_uid, error = %e, "no IPv6 outbound listener"),
-        }
         Ok(Self::adopt(pod_uid, netns, inputs, listeners))
     }
 
-    /// Serves listeners bound already: by the daemon that ran before, which handed them over.
+    /// Serves listeners bound already (by the daemon that ran before, which handed them over).
     pub fn adopt(
         pod_uid: String,
         netns: Arc<Netns>,
         inputs: Arc<ProxyInputs>,
-        listeners: Vec<std::net::TcpListener>,
+        listeners: PodListeners,
     ) -> Self {
         Self {
             pod_uid,
@@ -101,24 +103,13 @@ impl Outbound {
         }
     }
 
-    /// Second descriptors of the listeners, to hand to a successor while these accept.
-    pub fn copies(&self) -> std::io::Result<Vec<std::net::TcpListener>> {
-        self.listeners
-            .iter()
-            .map(std::net::TcpListener::try_clone)
-            .collect()
+    pub fn listeners(&self) -> &PodListeners {
+        &self.listeners
     }
 
     /// The pod's HTTP side (pool, cluster state), for the admin API to look into.
     pub fn http(&self) -> Arc<PodHttp> {
         self.http.clone()
-    }
-
-    pub fn addresses(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
     }
 
     /// Accepts until the task is aborted (the pod left the mesh or the node).
@@ -130,46 +121,16 @@ impl Outbound {
             inputs: self.inputs,
         });
         let shards = this.inputs.shards.clone();
-        let mut tasks = tokio::task::JoinSet::new();
-        // One accept loop per listener, on its own proxy thread; each connection then goes
-        // to the thread with the fewest (`Shards::serve`). Dropping the set (the pod left)
-        // stops the loops.
-        for (i, l) in self.listeners.into_iter().enumerate() {
-            let this = this.clone();
-            let home = shards.handle(i).clone();
-            let shards = shards.clone();
-            tasks.spawn_on(
-                async move {
-                    let l = match TcpListener::from_std(l) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::warn!(pod = %this.pod_uid, error = %e, "cannot accept on the outbound listener");
-                            return;
-                        }
-                    };
-                    loop {
-                        match l.accept().await {
-                            Ok((stream, peer)) => {
-                                // TCP_NODELAY comes with the listener's options (`listen_in`).
-                                let this = this.clone();
-                                // The connection's future is ~8 KiB (every protocol's path
-                                // inline); spawned as it is, it was copied nine times on its
-                                // way into the task. Boxed inside the task, it is written once.
-                                shards.serve(stream, peer, move |stream, peer| async move {
-                                    Box::pin(this.handle(stream, peer)).await
-                                });
-                            }
-                            Err(e) => {
-                                tracing::warn!(pod = %this.pod_uid, error = %e, "accept failed");
-                                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            }
-                        }
-                    }
-                },
-                &home,
-            );
-        }
-        while tasks.join_next().await.is_some() {}
+        let pod_uid = this.pod_uid.clone();
+        self.listeners
+            .accept(&pod_uid, &shards, move |stream, peer| {
+                let this = this.clone();
+                // The connection's future is ~8 KiB (every protocol's path inline); spawned
+                // as it is, it was copied nine times on its way into the task. Boxed inside
+                // the task, it is written once.
+                async move { Box::pin(this.handle(stream, peer)).await }
+            })
+            .await;
     }
 }
 
@@ -194,9 +155,22 @@ enum TcpTarget {
 /// connect-failure retries the issue asks for, as Envoy's `max_connect_attempts` would.
 const TCP_CONNECT_ATTEMPTS: usize = 3;
 
+/// An upstream connection: straight to the destination, or tunnelled to its pod over mTLS.
+enum UpstreamIo {
+    Plain(TcpStream),
+    Tunnel {
+        tunnel: Box<Tunnel>,
+        /// The source pod's end of the tunnel's TCP connection.
+        local: SocketAddr,
+        /// Who the destination proved to be, and who this side presented.
+        peer: Identity,
+        own: Identity,
+    },
+}
+
 /// An upstream connection and what it holds while open.
 struct Connected {
-    stream: TcpStream,
+    stream: UpstreamIo,
     addr: SocketAddr,
     idle: std::time::Duration,
     /// The cluster's `maxConnections` slot and the endpoint's in-flight count.
@@ -336,8 +310,10 @@ impl Conn {
             };
             tried.push(addr);
             *last_tried = Some(addr);
-            if let Some(stream) = self.connect(addr, policy.connect_timeout).await {
-                if let Some((probes, time, interval)) = policy.tcp_keepalive {
+            if let Some(stream) = self.connect(snap, addr, policy.connect_timeout).await {
+                if let Some((probes, time, interval)) = policy.tcp_keepalive
+                    && let UpstreamIo::Plain(stream) = &stream
+                {
                     let mut k = socket2::TcpKeepalive::new();
                     if let Some(t) = time {
                         k = k.with_time(t);
@@ -348,7 +324,7 @@ impl Conn {
                     if let Some(p) = probes {
                         k = k.with_retries(p);
                     }
-                    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&k);
+                    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&k);
                 }
                 return Ok(Connected {
                     stream,
@@ -386,7 +362,7 @@ impl Conn {
             TcpTarget::Passthrough(addr) => {
                 upstream_addr = Some(addr);
                 let connected = self
-                    .connect(addr, inputs.connect_timeout)
+                    .connect(snap, addr, inputs.connect_timeout)
                     .await
                     .map(|stream| Connected {
                         stream,
@@ -437,8 +413,17 @@ impl Conn {
             }
         };
         let m = &inputs.metrics;
+        let upstream_local = match &upstream.stream {
+            UpstreamIo::Plain(s) => s.local_addr().ok(),
+            UpstreamIo::Tunnel {
+                local, peer, own, ..
+            } => {
+                labels.source_principal = own.to_string();
+                labels.destination_principal = peer.to_string();
+                Some(*local)
+            }
+        };
         m.tcp_opened.get_or_create(&labels).inc();
-        let upstream_local = upstream.stream.local_addr().ok();
         let Connected {
             stream,
             idle,
@@ -448,17 +433,17 @@ impl Conn {
         // The registry's own series, held for the connection's life.
         let received = m.tcp_received_bytes.get_or_create(&labels).clone();
         let sent = m.tcp_sent_bytes.get_or_create(&labels).clone();
-        let out = forward(
-            client,
-            stream,
-            idle,
-            inputs.tcp_reporting_interval,
-            |to_upstream, to_client| {
-                received.inc_by(to_upstream);
-                sent.inc_by(to_client);
-            },
-        )
-        .await;
+        let every = inputs.tcp_reporting_interval;
+        let report = |to_upstream, to_client| {
+            received.inc_by(to_upstream);
+            sent.inc_by(to_client);
+        };
+        let out = match stream {
+            UpstreamIo::Plain(stream) => forward(client, stream, idle, every, report).await,
+            UpstreamIo::Tunnel { tunnel, .. } => {
+                forward_tunnel(client, *tunnel, idle, every, report).await
+            }
+        };
         m.tcp_closed.get_or_create(&labels).inc();
         log_tcp(&TcpEntry {
             start: start.0,
@@ -480,9 +465,45 @@ impl Conn {
         });
     }
 
-    async fn connect(&self, addr: SocketAddr, limit: std::time::Duration) -> Option<TcpStream> {
+    /// Connects to `addr`: through the mTLS tunnel when it is an enrolled pod and the mesh
+    /// has a CA, else directly.
+    async fn connect(
+        &self,
+        snap: &Snapshot,
+        addr: SocketAddr,
+        limit: std::time::Duration,
+    ) -> Option<UpstreamIo> {
+        if let Some(identities) = self.tunnel_identities(snap, addr) {
+            let (source, expected) = match identities {
+                Ok(found) => found,
+                Err(e) => {
+                    // Plaintext would bypass mTLS: the connection fails instead.
+                    tracing::warn!(pod = %self.pod_uid, error = %e, "no certificate for the pod");
+                    self.inputs.metrics.tunnel_failures.inc();
+                    return None;
+                }
+            };
+            let to = TunnelTo {
+                target: addr,
+                expected: &expected,
+                source: &source,
+            };
+            return match hbone::connect::open(&self.netns, &self.inputs.host, &to, limit).await {
+                Ok((tunnel, local)) => Some(UpstreamIo::Tunnel {
+                    tunnel: Box::new(tunnel),
+                    local,
+                    peer: expected,
+                    own: source.identity.clone(),
+                }),
+                Err(e) => {
+                    tracing::debug!(pod = %self.pod_uid, %addr, error = %e, "no tunnel to the destination");
+                    self.inputs.metrics.tunnel_failures.inc();
+                    None
+                }
+            };
+        }
         match connect_in(&self.netns, &self.inputs.host, addr, limit).await {
-            Ok(s) => Some(s),
+            Ok(s) => Some(UpstreamIo::Plain(s)),
             // Entering the pod's namespace failed: the daemon's problem, not the endpoint's.
             Err(e @ SocketError::Netns(_)) => {
                 tracing::warn!(pod = %self.pod_uid, %addr, error = %e, "cannot open upstream socket");
@@ -493,6 +514,25 @@ impl Conn {
                 None
             }
         }
+    }
+
+    /// This pod's certificate and the identity the destination must prove, when `addr` is a
+    /// pod in the mesh (on a port it has not excluded) and the mesh has a CA.
+    fn tunnel_identities(
+        &self,
+        snap: &Snapshot,
+        addr: SocketAddr,
+    ) -> Option<Result<(Arc<IdentityTls>, Identity), CertError>> {
+        let certs = self.inputs.certs.as_ref()?;
+        let dst = snap.pods_by_ip.get(&addr.ip())?;
+        let enrollment = &dst.enrollment;
+        if !enrollment.enrolled || enrollment.exclusions.inbound_ports.contains(&addr.port()) {
+            return None;
+        }
+        let src = snap.pods_by_uid.get(&self.pod_uid)?;
+        let own = certs.identity(&src.namespace, &src.service_account);
+        let expected = certs.identity(&dst.namespace, &dst.service_account);
+        Some(certs.get(&own).map(|tls| (tls, expected)))
     }
 }
 

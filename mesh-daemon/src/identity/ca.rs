@@ -1,0 +1,284 @@
+//! The certificate authority that signs workload certificates, in Istio's layouts: a
+//! plugged-in CA (the `cacerts` secret: `ca-cert.pem`, `ca-key.pem`, `root-cert.pem`,
+//! `cert-chain.pem`) or a self-signed root made on first use (istiod's `istio-ca-secret`).
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject};
+
+use super::Identity;
+
+/// Istio's default workload certificate lifetime (`DEFAULT_WORKLOAD_CERT_TTL`).
+pub const DEFAULT_WORKLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
+/// istiod's self-signed root lives ten years.
+const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Certificates start a little in the past so a peer whose clock is behind accepts them.
+const BACKDATE: Duration = Duration::from_secs(60);
+
+pub const CA_CERT: &str = "ca-cert.pem";
+pub const CA_KEY: &str = "ca-key.pem";
+pub const ROOT_CERT: &str = "root-cert.pem";
+pub const CERT_CHAIN: &str = "cert-chain.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("writing {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("{path}: {what}: {source}")]
+    Invalid {
+        path: PathBuf,
+        what: &'static str,
+        source: rcgen::Error,
+    },
+    #[error("signing a certificate for {identity}: {source}")]
+    Sign {
+        identity: String,
+        source: rcgen::Error,
+    },
+    #[error("making the CA: {0}")]
+    Generate(rcgen::Error),
+}
+
+/// A workload's key and certificate, with what a peer needs to check it.
+pub struct WorkloadCert {
+    pub identity: Identity,
+    /// The workload's certificate first, then the CA certificates up to (not including) the root.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    /// The trust anchors peers' certificates must chain to.
+    pub roots: Vec<CertificateDer<'static>>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+/// The signing CA.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+    /// Certificates sent after a workload's own: the signing CA's and any between it and the root.
+    chain: Vec<CertificateDer<'static>>,
+    roots: Vec<CertificateDer<'static>>,
+}
+
+impl Ca {
+    /// A fresh self-signed root for `trust_domain`, as istiod makes when no CA is plugged in.
+    pub fn generate(trust_domain: &str) -> Result<Self, CaError> {
+        let key = KeyPair::generate().map_err(CaError::Generate)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, trust_domain);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let now = SystemTime::now();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + ROOT_TTL).into();
+        let cert = params.self_signed(&key).map_err(CaError::Generate)?;
+        Ok(Self {
+            ca_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+            chain: Vec::new(),
+            roots: vec![cert.der().clone()],
+        })
+    }
+
+    /// Loads a CA from a directory in the `cacerts` layout. `root-cert.pem` and
+    /// `cert-chain.pem` may be left out when the signing certificate is the root.
+    pub fn load(dir: &Path) -> Result<Self, CaError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|source| CaError::Read { path, source })
+        };
+        let optional = |name: &str| match read(name) {
+            Err(CaError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(None)
+            }
+            other => other.map(Some),
+        };
+        let ca_pem = read(CA_CERT)?;
+        let key_pem = read(CA_KEY)?;
+        let invalid = |name: &str, what| {
+            let path = dir.join(name);
+            move |source| CaError::Invalid { path, what, source }
+        };
+        let key = KeyPair::from_pem(&key_pem).map_err(invalid(CA_KEY, "not a private key"))?;
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, key)
+            .map_err(invalid(CA_CERT, "not a CA certificate"))?;
+        let certs = |name: &str, pem: &str| {
+            let found: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
+                .filter_map(Result::ok)
+                .collect();
+            if found.is_empty() {
+                Err(CaError::NoCertificate {
+                    path: dir.join(name),
+                })
+            } else {
+                Ok(found)
+            }
+        };
+        let signing = certs(CA_CERT, &ca_pem)?;
+        let chain = match optional(CERT_CHAIN)? {
+            Some(pem) => certs(CERT_CHAIN, &pem)?,
+            None => signing.clone(),
+        };
+        let roots = match optional(ROOT_CERT)? {
+            Some(pem) => certs(ROOT_CERT, &pem)?,
+            None => signing,
+        };
+        // A root is not sent: the peer has it already.
+        let chain = chain.into_iter().filter(|c| !roots.contains(c)).collect();
+        Ok(Self {
+            issuer,
+            ca_pem,
+            chain,
+            roots,
+        })
+    }
+
+    /// Writes the CA in the `cacerts` layout (the key readable by its owner only).
+    pub fn write(&self, dir: &Path) -> Result<(), CaError> {
+        let write = |name: &str, contents: &str, mode: u32| {
+            use std::{io::Write, os::unix::fs::OpenOptionsExt};
+            let path = dir.join(name);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(&path)
+                .and_then(|mut f| f.write_all(contents.as_bytes()))
+                .map_err(|source| CaError::Write { path, source })
+        };
+        let pem = |certs: &[CertificateDer<'static>]| {
+            certs.iter().map(|c| pem_of(c.as_ref())).collect::<String>()
+        };
+        write(CA_CERT, &self.ca_pem, 0o644)?;
+        write(CA_KEY, &self.issuer.key().serialize_pem(), 0o600)?;
+        write(ROOT_CERT, &pem(&self.roots), 0o644)?;
+        let mut chain = self.chain.clone();
+        chain.extend(self.roots.iter().cloned());
+        chain.dedup();
+        write(CERT_CHAIN, &pem(&chain), 0o644)
+    }
+
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    /// A new key and a certificate for `identity`, valid for `ttl` (Istio's: the SPIFFE ID
+    /// as the only subject alternative name, usable as client and server).
+    pub fn issue(&self, identity: &Identity, ttl: Duration) -> Result<WorkloadCert, CaError> {
+        let failed = |source| CaError::Sign {
+            identity: identity.to_string(),
+            source,
+        };
+        let key = KeyPair::generate().map_err(failed)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(
+            identity.to_string().try_into().map_err(failed)?,
+        )];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let now = SystemTime::now();
+        let (not_before, not_after) = (now - BACKDATE, now + ttl);
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        let cert = params.signed_by(&key, &self.issuer).map_err(failed)?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(self.chain.iter().cloned());
+        Ok(WorkloadCert {
+            identity: identity.clone(),
+            chain,
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            roots: self.roots.clone(),
+            not_before,
+            not_after,
+        })
+    }
+}
+
+/// A certificate in PEM.
+pub fn pem_of(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{Ca, ROOT_CERT};
+    use crate::identity::{Identity, tls::identity_of};
+
+    #[test]
+    fn a_workload_certificate_names_its_identity_and_chains_to_the_root() {
+        let ca = Ca::generate("cluster.local").expect("CA");
+        let id = Identity::new("cluster.local", "production", "reviews");
+        let cert = ca.issue(&id, Duration::from_secs(3600)).expect("issued");
+        assert_eq!(identity_of(&cert.chain[0]), Ok(id));
+        // The root itself is not sent.
+        assert_eq!(cert.chain.len(), 1);
+        assert_eq!(cert.roots, ca.roots());
+        let life = cert
+            .not_after
+            .duration_since(cert.not_before)
+            .expect("ordered");
+        assert!(life >= Duration::from_secs(3600) && life < Duration::from_secs(3700));
+    }
+
+    #[test]
+    fn a_ca_written_to_a_directory_loads_back_and_signs_the_same_way() {
+        let dir = std::env::temp_dir().join(format!("sl-ca-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let ca = Ca::generate("example.org").expect("CA");
+        ca.write(&dir).expect("written");
+        let loaded = Ca::load(&dir);
+        let root = std::fs::read_to_string(dir.join(ROOT_CERT));
+        let _ = std::fs::remove_dir_all(&dir);
+        let loaded = loaded.expect("loaded");
+        assert!(
+            root.expect("root")
+                .starts_with("-----BEGIN CERTIFICATE-----")
+        );
+        assert_eq!(loaded.roots(), ca.roots());
+        let id = Identity::new("example.org", "a", "b");
+        let cert = loaded.issue(&id, Duration::from_secs(60)).expect("issued");
+        assert_eq!(identity_of(&cert.chain[0]), Ok(id));
+    }
+
+    #[test]
+    fn a_missing_key_is_named() {
+        let dir = std::env::temp_dir().join(format!("sl-ca-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let err = Ca::load(&dir).err().map(|e| e.to_string());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(err.expect("an error").contains("ca-cert.pem"));
+    }
+}
