@@ -98,6 +98,9 @@ impl Bench {
     pub fn build(daemon_under: &[&str]) -> anyhow::Result<Self> {
         let mut c = Cluster::new(2).context("building the netns cluster")?;
         c.run_daemons_under(daemon_under);
+        // Plaintext, as nginx and haproxy carry it: the same path for every proxy. The test
+        // cluster's CA would put Sidelane's traffic in the mTLS tunnel.
+        c.daemon_setting("SIDELANE_CA_DIR", "/nonexistent/sidelane-bench-plaintext");
         c.namespace("bench", &[("istio-injection", "enabled")])?;
         c.namespace("outside", &[])?;
         let mut server_pods = Vec::new();

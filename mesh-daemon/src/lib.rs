@@ -18,6 +18,7 @@ pub mod handover;
 pub mod identity;
 pub mod metrics;
 pub mod netns;
+pub mod peer_authn;
 pub mod proxy;
 pub mod reconcile;
 pub mod routing;

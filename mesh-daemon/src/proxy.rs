@@ -26,6 +26,7 @@ pub mod shards;
 pub mod sockets;
 pub mod splice;
 pub mod upgrade;
+pub mod upstream_io;
 
 use std::sync::Arc;
 

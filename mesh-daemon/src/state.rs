@@ -62,6 +62,8 @@ pub struct Snapshot {
     pub services_by_vip: HashMap<SocketAddr, Arc<ServicePort>>,
     /// VirtualServices, DestinationRules and clusters, compiled.
     pub routing: Routing,
+    /// PeerAuthentication, resolved per workload and port by the inbound side.
+    pub peer_authn: crate::peer_authn::PeerAuthn,
     /// Istio resources accepted (kind, `namespace/name`, apiVersion, origin).
     pub istio: Vec<Unhandled>,
     /// Objects of kinds Sidelane does not read yet (Secret, Node).
@@ -90,6 +92,7 @@ impl Snapshot {
         let mut snap = Snapshot {
             generation,
             routing: crate::routing::compile(objects, &slices, cluster_domain, root_namespace),
+            peer_authn: crate::peer_authn::PeerAuthn::compile(objects, root_namespace),
             istio,
             unhandled: objects.unhandled.clone(),
             errors: objects.errors.clone(),

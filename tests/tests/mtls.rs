@@ -14,6 +14,7 @@ struct Setup {
     c: Cluster,
     client: PodRef,
     db_addr: String,
+    web_url: String,
 }
 
 /// A client (service account `sleep`) on node 1, a TCP backend (`db`) on node 2.
@@ -45,10 +46,24 @@ fn setup(before_start: impl FnOnce(&mut Cluster)) -> Setup {
         )
         .expect("service");
     let db_addr = format!("{}:9000", c.service(db).vip4);
+    let web = c
+        .add_service(
+            "production",
+            "web",
+            &[("app", "db")],
+            &[ServicePortSpec::new("http", 80, 8080)],
+        )
+        .expect("service");
+    let web_url = format!("http://{}:80", c.service(web).vip4);
     before_start(&mut c);
     c.start().expect("daemons");
     c.wait_enrolled(client, true).expect("client enrolled");
-    Setup { c, client, db_addr }
+    Setup {
+        c,
+        client,
+        db_addr,
+        web_url,
+    }
 }
 
 impl Setup {
@@ -126,6 +141,52 @@ fn tcp_between_enrolled_pods_crosses_the_wire_only_inside_mutual_tls() {
 }
 
 #[test]
+fn http_between_enrolled_pods_crosses_the_wire_only_inside_mutual_tls() {
+    let s = setup(|_| {});
+    for extra in [&[][..], &["--h2"][..]] {
+        let capture = Capture::start(s.c.node_netns(1)).expect("capture");
+        let url = format!("{}/{MARKER}", s.web_url);
+        let mut args = vec![
+            "--count",
+            "3",
+            "--header",
+            "x-marker: sidelane-plaintext-marker-7f3a",
+        ];
+        args.extend_from_slice(extra);
+        let responses = s.c.http(s.client, &url, &args).expect("http client");
+        let segments = capture.segments().expect("captured");
+        assert_eq!(responses.len(), 3, "{extra:?}: {responses:?}");
+        for r in &responses {
+            assert_eq!(r["status"], 200, "{extra:?}: {r}");
+            assert_eq!(r["pod"], "db-v1", "{extra:?}: {r}");
+        }
+        assert!(
+            segments.iter().any(|seg| seg.dst_port == TUNNEL_PORT),
+            "{extra:?}: the requests went through the tunnel"
+        );
+        let leaked: Vec<_> = segments.iter().filter(|seg| carries_marker(seg)).collect();
+        assert!(
+            leaked.is_empty(),
+            "{extra:?}: plaintext on the wire: {leaked:?}"
+        );
+    }
+    // An `http` port is HTTP/1.1 upstream whatever the client speaks, and the pool keeps the
+    // connection: all six requests went through one tunnelled connection.
+    let m2 = s.c.metrics(2).expect("node 2 metrics");
+    let inbound = [
+        "reporter=\"destination\"",
+        "source_principal=\"spiffe://cluster.local/ns/production/sa/sleep\"",
+        "connection_security_policy=\"mutual_tls\"",
+        "destination_service=\"web.production.svc.cluster.local\"",
+    ];
+    assert_eq!(
+        metric(&m2, "istio_tcp_connections_opened_total", &inbound),
+        1,
+        "{m2}"
+    );
+}
+
+#[test]
 fn without_a_ca_the_same_connection_is_plaintext_on_the_wire() {
     // The control for the test above: the capture does see the marker when nothing encrypts.
     let s = setup(|c| c.daemon_setting("SIDELANE_CA_DIR", "/nonexistent/sidelane-ca"));
@@ -138,6 +199,16 @@ fn without_a_ca_the_same_connection_is_plaintext_on_the_wire() {
     assert!(
         !segments.iter().any(|seg| seg.dst_port == TUNNEL_PORT),
         "no tunnel without a CA"
+    );
+    // Without the tunnel the daemon connects from the client pod's namespace: the backend
+    // sees the client pod's own address.
+    let r = s.c.http(s.client, &s.web_url, &[]).expect("http client");
+    assert_eq!(
+        r[0]["body"]["peer"]
+            .as_str()
+            .map(|p| p.contains("10.244.1.")),
+        Some(true),
+        "{r:?}"
     );
 }
 

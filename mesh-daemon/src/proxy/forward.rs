@@ -146,31 +146,57 @@ impl Counts {
     }
 }
 
+/// A connection whose two directions can be driven at once.
+pub trait Duplex {
+    type Read<'a>: AsyncRead + Half + Unpin
+    where
+        Self: 'a;
+    type Write<'a>: AsyncWrite + Half + Unpin
+    where
+        Self: 'a;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
+    /// Makes the coming close a reset (RST, or `RST_STREAM` for a tunnel).
+    fn abort(&mut self);
+}
+
+impl Duplex for TcpStream {
+    type Read<'a> = ReadHalf<'a>;
+    type Write<'a> = WriteHalf<'a>;
+
+    fn halves(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
+        self.split()
+    }
+
+    fn abort(&mut self) {
+        abort(self);
+    }
+}
+
 /// Copies both ways until both sides have closed, or until either resets, in which case the
 /// other side is reset too (SO_LINGER 0 then close), as a direct connection would see it.
 /// After `idle` without a byte either way both sides are closed (Envoy's TCP idle timeout).
 /// `report` gets the bytes moved (to the upstream, to the client) every `report_every`
 /// while the connection is open, as Istio's TCP metrics are reported, and the rest at the
 /// end; `None` reports only at the end.
-pub async fn forward(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
+pub async fn forward<C: Duplex, U: Duplex>(
+    mut client: C,
+    mut upstream: U,
     idle: Duration,
     report_every: Option<Duration>,
     report: impl FnMut(u64, u64),
 ) -> Outcome {
     let out = {
-        let (cr, cw) = client.split();
-        let (ur, uw) = upstream.split();
+        let (cr, cw) = client.halves();
+        let (ur, uw) = upstream.halves();
         drive(cr, cw, ur, uw, idle, report_every, report).await
     };
     if out.idle_timeout {
-        let _ = client.shutdown().await;
-        let _ = upstream.shutdown().await;
+        let _ = client.halves().1.shutdown().await;
+        let _ = upstream.halves().1.shutdown().await;
     }
     if out.reset {
-        abort(&client);
-        abort(&upstream);
+        client.abort();
+        upstream.abort();
     }
     out
 }

@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use futures::future::Either;
 use http::{Method, Response, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::{io::AsyncRead, net::TcpStream};
+use tokio::io::AsyncRead;
 
 pub use super::h1_codec::H1Error;
 use super::{
@@ -30,6 +30,7 @@ use super::{
     },
     pool::ConnSlot,
     upgrade::{self, Upgraded},
+    upstream_io::UpstreamIo,
 };
 
 const READ_RESERVE: usize = 16 * 1024;
@@ -37,7 +38,7 @@ const READ_RESERVE: usize = 16 * 1024;
 /// One upstream HTTP/1.1 connection. Holding it holds its cluster connection slot; dropping
 /// it closes the socket, frees the slot and tells requests waiting for one.
 pub struct H1Conn {
-    io: TcpStream,
+    io: UpstreamIo,
     read: BytesMut,
     /// Boxed: a connection moves in and out of the pool and through the request's future,
     /// and each move would copy the names' map too.
@@ -49,7 +50,7 @@ pub struct H1Conn {
 }
 
 impl H1Conn {
-    pub fn new(io: TcpStream, slot: ConnSlot) -> Self {
+    pub fn new(io: UpstreamIo, slot: ConnSlot) -> Self {
         Self {
             io,
             read: BytesMut::new(),
@@ -68,7 +69,7 @@ impl H1Conn {
     /// Whether an idle connection can no longer carry a request: the peer closed or reset
     /// it (read from the reactor's readiness, no syscall).
     pub fn is_closed(&self) -> bool {
-        h1_codec::peer_closed(&self.io)
+        self.io.peer_closed()
     }
 
     /// Sends a request (its head borrowed, so retries need no copy; `target` is the

@@ -28,10 +28,9 @@ use http::{
     uri::{self, Authority, PathAndQuery, Scheme},
 };
 use hyper::body::Body as _;
-use tokio::net::TcpStream;
 
 pub use super::h2_body::H2Body;
-use super::{h2_body::send_body, hop_by_hop};
+use super::{h2_body::send_body, hop_by_hop, upstream_io::UpstreamIo};
 
 /// The request body type the proxy forwards.
 pub type RequestBody = super::http::Body;
@@ -55,7 +54,7 @@ pub struct H2Conn {
 /// spawned; it ends when the connection closes (every handle and stream gone, or the peer
 /// gone), and anything it owns with it.
 pub async fn handshake(
-    io: TcpStream,
+    io: UpstreamIo,
 ) -> Result<(H2Conn, impl Future<Output = ()> + Send + 'static), h2::Error> {
     let (send, conn) = client::Builder::new()
         .initial_window_size(STREAM_WINDOW)

@@ -74,9 +74,9 @@ pub struct PodHttp {
 }
 
 impl PodHttp {
-    pub fn new(netns: Arc<Netns>, inputs: Arc<ProxyInputs>) -> Self {
+    pub fn new(pod_uid: &str, netns: Arc<Netns>, inputs: Arc<ProxyInputs>) -> Self {
         Self {
-            pool: PodPool::new(netns, inputs.clone()),
+            pool: PodPool::new(pod_uid, netns, inputs.clone()),
             inputs,
             clusters: PodClusters::default(),
             series: PodSeries::default(),

@@ -20,6 +20,7 @@ use super::{
     access_log,
     http::{Body, Downstream, grpc_status},
     upgrade::TunnelBytes,
+    upstream_io::principals,
 };
 use crate::{
     metrics::{RequestLabels, RequestSeries, TcpLabels},
@@ -233,7 +234,12 @@ impl Completion {
                     key.request_protocol,
                 );
                 base.response_flags = key.response_flags;
-                conn.pod.inputs.metrics.request_series(&RequestLabels {
+                let inputs = &conn.pod.inputs;
+                if let Some(p) = principals(inputs, &self.snap, &conn.source_uid, upstream) {
+                    base.source_principal = p.own.to_string();
+                    base.destination_principal = p.peer.to_string();
+                }
+                inputs.metrics.request_series(&RequestLabels {
                     base,
                     response_code: key.response_code,
                     grpc_response_status: key

@@ -16,21 +16,13 @@ use super::{
     cluster_state::{Choice, InFlight, Outcome, Slot, source_hash, take_slot},
     detect,
     forward::{abort, forward},
-    hbone::{
-        self,
-        connect::TunnelTo,
-        stream::{Tunnel, forward_tunnel},
-    },
     http::{self, Downstream, PodHttp},
     pod_listeners::{PodListeners, Scope},
     protocol::Protocol,
-    sockets::{SocketError, connect_in},
+    sockets::SocketError,
+    upstream_io::{DialError, Dialed, UpstreamIo, dial},
 };
 use crate::{
-    identity::{
-        Identity,
-        certs::{CertError, IdentityTls},
-    },
     metrics::TcpLabels,
     netns::Netns,
     routing::{
@@ -95,8 +87,8 @@ impl Outbound {
         listeners: PodListeners,
     ) -> Self {
         Self {
+            http: Arc::new(PodHttp::new(&pod_uid, netns.clone(), inputs.clone())),
             pod_uid,
-            http: Arc::new(PodHttp::new(netns.clone(), inputs.clone())),
             netns,
             listeners,
             inputs,
@@ -155,22 +147,9 @@ enum TcpTarget {
 /// connect-failure retries the issue asks for, as Envoy's `max_connect_attempts` would.
 const TCP_CONNECT_ATTEMPTS: usize = 3;
 
-/// An upstream connection: straight to the destination, or tunnelled to its pod over mTLS.
-enum UpstreamIo {
-    Plain(TcpStream),
-    Tunnel {
-        tunnel: Box<Tunnel>,
-        /// The source pod's end of the tunnel's TCP connection.
-        local: SocketAddr,
-        /// Who the destination proved to be, and who this side presented.
-        peer: Identity,
-        own: Identity,
-    },
-}
-
 /// An upstream connection and what it holds while open.
 struct Connected {
-    stream: UpstreamIo,
+    stream: Dialed,
     addr: SocketAddr,
     idle: std::time::Duration,
     /// The cluster's `maxConnections` slot and the endpoint's in-flight count.
@@ -312,7 +291,7 @@ impl Conn {
             *last_tried = Some(addr);
             if let Some(stream) = self.connect(snap, addr, policy.connect_timeout).await {
                 if let Some((probes, time, interval)) = policy.tcp_keepalive
-                    && let UpstreamIo::Plain(stream) = &stream
+                    && let UpstreamIo::Tcp(stream) = &stream.io
                 {
                     let mut k = socket2::TcpKeepalive::new();
                     if let Some(t) = time {
@@ -413,16 +392,11 @@ impl Conn {
             }
         };
         let m = &inputs.metrics;
-        let upstream_local = match &upstream.stream {
-            UpstreamIo::Plain(s) => s.local_addr().ok(),
-            UpstreamIo::Tunnel {
-                local, peer, own, ..
-            } => {
-                labels.source_principal = own.to_string();
-                labels.destination_principal = peer.to_string();
-                Some(*local)
-            }
-        };
+        let upstream_local = upstream.stream.local;
+        if let Some(p) = &upstream.stream.principals {
+            labels.source_principal = p.own.to_string();
+            labels.destination_principal = p.peer.to_string();
+        }
         m.tcp_opened.get_or_create(&labels).inc();
         let Connected {
             stream,
@@ -433,17 +407,17 @@ impl Conn {
         // The registry's own series, held for the connection's life.
         let received = m.tcp_received_bytes.get_or_create(&labels).clone();
         let sent = m.tcp_sent_bytes.get_or_create(&labels).clone();
-        let every = inputs.tcp_reporting_interval;
-        let report = |to_upstream, to_client| {
-            received.inc_by(to_upstream);
-            sent.inc_by(to_client);
-        };
-        let out = match stream {
-            UpstreamIo::Plain(stream) => forward(client, stream, idle, every, report).await,
-            UpstreamIo::Tunnel { tunnel, .. } => {
-                forward_tunnel(client, *tunnel, idle, every, report).await
-            }
-        };
+        let out = forward(
+            client,
+            stream.io,
+            idle,
+            inputs.tcp_reporting_interval,
+            |to_upstream, to_client| {
+                received.inc_by(to_upstream);
+                sent.inc_by(to_client);
+            },
+        )
+        .await;
         m.tcp_closed.get_or_create(&labels).inc();
         log_tcp(&TcpEntry {
             start: start.0,
@@ -465,48 +439,19 @@ impl Conn {
         });
     }
 
-    /// Connects to `addr`: through the mTLS tunnel when it is an enrolled pod and the mesh
-    /// has a CA, else directly.
+    /// Connects to `addr`, through the mTLS tunnel when it is a pod in the mesh.
     async fn connect(
         &self,
         snap: &Snapshot,
         addr: SocketAddr,
         limit: std::time::Duration,
-    ) -> Option<UpstreamIo> {
-        if let Some(identities) = self.tunnel_identities(snap, addr) {
-            let (source, expected) = match identities {
-                Ok(found) => found,
-                Err(e) => {
-                    // Plaintext would bypass mTLS: the connection fails instead.
-                    tracing::warn!(pod = %self.pod_uid, error = %e, "no certificate for the pod");
-                    self.inputs.metrics.tunnel_failures.inc();
-                    return None;
-                }
-            };
-            let to = TunnelTo {
-                target: addr,
-                expected: &expected,
-                source: &source,
-            };
-            return match hbone::connect::open(&self.netns, &self.inputs.host, &to, limit).await {
-                Ok((tunnel, local)) => Some(UpstreamIo::Tunnel {
-                    tunnel: Box::new(tunnel),
-                    local,
-                    peer: expected,
-                    own: source.identity.clone(),
-                }),
-                Err(e) => {
-                    tracing::debug!(pod = %self.pod_uid, %addr, error = %e, "no tunnel to the destination");
-                    self.inputs.metrics.tunnel_failures.inc();
-                    None
-                }
-            };
-        }
-        match connect_in(&self.netns, &self.inputs.host, addr, limit).await {
-            Ok(s) => Some(UpstreamIo::Plain(s)),
-            // Entering the pod's namespace failed: the daemon's problem, not the endpoint's.
-            Err(e @ SocketError::Netns(_)) => {
-                tracing::warn!(pod = %self.pod_uid, %addr, error = %e, "cannot open upstream socket");
+    ) -> Option<Dialed> {
+        match dial(&self.inputs, &self.netns, snap, &self.pod_uid, addr, limit).await {
+            Ok(d) => Some(d),
+            // The daemon's problem, not the endpoint's: entering the pod's namespace failed,
+            // or it has no certificate to present.
+            Err(e @ (DialError::Socket(SocketError::Netns(_)) | DialError::Certificate(_))) => {
+                tracing::warn!(pod = %self.pod_uid, %addr, error = %e, "cannot open upstream connection");
                 None
             }
             Err(e) => {
@@ -514,25 +459,6 @@ impl Conn {
                 None
             }
         }
-    }
-
-    /// This pod's certificate and the identity the destination must prove, when `addr` is a
-    /// pod in the mesh (on a port it has not excluded) and the mesh has a CA.
-    fn tunnel_identities(
-        &self,
-        snap: &Snapshot,
-        addr: SocketAddr,
-    ) -> Option<Result<(Arc<IdentityTls>, Identity), CertError>> {
-        let certs = self.inputs.certs.as_ref()?;
-        let dst = snap.pods_by_ip.get(&addr.ip())?;
-        let enrollment = &dst.enrollment;
-        if !enrollment.enrolled || enrollment.exclusions.inbound_ports.contains(&addr.port()) {
-            return None;
-        }
-        let src = snap.pods_by_uid.get(&self.pod_uid)?;
-        let own = certs.identity(&src.namespace, &src.service_account);
-        let expected = certs.identity(&dst.namespace, &dst.service_account);
-        Some(certs.get(&own).map(|tls| (tls, expected)))
     }
 }
 

@@ -29,7 +29,7 @@ use super::{
     h2_upstream::{self, H2Body, H2Conn},
     http::Body,
     shards::Shards,
-    sockets::{SocketError, connect_in},
+    upstream_io::{DialError, dial},
 };
 use crate::{netns::Netns, routing::policy::ClusterPolicy};
 
@@ -39,7 +39,7 @@ pub enum PoolError {
     #[error("connection pool overflow")]
     Overflow,
     #[error(transparent)]
-    Connect(#[from] SocketError),
+    Connect(#[from] DialError),
     #[error("HTTP handshake failed: {0}")]
     Handshake(h2::Error),
 }
@@ -336,6 +336,8 @@ pub struct Want<'a> {
 }
 
 pub struct PodPool {
+    /// The pod the connections leave from (its identity, for the mTLS tunnel).
+    pod_uid: String,
     netns: Arc<Netns>,
     inputs: Arc<ProxyInputs>,
     conns: Mutex<Conns>,
@@ -344,8 +346,9 @@ pub struct PodPool {
 }
 
 impl PodPool {
-    pub fn new(netns: Arc<Netns>, inputs: Arc<ProxyInputs>) -> Arc<Self> {
+    pub fn new(pod_uid: &str, netns: Arc<Netns>, inputs: Arc<ProxyInputs>) -> Arc<Self> {
         Arc::new(Self {
+            pod_uid: pod_uid.to_owned(),
             netns,
             inputs,
             conns: Mutex::new(Conns::default()),
@@ -548,13 +551,17 @@ impl PodPool {
         w: &Want<'_>,
         slot: Slot,
     ) -> Result<Lease, PoolError> {
-        let stream = connect_in(
+        let snap = self.inputs.snapshot.load();
+        let stream = dial(
+            &self.inputs,
             &self.netns,
-            &self.inputs.host,
+            &snap,
+            &self.pod_uid,
             w.endpoint,
             w.policy.connect_timeout,
         )
-        .await?;
+        .await?
+        .io;
         let per_conn = w
             .policy
             .limits

@@ -19,6 +19,8 @@ use bytes::Bytes;
 use http::{HeaderMap, header};
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
+use super::{forward::Duplex as _, upstream_io::UpstreamIo};
+
 use super::{forward, hop_by_hop, pool::ConnSlot};
 
 /// Istio turns Envoy's stream idle timeout off: a quiet WebSocket stays open.
@@ -46,7 +48,7 @@ pub struct TunnelBytes {
 }
 
 pub struct Tunnel {
-    io: TcpStream,
+    io: UpstreamIo,
     /// What the upstream sent after its 101, read with the head.
     early: Bytes,
     /// The cluster's `maxConnections` slot, held while the tunnel is open.
@@ -55,7 +57,7 @@ pub struct Tunnel {
 }
 
 impl Upgraded {
-    pub fn new(io: TcpStream, early: Bytes, slot: ConnSlot) -> Self {
+    pub fn new(io: UpstreamIo, early: Bytes, slot: ConnSlot) -> Self {
         let bytes = Arc::new(TunnelBytes::default());
         Self {
             tunnel: Arc::new(Mutex::new(Some(Tunnel {
@@ -94,7 +96,7 @@ impl Tunnel {
             || client.write_all(&upstream_early).await.is_err()
         {
             forward::abort(&client);
-            forward::abort(&upstream);
+            upstream.abort();
             return;
         }
         let out = forward::forward(client, upstream, NO_IDLE_TIMEOUT, None, |_, _| {}).await;

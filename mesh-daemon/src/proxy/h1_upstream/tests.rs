@@ -63,7 +63,10 @@ async fn connect(addr: std::net::SocketAddr) -> Connected {
     let slot = take_slot(&slots, 1).expect("a free slot");
     let io = TcpStream::connect(addr).await.expect("connect loopback");
     Connected {
-        conn: H1Conn::new(io, ConnSlot::new(slot, Arc::new(Returns::default()))),
+        conn: H1Conn::new(
+            crate::proxy::upstream_io::UpstreamIo::Tcp(io),
+            ConnSlot::new(slot, Arc::new(Returns::default())),
+        ),
         slots,
     }
 }

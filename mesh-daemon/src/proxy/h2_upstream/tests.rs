@@ -40,7 +40,9 @@ where
 
 async fn connect(addr: std::net::SocketAddr) -> H2Conn {
     let io = TcpStream::connect(addr).await.expect("connect");
-    let (conn, drive) = handshake(io).await.expect("handshake");
+    let (conn, drive) = handshake(crate::proxy::upstream_io::UpstreamIo::Tcp(io))
+        .await
+        .expect("handshake");
     tokio::spawn(drive);
     conn
 }

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 
 use super::{
     CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, HBONE_PORT, MAX_FRAME, STREAM_WINDOW,
-    stream::{Tunnel, TunnelRead, TunnelWrite, forward_tunnel},
+    stream::{Tunnel, TunnelRead, TunnelWrite},
 };
 use crate::{
     identity::{Identity, certs::Certificates, tls::peer_identity},
@@ -24,6 +24,7 @@ use crate::{
     proxy::{
         ProxyInputs,
         access_log::{TcpEntry, log_tcp},
+        forward::forward,
         pod_listeners::{PodListeners, Scope},
         sockets::{SocketError, connect_in},
     },
@@ -190,7 +191,7 @@ impl TunnelServer {
             write: TunnelWrite::new(send),
         };
         let upstream_local = app.local_addr().ok();
-        let out = forward_tunnel(
+        let out = forward(
             app,
             tunnel,
             IDLE,

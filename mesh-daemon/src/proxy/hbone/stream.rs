@@ -15,7 +15,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::proxy::forward::Half;
+use crate::proxy::forward::{Duplex, Half};
 
 /// The largest DATA frame written at once: what a read of the other side brings, at most.
 const MAX_CHUNK: usize = 64 * 1024;
@@ -38,6 +38,11 @@ impl TunnelRead {
             recv,
             pending: Bytes::new(),
         }
+    }
+
+    /// Whether the peer has ended its side (nothing more will arrive).
+    pub fn ended(&self) -> bool {
+        self.pending.is_empty() && self.recv.is_end_stream()
     }
 }
 
@@ -148,37 +153,15 @@ pub struct Tunnel {
     pub write: TunnelWrite,
 }
 
-/// `forward` between a TCP connection and a tunnel: what the TCP side sends counts as sent
-/// upstream. A reset on either side resets the other (RST, or `RST_STREAM`), a FIN ends the
-/// stream and the end of the stream is a FIN.
-pub async fn forward_tunnel(
-    mut tcp: TcpStream,
-    mut tunnel: Tunnel,
-    idle: std::time::Duration,
-    report_every: Option<std::time::Duration>,
-    report: impl FnMut(u64, u64),
-) -> crate::proxy::forward::Outcome {
-    use tokio::io::AsyncWriteExt;
-    let out = {
-        let (r, w) = tcp.split();
-        crate::proxy::forward::drive(
-            r,
-            w,
-            &mut tunnel.read,
-            &mut tunnel.write,
-            idle,
-            report_every,
-            report,
-        )
-        .await
-    };
-    if out.idle_timeout {
-        let _ = tcp.shutdown().await;
-        let _ = tunnel.write.shutdown().await;
+impl Duplex for Tunnel {
+    type Read<'a> = &'a mut TunnelRead;
+    type Write<'a> = &'a mut TunnelWrite;
+
+    fn halves(&mut self) -> (&mut TunnelRead, &mut TunnelWrite) {
+        (&mut self.read, &mut self.write)
     }
-    if out.reset {
-        crate::proxy::forward::abort(&tcp);
-        tunnel.write.reset();
+
+    fn abort(&mut self) {
+        self.write.reset();
     }
-    out
 }
