@@ -18,6 +18,12 @@ pub mod map_names {
     pub const ORIG_DST: &str = "sl_orig_dst";
     /// Per-CPU decision counters, indexed by the `STAT_*` constants.
     pub const STATS: &str = "sl_stats";
+    /// Enrolled pods' own addresses whose inbound TCP is captured:
+    /// [`InboundKey`](super::InboundKey) -> [`InboundPolicy`](super::InboundPolicy).
+    pub const INBOUND: &str = "sl_inbound";
+    /// The daemon's inbound listener in each such pod: [`InboundKey`](super::InboundKey) ->
+    /// socket (a `SOCKHASH`).
+    pub const INBOUND_SOCKETS: &str = "sl_inbound_sk";
 }
 
 /// Program names as they appear in the object file and under the pin directory.
@@ -25,7 +31,13 @@ pub mod program_names {
     pub const CONNECT4: &str = "sl_connect4";
     pub const CONNECT6: &str = "sl_connect6";
     pub const SOCKOPS: &str = "sl_sockops";
+    /// `sk_lookup`, attached to each enrolled pod's network namespace.
+    pub const SK_LOOKUP: &str = "sl_sk_lookup";
 }
+
+/// Ports an enrolled pod's inbound capture leaves alone: the tunnel and the daemon's own
+/// listeners inside the pod.
+pub const INBOUND_PASS_PORTS: [u16; 3] = [15001, 15006, 15008];
 
 /// Socket mark the daemon sets on every socket it opens inside a pod's network namespace.
 /// The connect hooks never redirect a socket carrying it, so the daemon cannot loop into
@@ -131,6 +143,25 @@ pub struct ConnKey {
     pub _pad: [u8; 5],
 }
 
+/// An enrolled pod's own address (IPv4 in the first four bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct InboundKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// How one enrolled pod's inbound TCP is captured.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundPolicy {
+    pub excluded_ports_len: u8,
+    pub _pad: u8,
+    /// Destination ports left to the application (`excludeInboundPorts`), host byte order.
+    pub excluded_ports: [u16; MAX_EXCLUDED_PORTS],
+}
+
 /// Indexes into the `sl_stats` per-CPU array.
 pub mod stats {
     /// Connects from enrolled pods steered to the daemon.
@@ -165,6 +196,8 @@ const _: () = assert!(core::mem::size_of::<Cidr6>() == 32);
 const _: () = assert!(core::mem::size_of::<PodPolicy>() == 12 + 32 + 8 * 8 + 8 * 32);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 32);
 const _: () = assert!(core::mem::size_of::<ConnKey>() == 32);
+const _: () = assert!(core::mem::size_of::<InboundKey>() == 20);
+const _: () = assert!(core::mem::size_of::<InboundPolicy>() == 2 + 2 * MAX_EXCLUDED_PORTS);
 
 #[cfg(feature = "user")]
 mod user {
@@ -174,4 +207,6 @@ mod user {
     unsafe impl aya::Pod for super::PodPolicy {}
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::InboundKey {}
+    unsafe impl aya::Pod for super::InboundPolicy {}
 }

@@ -26,6 +26,8 @@ pub struct AdminState {
     pub stats: StatsMap,
     pub ready: watch::Receiver<bool>,
     pub node_name: String,
+    /// The workload certificates this node has issued (none without a CA).
+    pub certs: Option<Arc<crate::identity::certs::Certificates>>,
 }
 
 impl AdminState {
@@ -97,6 +99,9 @@ impl AdminState {
                 })
             }
             "/workloads" => json(serde_json::to_string_pretty(&*self.workloads.load_full())),
+            "/certs" => json(serde_json::to_string_pretty(&certs_view(
+                self.certs.as_deref(),
+            ))),
             "/bpf/stats" => json(serde_json::to_string_pretty(
                 &self
                     .stats
@@ -179,4 +184,31 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, exposure: Expo
                 .await;
         });
     }
+}
+
+/// What `/certs` shows of each workload certificate (ztunnel's `certificates` view, in
+/// short): whose, from when, until when, and the chain's issuers.
+fn certs_view(certs: Option<&crate::identity::certs::Certificates>) -> serde_json::Value {
+    let Some(certs) = certs else {
+        return serde_json::json!({"mtls": false, "certificates": []});
+    };
+    let when = |t: std::time::SystemTime| httpdate::fmt_http_date(t);
+    let issued: Vec<serde_json::Value> = certs
+        .issued()
+        .iter()
+        .map(|c| {
+            serde_json::json!({
+                "identity": c.identity.to_string(),
+                "valid_from": when(c.not_before),
+                "expires": when(c.not_after),
+                "chain_length": c.chain.len(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "mtls": true,
+        "trust_domain": certs.trust_domain(),
+        "roots": certs.roots().len(),
+        "certificates": issued,
+    })
 }

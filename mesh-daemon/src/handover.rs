@@ -56,6 +56,11 @@ pub enum Role {
         pod_uid: String,
         netns_inode: u64,
     },
+    /// A pod's plaintext inbound listener (IPv4 or IPv6), in the namespace with this inode.
+    Inbound {
+        pod_uid: String,
+        netns_inode: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

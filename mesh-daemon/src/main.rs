@@ -83,7 +83,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         pods,
         orig_dst,
         stats,
-        programs: _programs,
+        inbound: capture,
         ..
     } = datapath;
     let shards = Shards::start(settings.proxy_threads).context("starting the proxy threads")?;
@@ -206,6 +206,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         stats,
         ready: ready_rx,
         node_name: settings.node_name.clone(),
+        certs: inputs.certs.clone(),
     });
     let admin_tasks = [
         tokio::spawn(admin::serve(admin_l, admin_state.clone(), Exposure::Admin)),
@@ -217,6 +218,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(admin::serve(ready_l, admin_state, Exposure::Readiness)),
     ];
 
+    // Holds the programs for the daemon's life (the pins hold the attachments anyway).
+    let capture = Arc::new(capture);
     let reconciler = Reconciler {
         node_name: settings.node_name.clone(),
         proc_root: settings.proc_root.clone(),
@@ -238,6 +241,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         successors,
         own_listeners,
         handed_over: Some(handed_over_tx),
+        capture: capture.clone(),
     };
     let reconciling = tokio::spawn(reconciler.run(changed_rx));
 

@@ -166,6 +166,8 @@ pub struct Metrics {
     pub tunnel_refused: Counter,
     /// Tunnels this node could not open to another pod's daemon.
     pub tunnel_failures: Counter,
+    /// Plaintext connections to an enrolled pod refused by PeerAuthentication STRICT.
+    pub inbound_plaintext_refused: Counter,
     pub access_log_dropped: Gauge,
 }
 
@@ -297,6 +299,12 @@ impl Metrics {
             "mTLS tunnels to another pod that could not be opened",
             tunnel_failures.clone(),
         );
+        let inbound_plaintext_refused = Counter::default();
+        own.register(
+            "inbound_plaintext_refused",
+            "Plaintext connections to enrolled pods refused because PeerAuthentication is STRICT",
+            inbound_plaintext_refused.clone(),
+        );
         let access_log_dropped = Gauge::default();
         own.register(
             "access_log_dropped",
@@ -325,6 +333,7 @@ impl Metrics {
             outbound_failures,
             tunnel_refused,
             tunnel_failures,
+            inbound_plaintext_refused,
         }
     }
 

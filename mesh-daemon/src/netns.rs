@@ -93,6 +93,11 @@ impl Netns {
         self.inode
     }
 
+    /// The namespace's file, for attaching programs to it (`sk_lookup`).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Runs `f` with the calling thread inside this namespace, then returns the thread to
     /// `host`. Sockets created by `f` stay in this namespace for their whole life. `f` must
     /// not block or yield: the thread is a runtime worker.

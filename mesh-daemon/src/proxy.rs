@@ -16,6 +16,7 @@ pub mod hbone;
 pub mod hop_by_hop;
 pub mod http;
 pub mod idle;
+pub mod inbound;
 pub mod observed;
 pub mod outbound;
 pub mod pod_listeners;

@@ -1,22 +1,24 @@
 //! Keeps the kernel maps and the per-pod listeners in step with the configuration and the
 //! pods actually running on the node.
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use mesh_common::PodPolicy;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use mesh_common::InboundPolicy;
+
 use crate::{
-    datapath::{PodsMap, pod_policy},
+    datapath::{InboundCapture, PodsMap, inbound_policy, pod_policy},
     dir_changes::DirChanges,
     discovery::{self, DiscoveredPod},
     handover::{Inherited, Role, Successor},
     metrics::Metrics,
     netns::Netns,
     proxy::{
-        ProxyInputs, hbone::inbound::TunnelServer, http::PodHttp, outbound::Outbound,
-        pod_listeners::PodListeners,
+        ProxyInputs, hbone::inbound::TunnelServer, http::PodHttp, inbound::PlaintextInbound,
+        outbound::Outbound, pod_listeners::PodListeners, sockets::SocketError,
     },
     state::Snapshot,
 };
@@ -38,6 +40,9 @@ struct Active {
     netns_inode: u64,
     cookie: u64,
     policy: PodPolicy,
+    /// The pod's addresses whose inbound TCP is captured, and what capture leaves alone.
+    captured: Vec<IpAddr>,
+    inbound_policy: InboundPolicy,
     listeners: Vec<String>,
     /// Second descriptors of the pod's listeners, for a successor.
     copies: Vec<(Role, std::net::TcpListener)>,
@@ -77,6 +82,8 @@ pub struct Reconciler {
     pub own_listeners: Vec<(Role, std::net::TcpListener)>,
     /// Told once a successor holds the listeners: `run` has returned, nothing accepts here.
     pub handed_over: Option<oneshot::Sender<()>>,
+    /// Attaches inbound capture to pods (used when the mesh has a CA: mTLS on).
+    pub capture: Arc<InboundCapture>,
 }
 
 /// The HTTP side of each enrolled pod's proxy, by pod UID: what the admin API shows of
@@ -250,7 +257,15 @@ impl Reconciler {
                 let (policy, dropped) =
                     pod_policy(self.inputs.outbound_port, &info.enrollment.exclusions);
                 problems.extend(dropped);
-                match self.ensure(uid, pod, policy, active) {
+                let (inbound_policy, dropped) =
+                    inbound_policy(&info.enrollment.exclusions.inbound_ports);
+                problems.extend(dropped);
+                let wanted = Wanted {
+                    policy,
+                    inbound_policy,
+                    ips: &info.ips,
+                };
+                match self.ensure(uid, pod, &wanted, active) {
                     Ok(a) => {
                         cookie = Some(a.cookie);
                         listeners = a.listeners.clone();
@@ -290,9 +305,10 @@ impl Reconciler {
         &mut self,
         uid: &str,
         pod: &DiscoveredPod,
-        policy: PodPolicy,
+        wanted: &Wanted<'_>,
         active: &'a mut HashMap<String, Active>,
     ) -> Result<&'a Active, String> {
+        let policy = wanted.policy;
         if active
             .get(uid)
             .is_some_and(|a| a.netns_inode != pod.netns_inode)
@@ -303,17 +319,35 @@ impl Reconciler {
         if !active.contains_key(uid) {
             let path = self.proc_root.join(pod.pid.to_string()).join("ns/net");
             let netns = Arc::new(Netns::open(&path, &self.inputs.host).map_err(|e| e.to_string())?);
-            let (outbound, tunnel, copies) = self.listeners_for(uid, pod, &netns)?;
-            let listeners = outbound
-                .listeners()
-                .addresses()
-                .iter()
-                .chain(tunnel.as_ref().map(|(l, _)| l.addresses()).iter().flatten())
-                .map(ToString::to_string)
-                .collect();
+            let servers = self.listeners_for(uid, pod, &netns)?;
+            let listeners = servers.addresses();
+            let PodServers {
+                outbound,
+                tunnel,
+                inbound,
+                copies,
+            } = servers;
+            let mut captured = Vec::new();
+            if let Some((listeners, _)) = &inbound {
+                let pairs: Vec<(IpAddr, &dyn std::os::fd::AsRawFd)> = wanted
+                    .ips
+                    .iter()
+                    .filter_map(|ip| {
+                        let l = listeners.for_family_of(*ip)?;
+                        Some((*ip, l as &dyn std::os::fd::AsRawFd))
+                    })
+                    .collect();
+                self.capture
+                    .capture(&netns, &pairs, &wanted.inbound_policy)
+                    .map_err(|e| format!("inbound capture: {e}"))?;
+                captured = pairs.iter().map(|(ip, _)| *ip).collect();
+            }
             let http = outbound.http();
             let mut tasks = vec![tokio::spawn(outbound.run())];
             if let Some((listeners, server)) = tunnel {
+                tasks.push(tokio::spawn(server.run(listeners)));
+            }
+            if let Some((listeners, server)) = inbound {
                 tasks.push(tokio::spawn(server.run(listeners)));
             }
             let abort_all =
@@ -332,6 +366,8 @@ impl Reconciler {
                     netns_inode: pod.netns_inode,
                     cookie: netns.cookie(),
                     policy,
+                    captured,
+                    inbound_policy: wanted.inbound_policy,
                     listeners,
                     copies,
                     tasks,
@@ -347,36 +383,30 @@ impl Reconciler {
                 .map_err(|e| format!("updating sl_pods: {e}"))?;
             a.policy = policy;
         }
+        if a.inbound_policy != wanted.inbound_policy {
+            self.capture
+                .update(&a.captured, &wanted.inbound_policy)
+                .map_err(|e| format!("updating sl_inbound: {e}"))?;
+            a.inbound_policy = wanted.inbound_policy;
+        }
         Ok(a)
     }
 
-    /// The pod's outbound listeners and, with mTLS on, its tunnel listeners: those the daemon
-    /// before handed over, else bound now; with second descriptors of each for a successor.
-    #[allow(clippy::type_complexity)]
+    /// The pod's outbound listeners and, with mTLS on, its tunnel and plaintext inbound
+    /// listeners: those the daemon before handed over, else bound now; with second
+    /// descriptors of each for a successor.
     fn listeners_for(
         &mut self,
         uid: &str,
         pod: &DiscoveredPod,
         netns: &Arc<Netns>,
-    ) -> Result<
-        (
-            Outbound,
-            Option<(PodListeners, TunnelServer)>,
-            Vec<(Role, std::net::TcpListener)>,
-        ),
-        String,
-    > {
-        let inputs = &self.inputs;
-        let (outbound_role, tunnel_role) = (
-            Role::Outbound {
-                pod_uid: uid.to_owned(),
-                netns_inode: pod.netns_inode,
-            },
-            Role::Tunnel {
-                pod_uid: uid.to_owned(),
-                netns_inode: pod.netns_inode,
-            },
-        );
+    ) -> Result<PodServers, String> {
+        let inputs = self.inputs.clone();
+        let role = |make: fn(String, u64) -> Role| make(uid.to_owned(), pod.netns_inode);
+        let outbound_role = role(|pod_uid, netns_inode| Role::Outbound {
+            pod_uid,
+            netns_inode,
+        });
         let inherited = self.inherited.take_all(&outbound_role);
         let outbound = if inherited.is_empty() {
             Outbound::bind(uid.to_owned(), netns.clone(), inputs.clone())
@@ -389,33 +419,56 @@ impl Reconciler {
                 PodListeners::adopt(inherited),
             )
         };
-        let copy_of = |role: &Role, l: &PodListeners| {
-            l.copies()
-                .map(|c| c.into_iter().map(|c| (role.clone(), c)).collect::<Vec<_>>())
-                .map_err(|e| format!("copying the pod's listeners: {e}"))
+        let mut copies = Vec::new();
+        copy_into(&mut copies, &outbound_role, outbound.listeners())?;
+        let mut servers = PodServers {
+            outbound,
+            tunnel: None,
+            inbound: None,
+            copies: Vec::new(),
         };
-        let mut copies = copy_of(&outbound_role, outbound.listeners())?;
-        let inherited = self.inherited.take_all(&tunnel_role);
-        let tunnel = match &inputs.certs {
-            None => None,
-            Some(certs) => {
-                let server =
-                    TunnelServer::new(uid.to_owned(), netns.clone(), inputs.clone(), certs.clone());
-                let listeners = if inherited.is_empty() {
-                    server.bind().map_err(|e| e.to_string())?
-                } else {
-                    PodListeners::adopt(inherited)
-                };
-                copies.extend(copy_of(&tunnel_role, &listeners)?);
-                Some((listeners, server))
-            }
+        let Some(certs) = inputs.certs.clone() else {
+            servers.copies = copies;
+            return Ok(servers);
         };
-        Ok((outbound, tunnel, copies))
+        let tunnel_role = role(|pod_uid, netns_inode| Role::Tunnel {
+            pod_uid,
+            netns_inode,
+        });
+        let tunnel = TunnelServer::new(uid.to_owned(), netns.clone(), inputs.clone(), certs);
+        let listeners = self.take_or_bind(&tunnel_role, || tunnel.bind())?;
+        copy_into(&mut copies, &tunnel_role, &listeners)?;
+        servers.tunnel = Some((listeners, tunnel));
+        let inbound_role = role(|pod_uid, netns_inode| Role::Inbound {
+            pod_uid,
+            netns_inode,
+        });
+        let inbound = PlaintextInbound::new(uid.to_owned(), netns.clone(), inputs);
+        let listeners = self.take_or_bind(&inbound_role, || inbound.bind())?;
+        copy_into(&mut copies, &inbound_role, &listeners)?;
+        servers.inbound = Some((listeners, inbound));
+        servers.copies = copies;
+        Ok(servers)
+    }
+
+    /// The listeners handed over as `role`, else new ones.
+    fn take_or_bind(
+        &mut self,
+        role: &Role,
+        bind: impl FnOnce() -> Result<PodListeners, SocketError>,
+    ) -> Result<PodListeners, String> {
+        let inherited = self.inherited.take_all(role);
+        if inherited.is_empty() {
+            bind().map_err(|e| e.to_string())
+        } else {
+            Ok(PodListeners::adopt(inherited))
+        }
     }
 
     fn release(&mut self, uid: &str, active: &mut HashMap<String, Active>) {
         self.proxies.remove(uid);
         if let Some(a) = active.remove(uid) {
+            self.capture.release(a.cookie, &a.captured);
             // Map entry first: new connects go direct before the listener disappears.
             if let Err(e) = self.pods_map.remove(a.cookie) {
                 tracing::warn!(pod = %uid, error = %e, "cannot remove pod from sl_pods");
@@ -427,6 +480,8 @@ impl Reconciler {
     /// After a restart, entries of pods that went away while the daemon was down.
     fn remove_stale_entries(&mut self, active: &HashMap<String, Active>) {
         let live: Vec<u64> = active.values().map(|a| a.cookie).collect();
+        let captured: Vec<IpAddr> = active.values().flat_map(|a| a.captured.clone()).collect();
+        self.capture.release_others(&live, &captured);
         for cookie in self.pods_map.cookies() {
             if !live.contains(&cookie) {
                 let _ = self.pods_map.remove(cookie);
@@ -434,4 +489,48 @@ impl Reconciler {
             }
         }
     }
+}
+
+/// What a pod's kernel entries should say.
+struct Wanted<'a> {
+    policy: PodPolicy,
+    inbound_policy: InboundPolicy,
+    ips: &'a [IpAddr],
+}
+
+/// An enrolled pod's servers, before they run.
+struct PodServers {
+    outbound: Outbound,
+    tunnel: Option<(PodListeners, TunnelServer)>,
+    inbound: Option<(PodListeners, PlaintextInbound)>,
+    /// Second descriptors of every listener, for a successor.
+    copies: Vec<(Role, std::net::TcpListener)>,
+}
+
+impl PodServers {
+    fn addresses(&self) -> Vec<String> {
+        let mut all = self.outbound.listeners().addresses();
+        for l in [
+            self.tunnel.as_ref().map(|(l, _)| l),
+            self.inbound.as_ref().map(|(l, _)| l),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            all.extend(l.addresses());
+        }
+        all.iter().map(ToString::to_string).collect()
+    }
+}
+
+fn copy_into(
+    copies: &mut Vec<(Role, std::net::TcpListener)>,
+    role: &Role,
+    listeners: &PodListeners,
+) -> Result<(), String> {
+    let made = listeners
+        .copies()
+        .map_err(|e| format!("copying the pod's listeners: {e}"))?;
+    copies.extend(made.into_iter().map(|l| (role.clone(), l)));
+    Ok(())
 }

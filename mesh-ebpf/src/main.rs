@@ -8,6 +8,13 @@
 //!   re-key the original destination by the client's local address, which is what the daemon
 //!   sees as the peer when it accepts.
 //!
+//! * `sl_sk_lookup` (`sk_lookup`, 5.9+), attached to each enrolled pod's network namespace
+//!   when the mesh has a CA: a TCP connection arriving for the pod's own address from
+//!   elsewhere goes to the daemon's inbound listener in the pod, which applies
+//!   PeerAuthentication; connections from the pod's own address (the daemon delivering, or
+//!   the pod talking to itself), the tunnel port and excluded ports are left alone. With the
+//!   listener gone (no daemon) the connection is dropped: enrolled pods fail closed.
+//!
 //! Every entry point is a thin wrapper around a `try_*` function; nothing here can panic.
 #![no_std]
 #![no_main]
@@ -19,15 +26,15 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, sk_lookup, sock_ops},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use core::ptr::read_volatile;
 
-use mesh_common::{ConnKey, FAMILY_V4, FAMILY_V6, OrigDst, stats};
+use mesh_common::{ConnKey, FAMILY_V4, FAMILY_V6, INBOUND_PASS_PORTS, InboundKey, OrigDst, stats};
 
 use crate::{
-    maps::{ORIG_DST, PENDING, count},
+    maps::{INBOUND, INBOUND_SOCKETS, ORIG_DST, PENDING, count},
     policy::{Verdict, decide_v4, decide_v6},
 };
 
@@ -54,6 +61,82 @@ pub fn sl_connect6(ctx: SockAddrContext) -> i32 {
 pub fn sl_sockops(ctx: SockOpsContext) -> u32 {
     let _ = try_sockops(&ctx);
     0
+}
+
+/// `sk_lookup` verdicts.
+const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+
+#[sk_lookup]
+pub fn sl_sk_lookup(ctx: SkLookupContext) -> u32 {
+    try_sk_lookup(&ctx)
+}
+
+fn try_sk_lookup(ctx: &SkLookupContext) -> u32 {
+    // Every field loaded up front with a volatile read at its own constant offset (see
+    // `try_sockops`). SAFETY: the kernel hands a valid `bpf_sk_lookup`.
+    let (family, protocol, port, local4, remote4, local6, remote6) = unsafe {
+        let l = ctx.lookup;
+        (
+            read_volatile(&raw const (*l).family),
+            read_volatile(&raw const (*l).protocol),
+            read_volatile(&raw const (*l).local_port),
+            read_volatile(&raw const (*l).local_ip4),
+            read_volatile(&raw const (*l).remote_ip4),
+            [
+                read_volatile(&raw const (*l).local_ip6[0]),
+                read_volatile(&raw const (*l).local_ip6[1]),
+                read_volatile(&raw const (*l).local_ip6[2]),
+                read_volatile(&raw const (*l).local_ip6[3]),
+            ],
+            [
+                read_volatile(&raw const (*l).remote_ip6[0]),
+                read_volatile(&raw const (*l).remote_ip6[1]),
+                read_volatile(&raw const (*l).remote_ip6[2]),
+                read_volatile(&raw const (*l).remote_ip6[3]),
+            ],
+        )
+    };
+    if protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let port = port as u16;
+    let mut key = InboundKey::default();
+    if family == AF_INET {
+        // From the pod's own address: the daemon delivering, or the pod calling itself.
+        if local4 == remote4 {
+            return SK_PASS;
+        }
+        key.family = FAMILY_V4;
+        key.addr[..4].copy_from_slice(&local4.to_ne_bytes());
+    } else {
+        if local6 == remote6 {
+            return SK_PASS;
+        }
+        key.family = FAMILY_V6;
+        key.addr = ip6_bytes(local6);
+    }
+    let policy = match INBOUND.get_ptr(key) {
+        // SAFETY: the pointer comes from a successful lookup and is read at once.
+        Some(p) => unsafe { *p },
+        None => return SK_PASS,
+    };
+    if INBOUND_PASS_PORTS.contains(&port) {
+        return SK_PASS;
+    }
+    let n = (policy.excluded_ports_len as usize).min(policy.excluded_ports.len());
+    let mut i = 0;
+    while i < n {
+        if policy.excluded_ports[i] == port {
+            return SK_PASS;
+        }
+        i += 1;
+    }
+    match INBOUND_SOCKETS.redirect_sk_lookup(ctx, key, 0) {
+        Ok(()) => SK_PASS,
+        // Enrolled but no listener (no daemon): refuse rather than let plaintext through.
+        Err(_) => SK_DROP,
+    }
 }
 
 /// Reads the fields every connect hook needs; `None` for sockets that are not TCP.

@@ -3,8 +3,10 @@
 //! its SPIFFE identity. What a user can see: the bytes arrive, the wire between the nodes
 //! carries none of them in the clear, and the destination's metrics name both identities
 //! with `connection_security_policy="mutual_tls"`, as Kiali reads them.
+use std::time::Duration;
+
 use sidelane_tests::{
-    Cluster, PodRef, PodSpec, ServicePortSpec, capture::Capture, scenario::metric,
+    Cluster, PodRef, PodSpec, ServicePortSpec, capture::Capture, scenario::metric, sys::wait_for,
 };
 
 const MARKER: &str = "sidelane-plaintext-marker-7f3a";
@@ -80,6 +82,33 @@ impl Setup {
     }
 }
 
+/// The setup plus a pod outside the mesh (namespace `legacy`, on node 1), and the db pod's
+/// own address.
+fn with_outsider() -> (Setup, PodRef, String) {
+    let mut s = setup(|c| {
+        c.namespace("legacy", &[]).expect("namespace");
+    });
+    let c = &mut s.c;
+    let pod = c
+        .add_pod(PodSpec::new("legacy", "curl", 1))
+        .expect("outsider");
+    let db_ip = c
+        .pods
+        .iter()
+        .find(|p| p.spec.name == "db-v1")
+        .map(|p| p.ip4.clone())
+        .expect("db pod");
+    (s, pod, db_ip)
+}
+
+/// Whether plaintext from `from` to `addr` got the backend's echo.
+fn greeted(c: &Cluster, from: PodRef, addr: &str) -> bool {
+    let r = c
+        .tcp_with(from, addr, &["--send", "hi", "--timeout-ms", "1500"])
+        .expect("tcp client");
+    r["received"].as_str().unwrap_or("").contains("echo:hi")
+}
+
 fn carries_marker(s: &sidelane_tests::capture::Segment) -> bool {
     s.payload
         .windows(MARKER.len())
@@ -131,6 +160,16 @@ fn tcp_between_enrolled_pods_crosses_the_wire_only_inside_mutual_tls() {
         metric(&m2, "istio_tcp_sent_bytes_total", &inbound),
         received.len() as u64
     );
+    // Each node issued the certificate of its own pod's identity.
+    for (node, sa) in [(1, "sleep"), (2, "db")] {
+        let certs =
+            s.c.meshctl(node, &["proxy-config", "certs"])
+                .expect("meshctl");
+        assert!(
+            certs.contains(&format!("spiffe://cluster.local/ns/production/sa/{sa}")),
+            "node {node}: {certs}"
+        );
+    }
     let m1 = s.c.metrics(1).expect("node 1 metrics");
     let outbound = ["reporter=\"source\"", source, destination];
     assert_eq!(
@@ -214,20 +253,8 @@ fn without_a_ca_the_same_connection_is_plaintext_on_the_wire() {
 
 #[test]
 fn the_tunnel_port_refuses_a_peer_without_a_mesh_certificate() {
-    let s = setup(|c| {
-        c.namespace("legacy", &[]).expect("namespace");
-    });
-    let mut c = s.c;
-    let outsider = c
-        .add_pod(PodSpec::new("legacy", "curl", 1))
-        .expect("outsider");
-    c.write_manifests().expect("manifests");
-    let db_ip = c
-        .pods
-        .iter()
-        .find(|p| p.spec.name == "db-v1")
-        .map(|p| p.ip4.clone())
-        .expect("db pod");
+    let (s, outsider, db_ip) = with_outsider();
+    let c = s.c;
     // Plaintext (and then a TLS handshake without a client certificate) at the tunnel port.
     let plain = c
         .tcp(outsider, &format!("{db_ip}:{TUNNEL_PORT}"), MARKER)
@@ -249,4 +276,120 @@ fn the_tunnel_port_refuses_a_peer_without_a_mesh_certificate() {
         ),
         0
     );
+}
+
+/// The tutorial's "Enabling mTLS Between Services", unchanged: STRICT in the namespace and
+/// mesh-wide.
+const TUTORIAL_STRICT: &str = r#"
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: production
+spec:
+  mtls:
+    # STRICT: Only accept mTLS connections
+    # PERMISSIVE: Accept both mTLS and plain text (migration mode)
+    mode: STRICT
+---
+# Apply mTLS cluster-wide
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: istio-system  # Applies to all namespaces
+spec:
+  mtls:
+    mode: STRICT
+"#;
+
+/// A workload-level exception: port 9000 of the db pods takes plaintext again.
+const DB_PORT_DISABLED: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: db-legacy-port, namespace: production}
+spec:
+  selector: {matchLabels: {app: db}}
+  portLevelMtls:
+    9000: {mode: DISABLE}
+"#;
+
+#[test]
+fn peer_authentication_decides_whether_plaintext_from_outside_the_mesh_reaches_the_pod() {
+    let (s, outsider, db_ip) = with_outsider();
+    let c = s.c;
+    let db = format!("{db_ip}:9000");
+    let greeted = |c: &Cluster| greeted(c, outsider, &db);
+
+    // PERMISSIVE (nothing set): plaintext reaches the application, through the daemon.
+    assert!(greeted(&c), "plaintext accepted under PERMISSIVE");
+    let plaintext = [
+        "reporter=\"destination\"",
+        "connection_security_policy=\"none\"",
+        "destination_app=\"db\"",
+    ];
+    let m2 = c.metrics(2).expect("metrics");
+    assert_eq!(
+        metric(&m2, "istio_tcp_connections_opened_total", &plaintext),
+        1,
+        "{m2}"
+    );
+
+    // STRICT: refused, while the mesh client still gets through the tunnel.
+    c.write_file("peer-authentication.yaml", TUTORIAL_STRICT)
+        .expect("policy");
+    wait_for("STRICT applied", Duration::from_secs(10), || {
+        (!greeted(&c)).then_some(())
+    })
+    .expect("plaintext refused");
+    let count = |name: &str, labels: &[&str]| metric(&c.metrics(2).expect("metrics"), name, labels);
+    let (accepted, refused) = (
+        count("istio_tcp_connections_opened_total", &plaintext),
+        count("sidelane_inbound_plaintext_refused_total", &[]),
+    );
+    assert!(refused >= 1);
+    assert!(!greeted(&c), "refused again");
+    assert_eq!(
+        count("istio_tcp_connections_opened_total", &plaintext),
+        accepted,
+        "nothing more reached the application"
+    );
+    assert_eq!(
+        count("sidelane_inbound_plaintext_refused_total", &[]),
+        refused + 1
+    );
+    let r = c.tcp(s.client, &s.db_addr, "mesh").expect("tcp client");
+    assert!(
+        r["received"].as_str().unwrap_or("").contains("echo:mesh"),
+        "the mesh client under STRICT: {r}"
+    );
+
+    // A port-level exception for the db workload lets plaintext in on that port again.
+    c.write_file("db-port.yaml", DB_PORT_DISABLED)
+        .expect("policy");
+    wait_for(
+        "the port exception applied",
+        Duration::from_secs(10),
+        || greeted(&c).then_some(()),
+    )
+    .expect("plaintext accepted on the excepted port");
+}
+
+#[test]
+fn with_its_daemon_down_a_captured_pod_takes_no_plaintext_until_the_next_daemon_runs() {
+    let (s, outsider, db_ip) = with_outsider();
+    let mut c = s.c;
+    let db = format!("{db_ip}:9000");
+    let greeted = |c: &Cluster| greeted(c, outsider, &db);
+    assert!(greeted(&c), "PERMISSIVE: plaintext accepted");
+    c.kill_daemon(2);
+    assert!(
+        !greeted(&c),
+        "no daemon: the capture stays and drops (fail closed), nothing bypasses it"
+    );
+    c.start_daemon(2).expect("the next daemon");
+    wait_for("capture served again", Duration::from_secs(10), || {
+        greeted(&c).then_some(())
+    })
+    .expect("plaintext accepted again");
 }

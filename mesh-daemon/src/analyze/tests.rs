@@ -209,6 +209,11 @@ apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {name: default, namespace: production}
 spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-all, namespace: production}
+spec: {}
 ";
     let m = run(&format!("{CLUSTER}{vs}"), None);
     let not_applied: Vec<&str> = m
@@ -219,8 +224,8 @@ spec: {mtls: {mode: STRICT}}
     assert_eq!(
         not_applied,
         [
-            "spec.trafficPolicy.tls (client TLS origination)",
-            "PeerAuthentication (the whole resource)"
+            "AuthorizationPolicy (the whole resource)",
+            "spec.trafficPolicy.tls (client TLS origination)"
         ],
         "{m:#?}"
     );

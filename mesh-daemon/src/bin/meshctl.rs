@@ -34,11 +34,13 @@ enum Cmd {
     ProxyStatus,
     /// The daemon's compiled configuration snapshot, as JSON.
     ConfigDump,
-    /// What the proxy uses for one pod: routes, clusters or endpoints (POD is name.namespace).
+    /// What the proxy uses for one pod: routes, clusters or endpoints (POD is name.namespace);
+    /// or the node's workload certificates (certs, no POD).
     ProxyConfig {
-        #[arg(value_parser = ["routes", "clusters", "endpoints"])]
+        #[arg(value_parser = ["routes", "clusters", "endpoints", "certs"])]
         what: String,
-        pod: String,
+        #[arg(required_if_eq_any = [("what", "routes"), ("what", "clusters"), ("what", "endpoints")])]
+        pod: Option<String>,
         #[arg(short = 'o', long, default_value = "text")]
         output: String,
     },
@@ -114,7 +116,13 @@ fn main() -> anyhow::Result<()> {
             print!("{}", mesh_daemon::config::istio::crds::render());
             Ok(())
         }
-        Cmd::ProxyConfig { what, pod, output } => proxy_config(cli.admin, &what, &pod, &output),
+        Cmd::ProxyConfig { what, output, .. } if what == "certs" => certs(cli.admin, &output),
+        Cmd::ProxyConfig { what, pod, output } => proxy_config(
+            cli.admin,
+            &what,
+            pod.as_deref().unwrap_or_default(),
+            &output,
+        ),
         Cmd::Analyze {
             files,
             namespace,
@@ -226,6 +234,31 @@ fn get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
         bail!("{path}: {}", head.lines().next().unwrap_or("no response"));
     }
     Ok(body.to_owned())
+}
+
+/// The node's workload certificates (`istioctl ztunnel-config certificates`, in short).
+fn certs(admin: SocketAddr, output: &str) -> anyhow::Result<()> {
+    let body = get(admin, "/certs")?;
+    if output == "json" {
+        println!("{body}");
+        return Ok(());
+    }
+    let v: Value = serde_json::from_str(&body)?;
+    if v["mtls"] != true {
+        println!("no CA configured on this node: traffic between pods is plaintext");
+        return Ok(());
+    }
+    println!("{:<60} {:<30} EXPIRES", "IDENTITY", "VALID FROM");
+    for c in v["certificates"].as_array().into_iter().flatten() {
+        let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+        println!(
+            "{:<60} {:<30} {}",
+            s("identity"),
+            s("valid_from"),
+            s("expires")
+        );
+    }
+    Ok(())
 }
 
 fn proxy_config(admin: SocketAddr, what: &str, pod: &str, output: &str) -> anyhow::Result<()> {

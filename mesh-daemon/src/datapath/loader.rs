@@ -5,15 +5,18 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{HashMap, MapData, PerCpuArray, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps,
         links::{FdLink, PinnedLink},
     },
 };
 use mesh_common::{map_names, program_names};
 
-use super::maps::{OrigDstMap, PodsMap, StatsMap};
+use super::{
+    inbound::InboundCapture,
+    maps::{OrigDstMap, PodsMap, StatsMap},
+};
 
 /// The compiled kernel programs, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
@@ -80,8 +83,9 @@ impl ProgramPins {
 /// through their pinned links when the daemon exits, so a restart does not open a window in
 /// which enrolled pods' connections leave unredirected.
 pub struct Datapath {
-    /// Owns the programs' file descriptors: keep it for the daemon's life.
-    pub programs: Ebpf,
+    /// Owns the programs' file descriptors (keep it for the daemon's life) and attaches
+    /// inbound capture to pods.
+    pub inbound: InboundCapture,
     pub pods: PodsMap,
     pub orig_dst: OrigDstMap,
     pub stats: StatsMap,
@@ -111,6 +115,8 @@ impl Datapath {
             map_names::PENDING,
             map_names::ORIG_DST,
             map_names::STATS,
+            map_names::INBOUND,
+            map_names::INBOUND_SOCKETS,
         ]
         .into_iter()
         .map(|m| (m, pin_dir.join(m)))
@@ -149,8 +155,20 @@ impl Datapath {
         let stats = take_map(&mut ebpf, map_names::STATS, |m| {
             PerCpuArray::<MapData, u64>::try_from(m)
         })?;
+        let name = program_names::SK_LOOKUP;
+        let sk_lookup = program::<SkLookup>(&mut ebpf, name)?;
+        sk_lookup.load().map_err(|e| rejected(name, e))?;
+        repin_program(name, &ProgramPins::new(pin_dir, name).program, |p| {
+            sk_lookup.pin(p)
+        })?;
+        let inbound_policies = take_map(&mut ebpf, map_names::INBOUND, |m| {
+            HashMap::<MapData, _, _>::try_from(m)
+        })?;
+        let inbound_sockets = take_map(&mut ebpf, map_names::INBOUND_SOCKETS, |m| {
+            SockHash::<MapData, _>::try_from(m)
+        })?;
         Ok(Self {
-            programs: ebpf,
+            inbound: InboundCapture::new(ebpf, inbound_policies, inbound_sockets, pin_dir),
             pods: PodsMap::new(pods),
             orig_dst: OrigDstMap::new(orig_dst),
             stats: StatsMap::new(stats),
@@ -212,7 +230,10 @@ fn install(
     replace_link(name, &pins.link, link)
 }
 
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+pub(super) fn program<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut T, DatapathError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program>,
 {
@@ -232,7 +253,7 @@ fn take_map<T, E: std::fmt::Display>(
     convert(map).map_err(|e| DatapathError::Map(name, e.to_string()))
 }
 
-fn rejected(program: &'static str, e: ProgramError) -> DatapathError {
+pub(super) fn rejected(program: &'static str, e: ProgramError) -> DatapathError {
     match e {
         ProgramError::LoadError {
             io_error,
@@ -252,7 +273,7 @@ fn rejected(program: &'static str, e: ProgramError) -> DatapathError {
 }
 
 /// An error and all its causes on one line: aya's own messages omit the errno.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -263,7 +284,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn program_error(
+pub(super) fn program_error(
     program: &'static str,
     action: &'static str,
     e: impl std::fmt::Display,
@@ -292,7 +313,11 @@ fn repin_program(
 /// Swaps in `new`: it is already attached, so for a moment both the old and new programs
 /// run (harmless: the second sees a loopback destination and leaves it), then the old link
 /// is unpinned and dropped, which detaches it.
-fn replace_link(name: &'static str, path: &Path, new: FdLink) -> Result<(), DatapathError> {
+pub(super) fn replace_link(
+    name: &'static str,
+    path: &Path,
+    new: FdLink,
+) -> Result<(), DatapathError> {
     if path.exists() {
         match PinnedLink::from_pin(path) {
             Ok(old) => {

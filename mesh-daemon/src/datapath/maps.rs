@@ -9,6 +9,38 @@ use mesh_common::{
 
 use crate::enrollment::{Cidr, Exclusions};
 
+/// An address as the maps hold it: 16 bytes (IPv4 in the first four) and its family.
+pub fn kernel_addr(ip: IpAddr) -> ([u8; 16], u8) {
+    let mut addr = [0u8; 16];
+    match ip {
+        IpAddr::V4(a) => {
+            addr[..4].copy_from_slice(&a.octets());
+            (addr, FAMILY_V4)
+        }
+        IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+    }
+}
+
+/// Copies `ports` into a map value's fixed slots; returns how many fit and reports the rest
+/// (never silently dropped).
+pub fn fill_ports(
+    ports: &[u16],
+    slots: &mut [u16; MAX_EXCLUDED_PORTS],
+    what: &str,
+    dropped: &mut Vec<String>,
+) -> u8 {
+    let mut n = 0;
+    for port in ports {
+        if n < MAX_EXCLUDED_PORTS {
+            slots[n] = *port;
+            n += 1;
+        } else {
+            dropped.push(format!("{what} {port} (at most {MAX_EXCLUDED_PORTS})"));
+        }
+    }
+    n as u8
+}
+
 /// Builds the kernel's view of one enrolled pod. Returns the policy and the exclusions
 /// that did not fit (reported, never silently dropped).
 pub fn pod_policy(redirect_port: u16, ex: &Exclusions) -> (PodPolicy, Vec<String>) {
@@ -18,17 +50,12 @@ pub fn pod_policy(redirect_port: u16, ex: &Exclusions) -> (PodPolicy, Vec<String
         ..PodPolicy::default()
     };
     let mut dropped = Vec::new();
-    for port in &ex.outbound_ports {
-        let n = p.excluded_ports_len as usize;
-        if n < MAX_EXCLUDED_PORTS {
-            p.excluded_ports[n] = *port;
-            p.excluded_ports_len += 1;
-        } else {
-            dropped.push(format!(
-                "excluded port {port} (at most {MAX_EXCLUDED_PORTS})"
-            ));
-        }
-    }
+    p.excluded_ports_len = fill_ports(
+        &ex.outbound_ports,
+        &mut p.excluded_ports,
+        "excluded port",
+        &mut dropped,
+    );
     for c in &ex.outbound_cidrs {
         let fits = match c.addr {
             IpAddr::V4(_) => (p.excluded_v4_len as usize) < MAX_EXCLUDED_CIDRS,
@@ -124,21 +151,14 @@ impl OrigDstMap {
     /// Where the pod in `netns_cookie` meant to go when it connected from `peer` (the accepted
     /// socket's peer, i.e. the client's local address).
     pub fn lookup(&self, netns_cookie: u64, peer: SocketAddr) -> Option<SocketAddr> {
-        let mut key = ConnKey {
+        let (addr, family) = kernel_addr(peer.ip());
+        let key = ConnKey {
             netns_cookie,
             port: peer.port(),
+            addr,
+            family,
             ..ConnKey::default()
         };
-        match peer.ip() {
-            IpAddr::V4(a) => {
-                key.family = FAMILY_V4;
-                key.addr[..4].copy_from_slice(&a.octets());
-            }
-            IpAddr::V6(a) => {
-                key.family = FAMILY_V6;
-                key.addr = a.octets();
-            }
-        }
         let v = self.0.get(&key, 0).ok()?;
         let ip = match v.family {
             FAMILY_V4 => IpAddr::from([v.addr[0], v.addr[1], v.addr[2], v.addr[3]]),

@@ -463,7 +463,7 @@ impl Conn {
 }
 
 /// IPv4-mapped IPv6 destinations are IPv4 destinations.
-fn normalize(a: SocketAddr) -> SocketAddr {
+pub fn normalize(a: SocketAddr) -> SocketAddr {
     match a.ip() {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()

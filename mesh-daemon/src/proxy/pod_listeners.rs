@@ -26,6 +26,15 @@ pub enum Scope {
 
 pub struct PodListeners(Vec<std::net::TcpListener>);
 
+/// What serves each connection a pod's listeners accept.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = ()> + Send + 'static;
+}
+
 impl PodListeners {
     /// Binds `port` in the pod's namespace. IPv6 is optional: a pod without it gets IPv4 only.
     pub fn bind(
@@ -60,8 +69,26 @@ impl PodListeners {
             .collect()
     }
 
+    /// The listener of `ip`'s family, if the pod has one.
+    pub fn for_family_of(&self, ip: IpAddr) -> Option<&std::net::TcpListener> {
+        self.0
+            .iter()
+            .find(|l| l.local_addr().is_ok_and(|a| a.is_ipv4() == ip.is_ipv4()))
+    }
+
     pub fn addresses(&self) -> Vec<SocketAddr> {
         self.0.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    /// `accept` with `handler` serving each connection.
+    pub async fn serve<H: Handler>(self, pod_uid: &str, shards: &Arc<Shards>, handler: Arc<H>) {
+        self.accept(pod_uid, shards, move |stream, peer| {
+            let handler = handler.clone();
+            // A connection's future can be large; spawned as it is, it is copied on its way
+            // into the task. Boxed inside the task, it is written once.
+            async move { Box::pin(handler.handle(stream, peer)).await }
+        })
+        .await;
     }
 
     /// Accepts until the task is aborted (the pod left the mesh or the node): one accept loop

@@ -145,19 +145,71 @@ fn main() -> anyhow::Result<()> {
 
     step(
         4,
-        "A pod outside the mesh (namespace legacy, not labelled) is left alone",
+        "A pod outside the mesh (namespace legacy, not labelled): its own connections are left alone",
     );
     let before = outbound(&c, 1);
     let ip = c.pod(replicas[0]).ip4.clone();
     let r = c.http(legacy, &format!("http://{ip}:8080/"), &[])?;
     println!(
-        "   legacy-client -> {ip}:8080 directly: HTTP {}; connections through node-1's daemon: +{}",
+        "   legacy-client -> {ip}:8080 directly: HTTP {}; its connections redirected by node-1's daemon: +{}",
         r.first().and_then(|r| r["status"].as_u64()).unwrap_or(0),
         outbound(&c, 1) - before
     );
+    println!(
+        "   but its plaintext into a mesh pod is captured there (sk_lookup) and meets PeerAuthentication:"
+    );
+    println!("   none is set, so PERMISSIVE lets it through, as Istio does during a migration.");
 
     step(
         5,
+        "mTLS: the tutorial's peerauthentication.yaml (STRICT in production and mesh-wide)",
+    );
+    let text = std::fs::read_to_string(args.tutorial.join("peerauthentication.yaml"))
+        .context("reading peerauthentication.yaml")?;
+    c.write_file("peerauthentication.yaml", &text)?;
+    let refused = sidelane_tests::sys::wait_for(
+        "STRICT applied",
+        std::time::Duration::from_secs(10),
+        || {
+            let r = c.http(legacy, &format!("http://{ip}:8080/"), &[]).ok()?;
+            let first = r.first()?;
+            let error = first["error"].as_str().unwrap_or_default();
+            (first["status"].as_u64() != Some(200)).then(|| {
+                if error.contains("ConnectionReset") {
+                    "connection reset by node-1's daemon".to_owned()
+                } else {
+                    error.to_owned()
+                }
+            })
+        },
+    )?;
+    println!("   legacy-client -> {ip}:8080 in plaintext now: refused, {refused}");
+    let out = c.http(
+        client,
+        &format!("http://{vip}:8080/api"),
+        &["--count", "20"],
+    )?;
+    println!("   the sleep pod's 20 requests, each side proving its SPIFFE identity in TLS 1.3:");
+    print_tally(&out);
+    let m = c.metrics(2)?;
+    if let Some(line) = m.lines().find(|l| {
+        l.starts_with("istio_tcp_connections_opened_total{reporter=\"destination\"")
+            && l.contains("mutual_tls")
+    }) {
+        println!("   node-2, as the destination reports it (what Kiali draws the padlock from):");
+        for label in [
+            "source_principal",
+            "destination_principal",
+            "connection_security_policy",
+        ] {
+            if let Some(v) = line.split(&format!("{label}=\"")).nth(1) {
+                println!("     {label}={}", v.split('"').next().unwrap_or(""));
+            }
+        }
+    }
+
+    step(
+        6,
         "What the kernel programs decided on node-1 (meshctl bpf stats; also in /metrics)",
     );
     for line in c.meshctl(1, &["bpf", "stats"])?.lines() {
@@ -173,7 +225,7 @@ fn main() -> anyhow::Result<()> {
     );
 
     step(
-        6,
+        7,
         "The tutorial's Istio resources (meshctl analyze on the cluster's manifests)",
     );
     let meshctl = std::env::current_exe()?.with_file_name("meshctl");

@@ -2,11 +2,7 @@
 //! mutual TLS as the pod's identity (the client's certificate required and its SPIFFE ID
 //! read), HTTP/2, and for each `CONNECT` to one of the pod's own addresses a connection to
 //! the application from inside the pod, the bytes forwarded both ways.
-use std::{
-    net::SocketAddr,
-    sync::Arc,
-    time::{Instant, SystemTime},
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -19,20 +15,15 @@ use super::{
 };
 use crate::{
     identity::{Identity, certs::Certificates, tls::peer_identity},
-    metrics::TcpLabels,
     netns::Netns,
     proxy::{
         ProxyInputs,
-        access_log::{TcpEntry, log_tcp},
-        forward::forward,
-        pod_listeners::{PodListeners, Scope},
-        sockets::{SocketError, connect_in},
+        inbound::{Origin, connect_app, deliverable, relay},
+        pod_listeners::{Handler, PodListeners, Scope},
+        sockets::SocketError,
     },
-    state::{PodInfo, ServicePort, Snapshot},
+    state::PodInfo,
 };
-
-/// Idle timeout of a tunnelled connection (Istio's default TCP idle timeout).
-const IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// A pod's tunnel listeners and what serving them needs.
 pub struct TunnelServer {
@@ -73,15 +64,10 @@ impl TunnelServer {
         let this = Arc::new(self);
         let shards = this.inputs.shards.clone();
         let pod_uid = this.pod_uid.clone();
-        listeners
-            .accept(&pod_uid, &shards, move |stream, peer| {
-                let this = this.clone();
-                async move { Box::pin(this.handle(stream, peer)).await }
-            })
-            .await;
+        listeners.serve(&pod_uid, &shards, this).await;
     }
 
-    async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let snap = self.inputs.snapshot.load_full();
         let Some(pod) = snap.pods_by_uid.get(&self.pod_uid).cloned() else {
             return;
@@ -158,7 +144,6 @@ impl TunnelServer {
         mut respond: SendResponse<Bytes>,
         peer: Peer,
     ) {
-        let start = (SystemTime::now(), Instant::now());
         let target = match tunnel_target(&request, &peer.pod) {
             Ok(t) => t,
             Err(status) => {
@@ -168,8 +153,7 @@ impl TunnelServer {
             }
         };
         let inputs = &self.inputs;
-        let app = match connect_in(&self.netns, &inputs.host, target, inputs.connect_timeout).await
-        {
+        let app = match connect_app(&self.netns, inputs, target).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(pod = %self.pod_uid, %target, error = %e, "cannot reach the application");
@@ -180,42 +164,26 @@ impl TunnelServer {
         let Some(send) = reply(&mut respond, StatusCode::OK) else {
             return;
         };
-        let snap = inputs.snapshot.load_full();
-        let labels = peer.labels(&snap, target);
-        let m = &inputs.metrics;
-        m.tcp_opened.get_or_create(&labels).inc();
-        let received = m.tcp_received_bytes.get_or_create(&labels).clone();
-        let sent = m.tcp_sent_bytes.get_or_create(&labels).clone();
         let tunnel = Tunnel {
             read: TunnelRead::new(request.into_body()),
             write: TunnelWrite::new(send),
         };
-        let upstream_local = app.local_addr().ok();
-        let out = forward(
-            app,
-            tunnel,
-            IDLE,
-            inputs.tcp_reporting_interval,
-            |to_peer, to_app| {
-                received.inc_by(to_app);
-                sent.inc_by(to_peer);
-            },
-        )
-        .await;
-        m.tcp_closed.get_or_create(&labels).inc();
-        let cluster = format!("inbound|{}||", target.port());
-        log_tcp(&TcpEntry {
-            start: start.0,
-            duration_ms: start.1.elapsed().as_millis(),
-            response_flags: if out.reset { "UR" } else { "" },
-            received: out.sent_downstream,
-            sent: out.sent_upstream,
-            upstream_host: Some(target),
-            cluster: &cluster,
-            upstream_local,
-            original_dst: target,
-            downstream_peer: &peer.addr.to_string(),
-        });
+        let from = Origin {
+            peer: peer.addr,
+            principal: Some(&peer.source),
+            local: Some(&peer.local),
+        };
+        relay(inputs, app, tunnel, target, &from).await;
+    }
+}
+
+impl Handler for TunnelServer {
+    fn handle(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.connection(stream, peer)
     }
 }
 
@@ -226,23 +194,6 @@ struct Peer {
     pod: Arc<PodInfo>,
     source: Arc<Identity>,
     local: Arc<Identity>,
-}
-
-impl Peer {
-    /// Istio's labels as the destination reports them.
-    fn labels(&self, snap: &Snapshot, target: SocketAddr) -> TcpLabels {
-        let source_uid = snap
-            .pods_by_ip
-            .get(&self.addr.ip())
-            .map_or("", |p| p.uid.as_str());
-        let svc = service_of(snap, target);
-        let mut labels = TcpLabels::new(snap, source_uid, svc.as_deref(), target, "tcp");
-        labels.reporter = "destination";
-        labels.source_principal = self.source.to_string();
-        labels.destination_principal = self.local.to_string();
-        labels.connection_security_policy = "mutual_tls";
-        labels
-    }
 }
 
 /// The address a `CONNECT` asks for, if this pod may be reached there: one of the pod's own
@@ -259,19 +210,10 @@ fn tunnel_target(
         .authority()
         .and_then(|a| a.as_str().parse().ok())
         .ok_or(StatusCode::BAD_REQUEST)?;
-    if !pod.ips.contains(&target.ip()) || target.port() == HBONE_PORT {
+    if !deliverable(pod, target) {
         return Err(StatusCode::BAD_REQUEST);
     }
     Ok(target)
-}
-
-/// The Service whose endpoint `target` is (the first by name, when several select the pod).
-fn service_of(snap: &Snapshot, target: SocketAddr) -> Option<Arc<ServicePort>> {
-    snap.services_by_vip
-        .values()
-        .filter(|s| s.endpoints.iter().any(|e| e.addr == target))
-        .min_by(|a, b| a.hostname.cmp(&b.hostname))
-        .cloned()
 }
 
 fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) -> Option<h2::SendStream<Bytes>> {

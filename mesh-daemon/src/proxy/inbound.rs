@@ -1,0 +1,219 @@
+//! The destination side of a connection to an enrolled pod: what arrives through the mTLS
+//! tunnel (`hbone::inbound`) and plaintext captured by `sl_sk_lookup` (the listener here,
+//! 15006 on the pod's loopback), both delivered to the application from inside the pod and
+//! reported as Istio's destination reporter does. Plaintext meets PeerAuthentication first:
+//! `STRICT` refuses it.
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use mesh_common::INBOUND_PASS_PORTS;
+use tokio::net::TcpStream;
+
+use super::{
+    ProxyInputs,
+    access_log::{TcpEntry, log_tcp},
+    forward::{Duplex, abort, forward},
+    pod_listeners::{Handler, PodListeners, Scope},
+    sockets::{SocketError, connect_in},
+};
+use crate::{
+    identity::Identity,
+    metrics::TcpLabels,
+    netns::Netns,
+    peer_authn::Mode,
+    state::{PodInfo, ServicePort, Snapshot},
+};
+
+/// The plaintext inbound listener's port in each pod (Istio ambient's).
+pub const INBOUND_PORT: u16 = 15006;
+
+/// Idle timeout of an inbound connection (Istio's default TCP idle timeout).
+const IDLE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Who is on the other end of an inbound connection.
+pub struct Origin<'a> {
+    pub peer: SocketAddr,
+    /// The client's proven identity (through the tunnel), or `None` for plaintext.
+    pub principal: Option<&'a Identity>,
+    /// This pod's identity, when the tunnel proved it.
+    pub local: Option<&'a Identity>,
+}
+
+/// Connects to the application at `target` from inside the pod.
+pub async fn connect_app(
+    netns: &Netns,
+    inputs: &ProxyInputs,
+    target: SocketAddr,
+) -> Result<TcpStream, SocketError> {
+    connect_in(netns, &inputs.host, target, inputs.connect_timeout).await
+}
+
+/// Forwards between `client` and the application's connection `app` until both end, with
+/// Istio's destination-side TCP metrics and an access-log line.
+pub async fn relay(
+    inputs: &ProxyInputs,
+    app: TcpStream,
+    client: impl Duplex,
+    target: SocketAddr,
+    from: &Origin<'_>,
+) {
+    let start = (SystemTime::now(), Instant::now());
+    let snap = inputs.snapshot.load_full();
+    let labels = labels(&snap, from, target);
+    let m = &inputs.metrics;
+    m.tcp_opened.get_or_create(&labels).inc();
+    let received = m.tcp_received_bytes.get_or_create(&labels).clone();
+    let sent = m.tcp_sent_bytes.get_or_create(&labels).clone();
+    let upstream_local = app.local_addr().ok();
+    let out = forward(
+        client,
+        app,
+        IDLE,
+        inputs.tcp_reporting_interval,
+        |to_app, to_client| {
+            received.inc_by(to_app);
+            sent.inc_by(to_client);
+        },
+    )
+    .await;
+    m.tcp_closed.get_or_create(&labels).inc();
+    let cluster = format!("inbound|{}||", target.port());
+    log_tcp(&TcpEntry {
+        start: start.0,
+        duration_ms: start.1.elapsed().as_millis(),
+        response_flags: if out.reset { "UR" } else { "" },
+        received: out.sent_upstream,
+        sent: out.sent_downstream,
+        upstream_host: Some(target),
+        cluster: &cluster,
+        upstream_local,
+        original_dst: target,
+        downstream_peer: &from.peer.to_string(),
+    });
+}
+
+/// Istio's labels as the destination reports them.
+fn labels(snap: &Snapshot, from: &Origin<'_>, target: SocketAddr) -> TcpLabels {
+    let source_uid = snap
+        .pods_by_ip
+        .get(&from.peer.ip())
+        .map_or("", |p| p.uid.as_str());
+    let svc = service_of(snap, target);
+    let mut labels = TcpLabels::new(snap, source_uid, svc.as_deref(), target, "tcp");
+    labels.reporter = "destination";
+    match (from.principal, from.local) {
+        (Some(source), Some(local)) => {
+            labels.source_principal = source.to_string();
+            labels.destination_principal = local.to_string();
+            labels.connection_security_policy = "mutual_tls";
+        }
+        _ => labels.connection_security_policy = "none",
+    }
+    labels
+}
+
+/// The Service whose endpoint `target` is (the first by name, when several select the pod).
+fn service_of(snap: &Snapshot, target: SocketAddr) -> Option<Arc<ServicePort>> {
+    snap.services_by_vip
+        .values()
+        .filter(|s| s.endpoints.iter().any(|e| e.addr == target))
+        .min_by(|a, b| a.hostname.cmp(&b.hostname))
+        .cloned()
+}
+
+/// Whether a connection for `target` may be delivered into `pod`: one of its own addresses,
+/// not one of the daemon's ports.
+pub fn deliverable(pod: &PodInfo, target: SocketAddr) -> bool {
+    pod.ips.contains(&target.ip()) && !INBOUND_PASS_PORTS.contains(&target.port())
+}
+
+/// A pod's plaintext inbound listeners.
+pub struct PlaintextInbound {
+    pod_uid: String,
+    netns: Arc<Netns>,
+    inputs: Arc<ProxyInputs>,
+}
+
+impl PlaintextInbound {
+    pub fn new(pod_uid: String, netns: Arc<Netns>, inputs: Arc<ProxyInputs>) -> Self {
+        Self {
+            pod_uid,
+            netns,
+            inputs,
+        }
+    }
+
+    /// On the pod's loopback: only what `sl_sk_lookup` hands over (and the pod itself) gets
+    /// there.
+    pub fn bind(&self) -> Result<PodListeners, SocketError> {
+        PodListeners::bind(
+            &self.pod_uid,
+            &self.netns,
+            &self.inputs.host,
+            Scope::Loopback,
+            INBOUND_PORT,
+        )
+    }
+
+    /// Accepts until the task is aborted (the pod left the mesh or the node).
+    pub async fn run(self, listeners: PodListeners) {
+        let this = Arc::new(self);
+        let shards = this.inputs.shards.clone();
+        let pod_uid = this.pod_uid.clone();
+        listeners.serve(&pod_uid, &shards, this).await;
+    }
+
+    async fn connection(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+        // Captured connections keep their destination: the accepted socket's own address.
+        let Ok(target) = client.local_addr() else {
+            return;
+        };
+        let target = super::outbound::normalize(target);
+        let snap = self.inputs.snapshot.load_full();
+        let Some(pod) = snap.pods_by_uid.get(&self.pod_uid).cloned() else {
+            abort(&client);
+            return;
+        };
+        if !deliverable(&pod, target) {
+            // Someone in the pod dialled the listener itself.
+            abort(&client);
+            return;
+        }
+        let mode = snap
+            .peer_authn
+            .mode(&pod.namespace, &pod.labels, target.port());
+        if mode == Mode::Strict {
+            tracing::debug!(pod = %self.pod_uid, %peer, %target, "plaintext refused: PeerAuthentication STRICT");
+            self.inputs.metrics.inbound_plaintext_refused.inc();
+            abort(&client);
+            return;
+        }
+        let app = match connect_app(&self.netns, &self.inputs, target).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(pod = %self.pod_uid, %target, error = %e, "cannot reach the application");
+                abort(&client);
+                return;
+            }
+        };
+        let from = Origin {
+            peer,
+            principal: None,
+            local: None,
+        };
+        relay(&self.inputs, app, client, target, &from).await;
+    }
+}
+
+impl Handler for PlaintextInbound {
+    fn handle(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.connection(stream, peer)
+    }
+}
