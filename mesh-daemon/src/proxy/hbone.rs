@@ -22,7 +22,8 @@ const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_FRAME: u32 = 1024 * 1024;
 
-/// How long a TLS handshake may take before the connection is dropped.
+/// How long a TLS handshake, or the answer to a `CONNECT`, may take before the connection is
+/// dropped.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +37,11 @@ pub enum HboneError {
         peer: SocketAddr,
         source: std::io::Error,
     },
-    #[error("TLS with {peer} timed out")]
-    TlsTimeout { peer: SocketAddr },
+    #[error("{peer} did not answer within {HANDSHAKE_TIMEOUT:?}: {during}")]
+    Timeout {
+        peer: SocketAddr,
+        during: &'static str,
+    },
     #[error("{peer}: {source}")]
     Peer { peer: SocketAddr, source: PeerError },
     #[error("{peer} presented {found}, not {expected}")]

@@ -44,7 +44,10 @@ pub async fn open(
         tokio_rustls::TlsConnector::from(to.source.client.clone()).connect(name, tcp),
     )
     .await
-    .map_err(|_| HboneError::TlsTimeout { peer })?
+    .map_err(|_| HboneError::Timeout {
+        peer,
+        during: "the TLS handshake",
+    })?
     .map_err(|source| HboneError::Tls { peer, source })?;
     let found = peer_identity(tls.get_ref().1.peer_certificates())
         .map_err(|source| HboneError::Peer { peer, source })?;
@@ -81,7 +84,13 @@ pub async fn open(
             status: StatusCode::BAD_REQUEST,
         })?;
     let (response, stream) = send.send_request(request, false).map_err(h2)?;
-    let response = response.await.map_err(h2)?;
+    let response = tokio::time::timeout(HANDSHAKE_TIMEOUT, response)
+        .await
+        .map_err(|_| HboneError::Timeout {
+            peer,
+            during: "the answer to CONNECT",
+        })?
+        .map_err(h2)?;
     if response.status() != StatusCode::OK {
         return Err(HboneError::Refused {
             peer,
