@@ -319,10 +319,23 @@ fn peer_authentication_decides_whether_plaintext_from_outside_the_mesh_reaches_t
     let (s, outsider, db_ip) = with_outsider();
     let c = s.c;
     let db = format!("{db_ip}:9000");
-    let greeted = |c: &Cluster| greeted(c, outsider, &db);
+
+    let db6 = c
+        .pods
+        .iter()
+        .find(|p| p.spec.name == "db-v1")
+        .map(|p| format!("[{}]:9000", p.ip6))
+        .expect("db pod");
 
     // PERMISSIVE (nothing set): plaintext reaches the application, through the daemon.
-    assert!(greeted(&c), "plaintext accepted under PERMISSIVE");
+    assert!(
+        greeted(&c, outsider, &db),
+        "plaintext accepted under PERMISSIVE"
+    );
+    assert!(
+        greeted(&c, outsider, &db6),
+        "IPv6 plaintext accepted under PERMISSIVE"
+    );
     let plaintext = [
         "reporter=\"destination\"",
         "connection_security_policy=\"none\"",
@@ -331,7 +344,7 @@ fn peer_authentication_decides_whether_plaintext_from_outside_the_mesh_reaches_t
     let m2 = c.metrics(2).expect("metrics");
     assert_eq!(
         metric(&m2, "istio_tcp_connections_opened_total", &plaintext),
-        1,
+        2,
         "{m2}"
     );
 
@@ -339,7 +352,7 @@ fn peer_authentication_decides_whether_plaintext_from_outside_the_mesh_reaches_t
     c.write_file("peer-authentication.yaml", TUTORIAL_STRICT)
         .expect("policy");
     wait_for("STRICT applied", Duration::from_secs(10), || {
-        (!greeted(&c)).then_some(())
+        (!greeted(&c, outsider, &db)).then_some(())
     })
     .expect("plaintext refused");
     let count = |name: &str, labels: &[&str]| metric(&c.metrics(2).expect("metrics"), name, labels);
@@ -348,7 +361,9 @@ fn peer_authentication_decides_whether_plaintext_from_outside_the_mesh_reaches_t
         count("sidelane_inbound_plaintext_refused_total", &[]),
     );
     assert!(refused >= 1);
-    assert!(!greeted(&c), "refused again");
+    assert!(!greeted(&c, outsider, &db6), "IPv6 refused too");
+    let refused = count("sidelane_inbound_plaintext_refused_total", &[]);
+    assert!(!greeted(&c, outsider, &db), "refused again");
     assert_eq!(
         count("istio_tcp_connections_opened_total", &plaintext),
         accepted,
@@ -370,7 +385,7 @@ fn peer_authentication_decides_whether_plaintext_from_outside_the_mesh_reaches_t
     wait_for(
         "the port exception applied",
         Duration::from_secs(10),
-        || greeted(&c).then_some(()),
+        || greeted(&c, outsider, &db).then_some(()),
     )
     .expect("plaintext accepted on the excepted port");
 }
@@ -380,16 +395,15 @@ fn with_its_daemon_down_a_captured_pod_takes_no_plaintext_until_the_next_daemon_
     let (s, outsider, db_ip) = with_outsider();
     let mut c = s.c;
     let db = format!("{db_ip}:9000");
-    let greeted = |c: &Cluster| greeted(c, outsider, &db);
-    assert!(greeted(&c), "PERMISSIVE: plaintext accepted");
+    assert!(greeted(&c, outsider, &db), "PERMISSIVE: plaintext accepted");
     c.kill_daemon(2);
     assert!(
-        !greeted(&c),
+        !greeted(&c, outsider, &db),
         "no daemon: the capture stays and drops (fail closed), nothing bypasses it"
     );
     c.start_daemon(2).expect("the next daemon");
     wait_for("capture served again", Duration::from_secs(10), || {
-        greeted(&c).then_some(())
+        greeted(&c, outsider, &db).then_some(())
     })
     .expect("plaintext accepted again");
 }
