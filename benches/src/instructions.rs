@@ -4,7 +4,7 @@
 //! percent for the same build, so it shows whether a change made the daemon cheaper. It
 //! leaves out the kernel (about half the daemon's CPU: sockets, eBPF, scheduling).
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     path::{Path, PathBuf},
     process::Command,
@@ -20,7 +20,7 @@ use crate::{
     load::Load,
     measure::{self, Plan},
     report::Scenario,
-    topology::{Bench, Placement, Via},
+    topology::{Bench, Route, Security, Via},
 };
 
 /// Requests of the warm-up, before counting starts: connections pooled and every path of
@@ -45,32 +45,32 @@ pub fn daemon_wrapper(out: &Path) -> Vec<String> {
 #[derive(Serialize)]
 pub struct Count {
     pub scenario: Scenario,
-    pub placement: Placement,
+    /// As `placement` and `security`.
+    #[serde(flatten)]
+    pub route: Route,
     pub requests: u32,
     pub instructions: u64,
     pub instructions_per_request: f64,
-    /// The callgrind dump, for `callgrind_annotate` or KCachegrind.
-    pub dump: PathBuf,
+    /// The callgrind dumps (one per daemon on the path: the mTLS path crosses two), for
+    /// `callgrind_annotate` or KCachegrind.
+    pub dumps: Vec<PathBuf>,
     /// Functions with the most instructions of their own, per request.
     pub top_functions: Vec<(String, f64)>,
 }
 
-/// Counts the daemon's instructions over `requests` requests of `scenario` from the client
-/// in the mesh.
+/// Counts the instructions of the daemons on the path over `requests` requests of
+/// `scenario` from the client in the mesh.
 pub fn count(
     b: &Bench,
     plan: &Plan,
     out: &Path,
     scenario: Scenario,
-    placement: Placement,
+    route: Route,
     requests: u32,
 ) -> anyhow::Result<Count> {
-    let path = measure::HttpPath::to(b, scenario, placement, Via::Sidelane)?;
-    let pid = *path
-        .target()
-        .pids
-        .first()
-        .context("the daemon is not running")?;
+    let path = measure::HttpPath::to(b, scenario, route, Via::Sidelane)?;
+    let pids = path.target().pids();
+    ensure!(!pids.is_empty(), "the daemon is not running");
     // Exactly `n` requests, every one answered 200: the count is divided by `n`.
     let all_ok = |n: u32, what: &str| -> anyhow::Result<()> {
         let load = Load::Count {
@@ -87,26 +87,39 @@ pub fn count(
         Ok(())
     };
     all_ok(WARM_UP_REQUESTS, "warm-up")?;
-    callgrind_control("-z", pid)?;
+    for &pid in &pids {
+        callgrind_control("-z", pid)?;
+    }
     all_ok(requests, "counted run")?;
-    let before = dumps(out, pid);
-    callgrind_control("-d", pid)?;
-    let dump = sys::wait_for("the callgrind dump", DUMP_TIMEOUT, || {
-        dumps(out, pid).difference(&before).next().cloned()
-    })?;
-    let text =
-        std::fs::read_to_string(&dump).with_context(|| format!("reading {}", dump.display()))?;
-    let profile = callgrind::parse(&text)?;
+    let mut total = 0;
+    let mut by_function: BTreeMap<String, u64> = BTreeMap::new();
+    let mut dumps_made = Vec::new();
+    for &pid in &pids {
+        let before = dumps(out, pid);
+        callgrind_control("-d", pid)?;
+        let dump = sys::wait_for("the callgrind dump", DUMP_TIMEOUT, || {
+            dumps(out, pid).difference(&before).next().cloned()
+        })?;
+        let text = std::fs::read_to_string(&dump)
+            .with_context(|| format!("reading {}", dump.display()))?;
+        let profile = callgrind::parse(&text)?;
+        total += profile.total;
+        for (f, n) in profile.by_function {
+            *by_function.entry(f).or_default() += n;
+        }
+        dumps_made.push(dump);
+    }
+    let mut by_function: Vec<(String, u64)> = by_function.into_iter().collect();
+    by_function.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     let per = f64::from(requests);
     Ok(Count {
         scenario,
-        placement,
+        route,
         requests,
-        instructions: profile.total,
-        instructions_per_request: profile.total as f64 / per,
-        dump,
-        top_functions: profile
-            .by_function
+        instructions: total,
+        instructions_per_request: total as f64 / per,
+        dumps: dumps_made,
+        top_functions: by_function
             .into_iter()
             .take(TOP_FUNCTIONS)
             .map(|(f, n)| (f, n as f64 / per))
@@ -153,15 +166,21 @@ impl Baseline {
         Ok(Self(counts))
     }
 
-    /// The earlier count of the same scenario and placement.
+    /// The earlier count of the same scenario and route (counts from before the mTLS
+    /// route existed are plaintext).
     fn per_request(&self, c: &Count) -> Option<f64> {
-        let (scenario, placement) = (
+        let (scenario, placement, security) = (
             serde_json::to_value(c.scenario).ok()?,
-            serde_json::to_value(c.placement).ok()?,
+            serde_json::to_value(c.route.placement).ok()?,
+            serde_json::to_value(c.route.security).ok()?,
         );
+        let plaintext = serde_json::to_value(Security::Plaintext).ok()?;
         self.0
             .iter()
-            .find(|b| b["scenario"] == scenario && b["placement"] == placement)?
+            .find(|b| {
+                let was = b.get("security").unwrap_or(&plaintext);
+                b["scenario"] == scenario && b["placement"] == placement && *was == security
+            })?
             .get("instructions_per_request")?
             .as_f64()
     }
@@ -172,14 +191,15 @@ impl Baseline {
 pub fn table(counts: &[Count], baseline: Option<&Baseline>) -> String {
     let mut t = String::from(
         "daemon instructions per request (user space, callgrind; the kernel not counted)\n\
-         scenario              placement   requests  instructions/request  baseline   change\n",
+         scenario              placement  security   requests  instructions/request  baseline   change\n",
     );
     for c in counts {
         let _ = write!(
             t,
-            "{:<21} {:<10} {:>9} {:>21.0}",
+            "{:<21} {:<10} {:<9} {:>9} {:>21.0}",
             c.scenario.label(),
-            c.placement.label(),
+            c.route.placement.label(),
+            c.route.security.label(),
             c.requests,
             c.instructions_per_request
         );
@@ -197,8 +217,12 @@ pub fn table(counts: &[Count], baseline: Option<&Baseline>) -> String {
             t,
             "\n{} {}: functions by their own instructions per request ({})",
             c.scenario.label(),
-            c.placement.label(),
-            c.dump.display()
+            c.route.label(),
+            c.dumps
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         for (f, n) in &c.top_functions {
             let share = n / c.instructions_per_request * 100.0;
@@ -212,15 +236,19 @@ pub fn table(counts: &[Count], baseline: Option<&Baseline>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::topology::Placement;
 
     fn count(scenario: Scenario, per_request: f64) -> Count {
         Count {
             scenario,
-            placement: Placement::SameNode,
+            route: Route {
+                placement: Placement::SameNode,
+                security: Security::Plaintext,
+            },
             requests: 2000,
             instructions: (per_request * 2000.0) as u64,
             instructions_per_request: per_request,
-            dump: PathBuf::from("callgrind.1.1"),
+            dumps: vec![PathBuf::from("callgrind.1.1")],
             top_functions: vec![("memcpy".into(), 10.0)],
         }
     }
@@ -250,6 +278,7 @@ mod tests {
             [
                 "http1-keepalive",
                 "same-node",
+                "plaintext",
                 "2000",
                 "19000",
                 "20000",
@@ -258,6 +287,6 @@ mod tests {
             "{t}"
         );
         // Not in the baseline: nothing to compare with.
-        assert_eq!(row("http2-multiplexed")[4..], ["-", "-"], "{t}");
+        assert_eq!(row("http2-multiplexed")[5..], ["-", "-"], "{t}");
     }
 }

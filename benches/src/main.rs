@@ -1,5 +1,5 @@
 //! `sidelane-bench` (run it with `cargo xtask bench`): what the mesh costs. Builds the netns
-//! cluster, then for every scenario and placement loads the same server directly, through
+//! cluster, then for every scenario and route (placement, plaintext or mTLS) loads the same server directly, through
 //! Sidelane, through nginx and through haproxy, one after the other in the same run, and
 //! writes `results.json`, `results.txt` and one latency plot per HTTP scenario.
 //! `benches/README.md` says what each figure means.
@@ -20,7 +20,7 @@ use clap::Parser;
 
 use measure::Plan;
 use report::{Report, Row, Scenario};
-use topology::{Bench, Placement, Via};
+use topology::{Bench, Route, Via};
 
 #[derive(Parser)]
 struct Args {
@@ -46,8 +46,8 @@ struct Args {
     /// Seconds of each TCP bulk transfer.
     #[arg(long, default_value_t = 5)]
     bulk_secs: u32,
-    /// Only measurements whose "scenario placement via" contains every one of these words
-    /// (for example `http1-keepalive same-node`).
+    /// Only measurements whose "scenario placement security via" contains every one of
+    /// these words (for example `http1-keepalive same-node mtls`).
     #[arg(long, num_args = 1..)]
     only: Vec<String>,
     /// Instead of timing anything, count the daemon's instructions per request under
@@ -65,8 +65,8 @@ struct Args {
 /// How long the proxies' idle CPU is measured.
 const IDLE_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
 
-fn selected(only: &[String], s: Scenario, p: Placement, v: Via) -> bool {
-    let name = format!("{} {} {}", s.label(), p.label(), v.label());
+fn selected(only: &[String], s: Scenario, r: Route, v: Via) -> bool {
+    let name = format!("{} {} {}", s.label(), r.label(), v.label());
     only.iter().all(|w| name.contains(w.as_str()))
 }
 
@@ -84,13 +84,13 @@ fn main() -> anyhow::Result<()> {
     if args.instructions {
         return count_instructions(&args, &plan);
     }
-    println!("building the benchmark cluster (2 nodes, the mesh, nginx and haproxy on node 1)");
+    println!("building the benchmark cluster (2 nodes, the mesh, nginx and haproxy on each)");
     let bench = Bench::build(&[])?;
     let proxies = [Via::Sidelane, Via::Nginx, Via::Haproxy];
     let idle_rss_mb: BTreeMap<String, f64> = proxies
         .into_iter()
         .map(|v| {
-            let pids = bench.pids(v);
+            let pids = bench.client_node_pids(v);
             (
                 v.label().to_owned(),
                 procstat::rss_bytes(&pids) as f64 / 1e6,
@@ -100,7 +100,7 @@ fn main() -> anyhow::Result<()> {
     // What each costs with no traffic at all: the daemon also watches pods and config.
     let meters: Vec<_> = proxies
         .iter()
-        .map(|v| procstat::CpuMeter::start(&bench.pids(*v)))
+        .map(|v| procstat::CpuMeter::start(&bench.client_node_pids(*v)))
         .collect();
     std::thread::sleep(IDLE_WINDOW);
     let idle_cpu_percent: BTreeMap<String, f64> = proxies
@@ -116,26 +116,26 @@ fn main() -> anyhow::Result<()> {
 
     let mut rows = Vec::new();
     for scenario in Scenario::ALL {
-        for placement in Placement::ALL {
+        for route in Route::all() {
             let vias: Vec<Via> = Via::ALL
                 .into_iter()
-                .filter(|v| selected(&args.only, scenario, placement, *v))
+                .filter(|v| selected(&args.only, scenario, route, *v))
                 .collect();
             if vias.is_empty() {
                 continue;
             }
-            println!("measuring {} {}", scenario.label(), placement.label());
+            println!("measuring {} {}", scenario.label(), route.label());
             if scenario == Scenario::TcpBulk {
                 for via in vias {
-                    let row = measure::bulk(&bench, &plan, placement, via);
-                    rows.push(row.unwrap_or_else(|e| failed(scenario, placement, via, &e)));
+                    let row = measure::bulk(&bench, &plan, route, via);
+                    rows.push(row.unwrap_or_else(|e| failed(scenario, route, via, &e)));
                 }
             } else {
                 rows.extend(http_group(
                     &bench,
                     &plan,
                     scenario,
-                    placement,
+                    route,
                     &vias,
                     args.rounds,
                 ));
@@ -164,7 +164,7 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--instructions`: every selected HTTP scenario and placement through the mesh, with the
+/// `--instructions`: every selected HTTP scenario and route through the mesh, with the
 /// daemons under callgrind.
 fn count_instructions(args: &Args, plan: &Plan) -> anyhow::Result<()> {
     println!("building the benchmark cluster, its daemons under valgrind's callgrind");
@@ -176,14 +176,14 @@ fn count_instructions(args: &Args, plan: &Plan) -> anyhow::Result<()> {
         .into_iter()
         .filter(|s| *s != Scenario::TcpBulk)
     {
-        for placement in Placement::ALL {
-            if !selected(&args.only, scenario, placement, Via::Sidelane) {
+        for route in Route::all() {
+            if !selected(&args.only, scenario, route, Via::Sidelane) {
                 continue;
             }
-            println!("counting {} {}", scenario.label(), placement.label());
+            println!("counting {} {}", scenario.label(), route.label());
             counts.push(
-                instructions::count(&bench, plan, &args.out, scenario, placement, args.requests)
-                    .with_context(|| format!("{} {}", scenario.label(), placement.label()))?,
+                instructions::count(&bench, plan, &args.out, scenario, route, args.requests)
+                    .with_context(|| format!("{} {}", scenario.label(), route.label()))?,
             );
         }
     }
@@ -203,19 +203,19 @@ fn count_instructions(args: &Args, plan: &Plan) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn failed(scenario: Scenario, placement: Placement, via: Via, e: &anyhow::Error) -> Row {
+fn failed(scenario: Scenario, route: Route, via: Via, e: &anyhow::Error) -> Row {
     eprintln!("  {} failed: {e:#}", via.label());
-    Row::failed(scenario, placement, via, format!("{e:#}"))
+    Row::failed(scenario, route, via, format!("{e:#}"))
 }
 
-/// One HTTP scenario and placement over every path: saturation, then latency, each in
+/// One HTTP scenario and route over every path: saturation, then latency, each in
 /// `rounds` rounds that take the paths in turn (so drift during the run touches every path
 /// alike); the round with the median throughput, and the one with the median p99, count.
 fn http_group(
     bench: &Bench,
     plan: &Plan,
     scenario: Scenario,
-    placement: Placement,
+    route: Route,
     vias: &[Via],
     rounds: u32,
 ) -> Vec<Row> {
@@ -230,7 +230,7 @@ fn http_group(
     let mut rows = Vec::new();
     let mut paths = Vec::new();
     for &via in vias {
-        match measure::http_path(bench, plan, scenario, placement, via) {
+        match measure::http_path(bench, plan, scenario, route, via) {
             Ok(path) => paths.push(Rounds {
                 via,
                 path,
@@ -238,7 +238,7 @@ fn http_group(
                 latencies: Vec::new(),
                 error: None,
             }),
-            Err(e) => rows.push(failed(scenario, placement, via, &e)),
+            Err(e) => rows.push(failed(scenario, route, via, &e)),
         }
     }
     for _ in 0..rounds.max(1) {
@@ -261,7 +261,7 @@ fn http_group(
         rows.push(match p.error {
             None => Row {
                 scenario,
-                placement,
+                route,
                 via: p.via,
                 saturation_rounds: p.runs.iter().map(Into::into).collect(),
                 saturation: measure::median(p.runs, |s| s.run.rps),
@@ -271,7 +271,7 @@ fn http_group(
                 bulk: None,
                 error: None,
             },
-            Some(e) => failed(scenario, placement, p.via, &e),
+            Some(e) => failed(scenario, route, p.via, &e),
         });
     }
     rows
@@ -287,11 +287,11 @@ fn write_outputs(out: &std::path::Path, report: &Report) -> anyhow::Result<()> {
         serde_json::to_string_pretty(report)?,
     )?;
     for scenario in Scenario::ALL {
-        for placement in Placement::ALL {
+        for route in Route::all() {
             let lines: Vec<plot::Series<'_>> = report
                 .rows
                 .iter()
-                .filter(|r| r.scenario == scenario && r.placement == placement)
+                .filter(|r| r.scenario == scenario && r.route == route)
                 .filter_map(|r| {
                     let l = r.latency.as_ref()?;
                     Some(plot::Series {
@@ -311,13 +311,14 @@ fn write_outputs(out: &std::path::Path, report: &Report) -> anyhow::Result<()> {
             let title = format!(
                 "{} {}: latency at {} requests/s (open loop)",
                 scenario.label(),
-                placement.label(),
+                route.label(),
                 report.rate
             );
             let file = out.join(format!(
-                "latency-{}-{}.svg",
+                "latency-{}-{}-{}.svg",
                 scenario.label(),
-                placement.label()
+                route.placement.label(),
+                route.security.label()
             ));
             std::fs::write(&file, plot::latency_svg(&title, &lines))?;
         }

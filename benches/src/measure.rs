@@ -9,7 +9,7 @@ use crate::{
     load::{self, HttpKind, HttpRun, Load},
     procstat::{CpuMeter, HostMeter, PeakRss},
     report::{Bulk, Latency, Row, Saturation, Scenario},
-    topology::{Bench, Placement, Target, Via},
+    topology::{Bench, Carried, Route, Target, Via},
 };
 
 /// How long and how hard to load each path.
@@ -69,19 +69,14 @@ pub struct HttpPath {
 
 impl HttpPath {
     /// Where `via` sends `scenario`'s traffic.
-    pub fn to(
-        b: &Bench,
-        scenario: Scenario,
-        placement: Placement,
-        via: Via,
-    ) -> anyhow::Result<Self> {
+    pub fn to(b: &Bench, scenario: Scenario, route: Route, via: Via) -> anyhow::Result<Self> {
         let kind = http_kind(scenario).context("not an HTTP scenario")?;
         let listener = match kind {
             HttpKind::Multiplexed => Listener::Http2,
             HttpKind::KeepAlive | HttpKind::NewConnection => Listener::Http1,
         };
         Ok(Self {
-            target: b.target(placement, via, listener),
+            target: b.target(route, via, listener),
             kind,
         })
     }
@@ -97,10 +92,11 @@ pub fn http_path(
     b: &Bench,
     plan: &Plan,
     scenario: Scenario,
-    placement: Placement,
+    route: Route,
     via: Via,
 ) -> anyhow::Result<HttpPath> {
-    let path = HttpPath::to(b, scenario, placement, via)?;
+    let path = HttpPath::to(b, scenario, route, via)?;
+    let before = mesh_carried(b, route, via)?;
     let warm = oha(
         b,
         plan,
@@ -116,13 +112,36 @@ pub fn http_path(
             warm.failures
         );
     }
+    check_carried(b, route, via, before)?;
     Ok(path)
+}
+
+fn mesh_carried(b: &Bench, route: Route, via: Via) -> anyhow::Result<Option<Carried>> {
+    Ok(match via {
+        Via::Sidelane => Some(b.carried(route)?),
+        Via::Direct | Via::Nginx | Via::Haproxy => None,
+    })
+}
+
+/// A measurement of the mesh's mTLS route that ran in plaintext, or the other way round,
+/// would be a wrong figure under the right name: the mesh's own metrics say which it was.
+fn check_carried(b: &Bench, route: Route, via: Via, before: Option<Carried>) -> anyhow::Result<()> {
+    let (Some(before), Some(after)) = (before, mesh_carried(b, route, via)?) else {
+        return Ok(());
+    };
+    if !after.only(before, route.security) {
+        bail!(
+            "the mesh did not carry this as {}: before {before:?}, after {after:?}",
+            route.security.label()
+        );
+    }
+    Ok(())
 }
 
 /// One closed-loop run at saturation.
 pub fn saturation(b: &Bench, plan: &Plan, p: &HttpPath) -> anyhow::Result<Saturation> {
-    let t = &p.target;
-    let cpu = CpuMeter::start(&t.pids);
+    let pids = p.target.pids();
+    let cpu = CpuMeter::start(&pids);
     let host = HostMeter::start();
     let run = oha(
         b,
@@ -134,7 +153,7 @@ pub fn saturation(b: &Bench, plan: &Plan, p: &HttpPath) -> anyhow::Result<Satura
         },
     )?;
     Ok(Saturation {
-        cpu_s_per_1000: per_1000(cpu.seconds(), &t.pids, run.responses()),
+        cpu_s_per_1000: per_1000(cpu.seconds(), &pids, run.responses()),
         host: host.finish(),
         run,
     })
@@ -142,9 +161,9 @@ pub fn saturation(b: &Bench, plan: &Plan, p: &HttpPath) -> anyhow::Result<Satura
 
 /// The open-loop run at the plan's rate, with the proxy's CPU and peak memory.
 pub fn latency(b: &Bench, plan: &Plan, p: &HttpPath) -> anyhow::Result<Latency> {
-    let t = &p.target;
-    let rss = PeakRss::start(t.pids.clone());
-    let cpu = CpuMeter::start(&t.pids);
+    let pids = p.target.pids();
+    let rss = PeakRss::start(p.target.per_node.clone());
+    let cpu = CpuMeter::start(&pids);
     let run = oha(
         b,
         plan,
@@ -158,8 +177,8 @@ pub fn latency(b: &Bench, plan: &Plan, p: &HttpPath) -> anyhow::Result<Latency> 
     let run = run?;
     Ok(Latency {
         target_rps: plan.rate,
-        cpu_s_per_1000: per_1000(cpu.seconds(), &t.pids, run.responses()),
-        peak_rss_mb: (!t.pids.is_empty()).then(|| peak as f64 / 1e6),
+        cpu_s_per_1000: per_1000(cpu.seconds(), &pids, run.responses()),
+        peak_rss_mb: (!pids.is_empty()).then(|| peak as f64 / 1e6),
         run,
     })
 }
@@ -172,11 +191,13 @@ pub fn median<T>(mut runs: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T> {
     runs.into_iter().nth(mid)
 }
 
-pub fn bulk(b: &Bench, plan: &Plan, placement: Placement, via: Via) -> anyhow::Result<Row> {
-    let t = b.target(placement, via, Listener::Tcp);
+pub fn bulk(b: &Bench, plan: &Plan, route: Route, via: Via) -> anyhow::Result<Row> {
+    let t = b.target(route, via, Listener::Tcp);
+    let pids = t.pids();
+    let before = mesh_carried(b, route, via)?;
     let args = load::iperf_args(&t.host, t.port, plan.bulk_secs);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let cpu = CpuMeter::start(&t.pids);
+    let cpu = CpuMeter::start(&pids);
     let out = b
         .cluster
         .run_in_for(
@@ -189,16 +210,17 @@ pub fn bulk(b: &Bench, plan: &Plan, placement: Placement, via: Via) -> anyhow::R
     let bps = load::parse_iperf(&out)?;
     let gib = bps * f64::from(plan.bulk_secs) / 8.0 / f64::from(1u32 << 30);
     let cpu_s = cpu.seconds();
+    check_carried(b, route, via, before)?;
     Ok(Row {
         scenario: Scenario::TcpBulk,
-        placement,
+        route,
         via,
         saturation: None,
         saturation_rounds: Vec::new(),
         latency: None,
         bulk: Some(Bulk {
             gbit_per_s: bps / 1e9,
-            cpu_s_per_gib: (!t.pids.is_empty() && gib > 0.0).then(|| cpu_s / gib),
+            cpu_s_per_gib: (!pids.is_empty() && gib > 0.0).then(|| cpu_s / gib),
         }),
         error: None,
     })

@@ -83,14 +83,17 @@ pub struct PeakRss {
 }
 
 impl PeakRss {
-    pub fn start(pids: Vec<u32>) -> Self {
+    /// Samples each group of processes (a proxy on one node: nginx's master and workers)
+    /// and keeps the highest any one group reached.
+    pub fn start(groups: Vec<Vec<u32>>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let sampler = std::thread::spawn(move || {
-            let mut peak = rss_bytes(&pids);
+            let sample = || groups.iter().map(|g| rss_bytes(g)).max().unwrap_or(0);
+            let mut peak = sample();
             while !flag.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(100));
-                peak = peak.max(rss_bytes(&pids));
+                peak = peak.max(sample());
             }
             peak
         });

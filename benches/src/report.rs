@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::{
     load::HttpRun,
     procstat::HostCpu,
-    topology::{Placement, Via},
+    topology::{Route, Via},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -84,7 +84,9 @@ pub struct Bulk {
 #[derive(Debug, Serialize)]
 pub struct Row {
     pub scenario: Scenario,
-    pub placement: Placement,
+    /// As `placement` and `security`.
+    #[serde(flatten)]
+    pub route: Route,
     pub via: Via,
     /// The median saturation round.
     pub saturation: Option<Saturation>,
@@ -100,9 +102,10 @@ impl Row {
     /// The row's first columns; `None` after writing the whole line of a failed row.
     fn head(&self, out: &mut String) -> Option<String> {
         let head = format!(
-            "{:<21} {:<10} {:<8}",
+            "{:<21} {:<10} {:<9} {:<8}",
             self.scenario.label(),
-            self.placement.label(),
+            self.route.placement.label(),
+            self.route.security.label(),
             self.via.label()
         );
         match &self.error {
@@ -114,10 +117,10 @@ impl Row {
         }
     }
 
-    pub fn failed(scenario: Scenario, placement: Placement, via: Via, error: String) -> Self {
+    pub fn failed(scenario: Scenario, route: Route, via: Via, error: String) -> Self {
         Row {
             scenario,
-            placement,
+            route,
             via,
             saturation: None,
             saturation_rounds: Vec::new(),
@@ -146,10 +149,10 @@ pub struct Report {
 }
 
 impl Report {
-    fn find(&self, scenario: Scenario, placement: Placement, via: Via) -> Option<&Row> {
+    fn find(&self, scenario: Scenario, route: Route, via: Via) -> Option<&Row> {
         self.rows
             .iter()
-            .find(|r| r.scenario == scenario && r.placement == placement && r.via == via)
+            .find(|r| r.scenario == scenario && r.route == route && r.via == via)
     }
 
     /// The table printed at the end of a run.
@@ -157,9 +160,10 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "{:<21} {:<10} {:<8} {:>9} {:>6} {:>6} {:>7} {:>7} {:>7} {:>8} {:>7} {:>8} {:>7} {:>7}",
+            "{:<21} {:<10} {:<9} {:<8} {:>9} {:>6} {:>6} {:>7} {:>7} {:>7} {:>8} {:>7} {:>8} {:>7} {:>7}",
             "scenario",
             "placement",
+            "security",
             "via",
             "max rps",
             "xdir",
@@ -174,7 +178,7 @@ impl Report {
             "errors"
         );
         for r in self.rows.iter().filter(|r| r.scenario != Scenario::TcpBulk) {
-            let direct = self.find(r.scenario, r.placement, Via::Direct);
+            let direct = self.find(r.scenario, r.route, Via::Direct);
             let direct_rps = direct.and_then(|d| Some(d.saturation.as_ref()?.run.rps));
             let direct_p99 = direct.and_then(|d| d.latency.as_ref()?.run.percentile("p99"));
             let Some(head) = r.head(&mut out) else {
@@ -203,15 +207,15 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\n{:<21} {:<10} {:<8} {:>9} {:>6} {:>9}",
-            "scenario", "placement", "via", "Gbit/s", "xdir", "CPU/GiB"
+            "\n{:<21} {:<10} {:<9} {:<8} {:>9} {:>6} {:>9}",
+            "scenario", "placement", "security", "via", "Gbit/s", "xdir", "CPU/GiB"
         );
         for r in self.rows.iter().filter(|r| r.scenario == Scenario::TcpBulk) {
             let Some(head) = r.head(&mut out) else {
                 continue;
             };
             let direct = self
-                .find(r.scenario, r.placement, Via::Direct)
+                .find(r.scenario, r.route, Via::Direct)
                 .and_then(|d| Some(d.bulk.as_ref()?.gbit_per_s));
             let gbps = r.bulk.as_ref().map(|b| b.gbit_per_s);
             let _ = writeln!(
@@ -256,12 +260,15 @@ impl Report {
         out
     }
 
-    /// The targets, each as found in this run.
+    /// The targets, each as found in this run. On the mTLS routes the daemon
+    /// figures count both hops: CPU summed over the nodes the path crosses, RSS the highest
+    /// of any one daemon.
     pub fn targets(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for placement in Placement::ALL {
+        for route in Route::all() {
             let s = Scenario::Http1KeepAlive;
-            let get = |via| self.find(s, placement, via);
+            let name = format!("{} {}", s.label(), route.label());
+            let get = |via| self.find(s, route, via);
             let p99 = |via| get(via)?.latency.as_ref()?.run.percentile("p99");
             let mesh_lat = get(Via::Sidelane).and_then(|r| r.latency.as_ref());
             let verdict = |ok: Option<bool>| match ok {
@@ -270,13 +277,13 @@ impl Report {
                 None => "not measured",
             };
             let added = p99(Via::Sidelane).zip(p99(Via::Direct)).map(|(m, d)| m - d);
+            let nginx_added = p99(Via::Nginx).zip(p99(Via::Direct)).map(|(m, d)| m - d);
             out.push(format!(
-                "{} {}: p99 added over direct at {} rps: {} ms (target <= 0.2): {}",
-                s.label(),
-                placement.label(),
+                "{name}: p99 added over direct at {} rps: {} ms (target <= 0.2): {} (nginx {})",
                 self.rate,
                 num(added, 3),
-                verdict(added.map(|a| a <= 0.2))
+                verdict(added.map(|a| a <= 0.2)),
+                num(nginx_added, 3)
             ));
             // Every measured row holds its rounds (its `saturation` is one of them).
             let rounds = get(Via::Sidelane)
@@ -286,9 +293,7 @@ impl Report {
             let each: Vec<String> = rounds.iter().map(|r| format!("{r:.2}")).collect();
             let vs_nginx = crate::measure::median(rounds, |r| *r);
             out.push(format!(
-                "{} {}: saturation throughput / nginx's: {} (target >= 1): {}{}",
-                s.label(),
-                placement.label(),
+                "{name}: saturation throughput / nginx's: {} (target >= 1): {}{}",
                 // Three places: a ratio a hair under 1 must not print as "1.00 NOT met".
                 num(vs_nginx, 3),
                 verdict(vs_nginx.map(|r| r >= 1.0)),
@@ -302,18 +307,14 @@ impl Report {
             // nginx's figure on the same path says how much of an absolute miss is the host.
             let nginx_cpu = get(Via::Nginx).and_then(|r| r.latency.as_ref()?.cpu_s_per_1000);
             out.push(format!(
-                "{} {}: daemon CPU-seconds per 1000 requests: {} (target <= 0.1): {} (nginx {})",
-                s.label(),
-                placement.label(),
+                "{name}: daemon CPU-seconds per 1000 requests: {} (target <= 0.1): {} (nginx {})",
                 num(cpu, 4),
                 verdict(cpu.map(|c| c <= 0.1)),
                 num(nginx_cpu, 4)
             ));
             let rss = mesh_lat.and_then(|l| l.peak_rss_mb);
             out.push(format!(
-                "{} {}: daemon RSS under that load: {} MB (target <= 30): {}",
-                s.label(),
-                placement.label(),
+                "{name}: daemon RSS under that load: {} MB (target <= 30): {}",
                 num(rss, 1),
                 verdict(rss.map(|r| r <= 30.0))
             ));
@@ -344,6 +345,7 @@ fn num(v: Option<f64>, decimals: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::topology::{Placement, Security};
 
     #[test]
     fn scenarios_are_named_alike_in_the_json_and_the_table() {
@@ -364,7 +366,10 @@ mod tests {
     fn row(via: Via, rps: f64, rounds: [f64; 3], p99: f64, cpu: Option<f64>) -> Row {
         Row {
             scenario: Scenario::Http1KeepAlive,
-            placement: Placement::SameNode,
+            route: Route {
+                placement: Placement::SameNode,
+                security: Security::Plaintext,
+            },
             via,
             saturation: Some(Saturation {
                 run: run(rps, p99),
@@ -423,7 +428,9 @@ mod tests {
         };
         let t = report.targets().join("\n");
         assert!(
-            t.contains("p99 added over direct at 1000 rps: 0.300 ms (target <= 0.2): NOT met"),
+            t.contains(
+                "same-node plaintext: p99 added over direct at 1000 rps: 0.300 ms (target <= 0.2): NOT met (nginx 0.100)"
+            ),
             "{t}"
         );
         assert!(
@@ -436,13 +443,13 @@ mod tests {
         );
         assert!(
             t.contains(
-                "cross-node: p99 added over direct at 1000 rps: - ms (target <= 0.2): not measured"
+                "cross-node mtls: p99 added over direct at 1000 rps: - ms (target <= 0.2): not measured"
             ),
             "{t}"
         );
         let table = report.table();
         assert!(
-            table.contains("sidelane      9000   0.45   12.5"),
+            table.contains("same-node  plaintext sidelane      9000   0.45   12.5"),
             "{table}"
         );
         assert!(

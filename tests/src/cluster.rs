@@ -53,6 +53,8 @@ pub struct PodSpec {
     pub annotations: BTreeMap<String, String>,
     /// Run the workload server (HTTP on 8080, TCP on 9000).
     pub serve: bool,
+    /// More ports the same server answers HTTP on.
+    pub also_http: Vec<u16>,
     /// The pod's identity in the mesh.
     pub service_account: String,
 }
@@ -66,6 +68,7 @@ impl PodSpec {
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
             serve: false,
+            also_http: Vec::new(),
             service_account: "default".into(),
         }
     }
@@ -83,6 +86,12 @@ impl PodSpec {
     }
     pub fn serving(mut self) -> Self {
         self.serve = true;
+        self
+    }
+    /// The server answers HTTP on `port` as well as on 8080.
+    pub fn serving_http_also_on(mut self, port: u16) -> Self {
+        self.serve = true;
+        self.also_http.push(port);
         self
     }
 }
@@ -481,6 +490,9 @@ impl Cluster {
                 "--version",
                 &version,
             ]);
+            for port in &pod.spec.also_http {
+                cmd.args(["--also-http-port", &port.to_string()]);
+            }
         } else {
             cmd.arg("pause");
         }

@@ -11,7 +11,8 @@ const BPF_LINKER_VERSION: &str = "0.13";
 /// the pinned maps.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("bpftool", "bpftool")];
 /// What `cargo xtask bench` adds: the reference proxies, nginx's stream module (for its L4
-/// baseline), and iperf3 for TCP bulk transfer.
+/// baseline), iperf3 for TCP bulk transfer, and openssl to issue the proxies' certificate
+/// for the mTLS route.
 const BENCH_DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("nginx", "nginx"),
     (
@@ -20,6 +21,7 @@ const BENCH_DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ),
     ("haproxy", "haproxy"),
     ("iperf3", "iperf3"),
+    ("openssl", "openssl"),
 ];
 /// The HTTP load generator of the benchmarks: open loop with latency correction, HTTP/2.
 const OHA_VERSION: &str = "1.16.0";

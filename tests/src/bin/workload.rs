@@ -39,6 +39,10 @@ enum Cmd {
         version: String,
         #[arg(long, default_value_t = 8080)]
         http_port: u16,
+        /// Serve HTTP on this port too, from the same process (a port the mesh leaves alone,
+        /// so one server is reached with and without it).
+        #[arg(long)]
+        also_http_port: Vec<u16>,
         #[arg(long, default_value_t = 9000)]
         tcp_port: u16,
     },
@@ -102,6 +106,7 @@ fn main() -> anyhow::Result<()> {
                 namespace,
                 version,
                 http_port,
+                also_http_port,
                 tcp_port,
             } => {
                 serve(
@@ -112,7 +117,7 @@ fn main() -> anyhow::Result<()> {
                         seen: std::sync::Mutex::new((0, String::new(), String::new())),
                         behaviour: std::sync::Mutex::new(Behaviour::default()),
                     }),
-                    http_port,
+                    std::iter::once(http_port).chain(also_http_port).collect(),
                     tcp_port,
                 )
                 .await
@@ -219,8 +224,11 @@ fn dual_stack_listener(port: u16) -> anyhow::Result<TcpListener> {
     Ok(TcpListener::from_std(s.into())?)
 }
 
-async fn serve(id: Arc<Identity>, http_port: u16, tcp_port: u16) -> anyhow::Result<()> {
-    let http = dual_stack_listener(http_port).context("binding the HTTP port")?;
+async fn serve(id: Arc<Identity>, http_ports: Vec<u16>, tcp_port: u16) -> anyhow::Result<()> {
+    let mut http = Vec::new();
+    for port in http_ports {
+        http.push(dual_stack_listener(port).with_context(|| format!("binding HTTP port {port}"))?);
+    }
     let tcp = dual_stack_listener(tcp_port).context("binding the TCP port")?;
     let tcp_id = id.clone();
     tokio::spawn(async move {
@@ -228,6 +236,18 @@ async fn serve(id: Arc<Identity>, http_port: u16, tcp_port: u16) -> anyhow::Resu
             tokio::spawn(tcp_conn(tcp_id.clone(), s));
         }
     });
+    let mut accepting = tokio::task::JoinSet::new();
+    for listener in http {
+        accepting.spawn(serve_http(id.clone(), listener));
+    }
+    match accepting.join_next().await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+async fn serve_http(id: Arc<Identity>, http: TcpListener) -> anyhow::Result<()> {
     loop {
         let (stream, peer) = http.accept().await?;
         // As real servers do: without it, small HTTP/2 frames wait on delayed ACKs.
