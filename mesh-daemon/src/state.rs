@@ -60,6 +60,10 @@ pub struct Snapshot {
     pub pods_by_uid: HashMap<String, Arc<PodInfo>>,
     pub pods_by_ip: HashMap<IpAddr, Arc<PodInfo>>,
     pub services_by_vip: HashMap<SocketAddr, Arc<ServicePort>>,
+    /// The Service port each endpoint address serves (the first by hostname when several
+    /// do): the inbound side names the destination Service of every connection it takes.
+    #[serde(skip)]
+    pub services_by_endpoint: HashMap<SocketAddr, Arc<ServicePort>>,
     /// VirtualServices, DestinationRules and clusters, compiled.
     pub routing: Routing,
     /// PeerAuthentication, resolved per workload and port by the inbound side.
@@ -117,6 +121,11 @@ impl Snapshot {
     /// The Service port a client dialled, if `dst` is a Service VIP.
     pub fn service(&self, dst: &SocketAddr) -> Option<&Arc<ServicePort>> {
         self.services_by_vip.get(dst)
+    }
+
+    /// A Service port whose endpoints include `addr`, if any.
+    pub fn service_of_endpoint(&self, addr: &SocketAddr) -> Option<&Arc<ServicePort>> {
+        self.services_by_endpoint.get(addr)
     }
 }
 
@@ -210,18 +219,27 @@ fn compile_service(
             } else {
                 same_family
             };
-            snap.services_by_vip.insert(
-                SocketAddr::new(*vip, port_number),
-                Arc::new(ServicePort {
-                    name: name.into(),
-                    namespace: namespace.into(),
-                    hostname: format!("{name}.{namespace}.svc.{cluster_domain}"),
-                    port: port_number,
-                    port_name: port_name.clone(),
-                    app_protocol: port.app_protocol.clone(),
-                    endpoints: chosen,
-                }),
-            );
+            let service_port = Arc::new(ServicePort {
+                name: name.into(),
+                namespace: namespace.into(),
+                hostname: format!("{name}.{namespace}.svc.{cluster_domain}"),
+                port: port_number,
+                port_name: port_name.clone(),
+                app_protocol: port.app_protocol.clone(),
+                endpoints: chosen,
+            });
+            for e in &service_port.endpoints {
+                snap.services_by_endpoint
+                    .entry(e.addr)
+                    .and_modify(|known| {
+                        if service_port.hostname < known.hostname {
+                            *known = service_port.clone();
+                        }
+                    })
+                    .or_insert_with(|| service_port.clone());
+            }
+            snap.services_by_vip
+                .insert(SocketAddr::new(*vip, port_number), service_port);
         }
     }
 }
@@ -360,5 +378,42 @@ endpoints:
         assert_eq!(pod.workload, "api-server");
         assert_eq!(pod.version.as_deref(), Some("v1"));
         assert_eq!(pod.ips.len(), 2);
+    }
+
+    #[test]
+    fn endpoints_name_their_service_the_first_by_hostname() {
+        let mut o = Objects::default();
+        o.add_text("t.yaml", OBJECTS);
+        // A second Service over the same pod, named later in the alphabet.
+        o.add_text(
+            "u.yaml",
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: zz-api, namespace: production}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: zz-api-v4, namespace: production, labels: {kubernetes.io/service-name: zz-api}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: [10.244.1.10]
+"#,
+        );
+        let s = Snapshot::compile(&o, "cluster.local", "istio-system", 1);
+        let of = |a: &str| {
+            s.service_of_endpoint(&a.parse().expect("addr"))
+                .map(|p| p.hostname.clone())
+        };
+        let api = Some("api-server.production.svc.cluster.local".to_owned());
+        assert_eq!(of("10.244.1.10:8080"), api);
+        assert_eq!(of("[fd00:244:1::10]:8080"), api);
+        // Not ready, not a port any Service targets.
+        assert_eq!(of("10.244.2.10:8080"), None);
+        assert_eq!(of("10.244.1.10:9090"), None);
     }
 }

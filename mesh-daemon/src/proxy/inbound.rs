@@ -24,7 +24,7 @@ use crate::{
     metrics::TcpLabels,
     netns::Netns,
     peer_authn::Mode,
-    state::{PodInfo, ServicePort, Snapshot},
+    state::{PodInfo, Snapshot},
 };
 
 /// The plaintext inbound listener's port in each pod (Istio ambient's).
@@ -101,7 +101,7 @@ fn labels(snap: &Snapshot, from: &Origin<'_>, target: SocketAddr) -> TcpLabels {
         .pods_by_ip
         .get(&from.peer.ip())
         .map_or("", |p| p.uid.as_str());
-    let svc = service_of(snap, target);
+    let svc = snap.service_of_endpoint(&target).cloned();
     let mut labels = TcpLabels::new(snap, source_uid, svc.as_deref(), target, "tcp");
     labels.reporter = "destination";
     match (from.principal, from.local) {
@@ -116,14 +116,6 @@ fn labels(snap: &Snapshot, from: &Origin<'_>, target: SocketAddr) -> TcpLabels {
 }
 
 /// The Service whose endpoint `target` is (the first by name, when several select the pod).
-fn service_of(snap: &Snapshot, target: SocketAddr) -> Option<Arc<ServicePort>> {
-    snap.services_by_vip
-        .values()
-        .filter(|s| s.endpoints.iter().any(|e| e.addr == target))
-        .min_by(|a, b| a.hostname.cmp(&b.hostname))
-        .cloned()
-}
-
 /// Whether a connection for `target` may be delivered into `pod`: one of its own addresses,
 /// not one of the daemon's ports.
 pub fn deliverable(pod: &PodInfo, target: SocketAddr) -> bool {
