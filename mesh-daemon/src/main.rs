@@ -17,7 +17,7 @@ use mesh_daemon::{
     },
     metrics::{Metrics, ReloadLabels},
     netns::HostNetns,
-    proxy::{ProxyInputs, shards::Shards},
+    proxy::{ProxyInputs, hbone::pool::TunnelPool, shards::Shards},
     reconcile::{LiveProxies, Reconciler},
     settings::{ConfigSource, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCAN_INTERVAL, Settings},
     state::Snapshot,
@@ -100,6 +100,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         tcp_reporting_interval: Settings::unless_zero(settings.tcp_reporting_interval),
         shards: shards.clone(),
         certs: workload_certificates(&settings)?,
+        tunnels: TunnelPool::new(metrics.tunnel_connections_opened.clone()),
     });
 
     // Configuration: every batch of objects becomes a new snapshot, swapped in whole.

@@ -166,6 +166,8 @@ pub struct Metrics {
     pub tunnel_refused: Counter,
     /// Tunnels this node could not open to another pod's daemon.
     pub tunnel_failures: Counter,
+    /// TLS connections opened to other pods' tunnel ports (each carries many tunnels).
+    pub tunnel_connections_opened: Counter,
     /// Plaintext connections to an enrolled pod refused by PeerAuthentication STRICT.
     pub inbound_plaintext_refused: Counter,
     pub access_log_dropped: Gauge,
@@ -299,6 +301,12 @@ impl Metrics {
             "mTLS tunnels to another pod that could not be opened",
             tunnel_failures.clone(),
         );
+        let tunnel_connections_opened = Counter::default();
+        own.register(
+            "tunnel_connections_opened",
+            "TLS connections opened to other pods' mTLS tunnel ports (each carries up to 100 tunnels)",
+            tunnel_connections_opened.clone(),
+        );
         let inbound_plaintext_refused = Counter::default();
         own.register(
             "inbound_plaintext_refused",
@@ -333,6 +341,7 @@ impl Metrics {
             outbound_failures,
             tunnel_refused,
             tunnel_failures,
+            tunnel_connections_opened,
             inbound_plaintext_refused,
         }
     }

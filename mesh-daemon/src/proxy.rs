@@ -60,4 +60,6 @@ pub struct ProxyInputs {
     /// Workload certificates for the mTLS tunnel; `None`: no CA configured, traffic between
     /// pods stays plaintext.
     pub certs: Option<Arc<Certificates>>,
+    /// Tunnel connections to other pods, shared by the connections between two pods.
+    pub tunnels: hbone::pool::TunnelPool,
 }

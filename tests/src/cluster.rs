@@ -967,7 +967,9 @@ impl Cluster {
         let mut args = vec!["tcp", "--addr", addr];
         args.extend_from_slice(options);
         let out = self.exec(pod, &args)?;
-        serde_json::from_str(out.trim())
+        // The result is the last line; `--hold-ms` and `--linger-ms` print events before it.
+        let last = out.trim().lines().last().unwrap_or_default();
+        serde_json::from_str(last)
             .map_err(|e| HarnessError::Other(format!("tcp client output: {e}: {out:.200}")))
     }
 

@@ -180,6 +180,79 @@ fn tcp_between_enrolled_pods_crosses_the_wire_only_inside_mutual_tls() {
 }
 
 #[test]
+fn connections_between_two_pods_share_tls_connections() {
+    let s = setup(|_| {});
+    let capture = Capture::start(s.c.node_netns(1)).expect("capture");
+    // Three at once, each open for a second, then one more after they have closed.
+    let echoed = |r: sidelane_tests::Result<serde_json::Value>, word: &str| {
+        let r = r.expect("tcp client");
+        let received = r["received"].as_str().unwrap_or("").to_owned();
+        assert!(
+            received.contains(&format!("echo:{word}")),
+            "{word}: {received:?}"
+        );
+    };
+    std::thread::scope(|scope| {
+        let clients: Vec<_> = ["one", "two", "three"]
+            .into_iter()
+            .map(|word| {
+                let s = &s;
+                scope.spawn(move || {
+                    let r = s.c.tcp_with(
+                        s.client,
+                        &s.db_addr,
+                        &["--send", word, "--linger-ms", "1000"],
+                    );
+                    (r, word)
+                })
+            })
+            .collect();
+        for c in clients {
+            let (r, word) = c.join().expect("client thread");
+            echoed(r, word);
+        }
+    });
+    // A pool per proxy thread (two in the test daemons), so a connection's frames are
+    // handled on the thread that serves it: at most one TLS connection each.
+    let opened = |c: &Cluster| {
+        let m1 = c.metrics(1).expect("node 1 metrics");
+        metric(&m1, "sidelane_tunnel_connections_opened_total", &[])
+    };
+    let after_three = opened(&s.c);
+    assert!(
+        (1..=2).contains(&after_three),
+        "{after_three} TLS connections for three at once"
+    );
+    echoed(s.c.tcp(s.client, &s.db_addr, "four"), "four");
+    assert_eq!(opened(&s.c), after_three, "the fourth made a new one");
+    let segments = capture.segments().expect("captured");
+    let mut tls_connections: Vec<u16> = segments
+        .iter()
+        .filter(|seg| seg.dst_port == TUNNEL_PORT)
+        .map(|seg| seg.src_port)
+        .collect();
+    tls_connections.sort_unstable();
+    tls_connections.dedup();
+    assert_eq!(
+        tls_connections.len() as u64,
+        after_three,
+        "client ports to {TUNNEL_PORT}: {tls_connections:?}"
+    );
+    // Still one connection each for the application, as the destination counts them.
+    let m2 = s.c.metrics(2).expect("node 2 metrics");
+    let inbound = [
+        "reporter=\"destination\"",
+        "connection_security_policy=\"mutual_tls\"",
+        "destination_service=\"db.production.svc.cluster.local\"",
+    ];
+    assert_eq!(
+        metric(&m2, "istio_tcp_connections_opened_total", &inbound),
+        4,
+        "{m2}"
+    );
+}
+
+#[test]
 fn http_between_enrolled_pods_crosses_the_wire_only_inside_mutual_tls() {
     let s = setup(|_| {});
     for extra in [&[][..], &["--h2"][..]] {

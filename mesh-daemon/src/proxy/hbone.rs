@@ -5,6 +5,7 @@
 //! and checks the other's SPIFFE ID.
 pub mod connect;
 pub mod inbound;
+pub mod pool;
 pub mod stream;
 
 use std::net::SocketAddr;
@@ -50,6 +51,8 @@ pub enum HboneError {
         expected: Identity,
         found: Identity,
     },
+    #[error("{peer}: the tunnel connection this one waited for could not be made")]
+    SharedAttempt { peer: SocketAddr },
     #[error("HTTP/2 with {peer}: {source}")]
     H2 { peer: SocketAddr, source: h2::Error },
     #[error("{peer} refused the tunnel to {target}: {status}")]

@@ -18,7 +18,7 @@ use super::{
     forward::{Duplex, Half},
     h1_codec,
     hbone::{
-        self, HboneError,
+        HboneError,
         connect::TunnelTo,
         stream::{Tunnel, TunnelRead, TunnelWrite},
     },
@@ -267,7 +267,10 @@ pub async fn dial(
             expected: &expected,
             source: &source,
         };
-        let opened = hbone::connect::open(netns, &inputs.host, &to, limit).await;
+        let opened = inputs
+            .tunnels
+            .open(netns, &inputs.host, source_uid, &to, limit)
+            .await;
         let (tunnel, local) = opened.inspect_err(|_| {
             inputs.metrics.tunnel_failures.inc();
         })?;

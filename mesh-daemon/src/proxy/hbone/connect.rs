@@ -1,9 +1,17 @@
 //! The client side of a tunnel: from the source pod's network namespace to the destination
-//! pod's port 15008, mutual TLS as the source's identity, the destination's identity checked,
-//! then one `CONNECT` stream for the connection.
-use std::net::SocketAddr;
+//! pod's port 15008, mutual TLS as the source's identity, the destination's identity checked
+//! ([`handshake`]), then one `CONNECT` stream per connection ([`stream`]). [`super::pool`]
+//! decides which connection a stream goes on.
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use bytes::Bytes;
+use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
 use rustls::pki_types::ServerName;
 
@@ -27,14 +35,15 @@ pub struct TunnelTo<'a> {
     pub source: &'a IdentityTls,
 }
 
-/// Opens a tunnel for one connection. A new TLS connection each time: pooling tunnels on
-/// shared connections is the next step.
-pub async fn open(
+/// Opens a tunnel connection to the destination pod: TCP from the source pod, TLS, the
+/// peer's identity checked, HTTP/2. Returns the handle streams are opened with, the local
+/// address, and a flag set when the connection has ended.
+pub async fn handshake(
     netns: &Netns,
     host: &HostNetns,
     to: &TunnelTo<'_>,
     connect_timeout: std::time::Duration,
-) -> Result<(Tunnel, SocketAddr), HboneError> {
+) -> Result<(SendRequest<Bytes>, SocketAddr, Arc<AtomicBool>), HboneError> {
     let peer = SocketAddr::new(to.target.ip(), HBONE_PORT);
     let tcp = connect_in(netns, host, peer, connect_timeout).await?;
     let local = tcp.local_addr().unwrap_or(peer);
@@ -58,7 +67,6 @@ pub async fn open(
             found,
         });
     }
-    let h2 = |source| HboneError::H2 { peer, source };
     let (send, conn) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -66,13 +74,23 @@ pub async fn open(
         .enable_push(false)
         .handshake::<_, Bytes>(tls)
         .await
-        .map_err(h2)?;
-    // Ends once the stream is done and `send` is dropped.
+        .map_err(|source| HboneError::H2 { peer, source })?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let ended = closed.clone();
+    // Ends once every stream is done and every handle dropped (or the peer goes away).
     tokio::spawn(async move {
         if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "tunnel connection ended");
+            tracing::debug!(%peer, error = %e, "tunnel connection ended");
         }
+        ended.store(true, Ordering::Release);
     });
+    Ok((send, local, closed))
+}
+
+/// Opens one `CONNECT` stream for `to.target` on a tunnel connection.
+pub async fn stream(send: SendRequest<Bytes>, to: &TunnelTo<'_>) -> Result<Tunnel, HboneError> {
+    let peer = SocketAddr::new(to.target.ip(), HBONE_PORT);
+    let h2 = |source| HboneError::H2 { peer, source };
     let mut send = send.ready().await.map_err(h2)?;
     let request = Request::builder()
         .method(Method::CONNECT)
@@ -98,11 +116,9 @@ pub async fn open(
             status: response.status(),
         });
     }
-    Ok((
-        Tunnel {
-            read: TunnelRead::new(response.into_body()),
-            write: TunnelWrite::new(stream),
-        },
-        local,
-    ))
+    Ok(Tunnel {
+        read: TunnelRead::new(response.into_body()),
+        write: TunnelWrite::new(stream),
+        slot: None,
+    })
 }

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 
 use super::{
     CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, HBONE_PORT, MAX_FRAME, STREAM_WINDOW,
+    pool::MAX_STREAMS,
     stream::{Tunnel, TunnelRead, TunnelWrite},
 };
 use crate::{
@@ -103,6 +104,7 @@ impl TunnelServer {
             }
         };
         let handshake = h2::server::Builder::new()
+            .max_concurrent_streams(MAX_STREAMS)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
@@ -116,9 +118,27 @@ impl TunnelServer {
             }
         };
         let local = Arc::new(identity);
+        // A client pools this connection for more tunnels; once the daemon drains, GOAWAY
+        // sends those to the successor while the open ones finish here.
+        let mut drain = self.inputs.shards.drain().signal();
+        let mut draining = false;
         // Accepting drives the connection; each stream runs as a task of its own.
-        while let Some(next) = conn.accept().await {
-            let Ok((request, respond)) = next else { break };
+        loop {
+            let next = if draining {
+                conn.accept().await
+            } else {
+                tokio::select! {
+                    next = conn.accept() => next,
+                    () = std::future::poll_fn(|cx| drain.poll_started(cx)) => {
+                        conn.graceful_shutdown();
+                        draining = true;
+                        continue;
+                    }
+                }
+            };
+            let Some(Ok((request, respond))) = next else {
+                break;
+            };
             let this = self.clone();
             let (pod, source, local) = (pod.clone(), source.clone(), local.clone());
             tokio::spawn(async move {
@@ -167,6 +187,7 @@ impl TunnelServer {
         let tunnel = Tunnel {
             read: TunnelRead::new(request.into_body()),
             write: TunnelWrite::new(send),
+            slot: None,
         };
         let from = Origin {
             peer: peer.addr,

@@ -151,6 +151,15 @@ impl Half for &mut TunnelWrite {
 pub struct Tunnel {
     pub read: TunnelRead,
     pub write: TunnelWrite,
+    /// The client side's place on a pooled connection, given back when this is dropped.
+    pub slot: Option<super::pool::StreamSlot>,
+}
+
+impl Tunnel {
+    pub fn holding(mut self, slot: super::pool::StreamSlot) -> Self {
+        self.slot = Some(slot);
+        self
+    }
 }
 
 impl Duplex for Tunnel {
