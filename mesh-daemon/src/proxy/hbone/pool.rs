@@ -168,6 +168,12 @@ impl TunnelPool {
                         self.remove(&key, conn.id);
                         continue;
                     }
+                    // A peer that does not answer within the handshake timeout may have
+                    // stalled: later tunnels get a new connection instead of the same wait.
+                    Err(e @ HboneError::Timeout { .. }) => {
+                        self.remove(&key, conn.id);
+                        return Err(e);
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -295,12 +301,7 @@ impl TunnelPool {
                         .saturating_sub(usage.last_active.load(Ordering::Relaxed))
                         >= IDLE_TIMEOUT.as_millis() as u64;
                 if idle {
-                    if let Some(list) = map.get_mut(&key) {
-                        list.retain(|c| c.id != id);
-                        if list.is_empty() {
-                            map.remove(&key);
-                        }
-                    }
+                    remove_from(&mut map, &key, id);
                     return;
                 }
             }
@@ -319,7 +320,14 @@ impl TunnelPool {
 }
 
 fn remove(conns: &Conns, key: &Key, id: u64) {
-    let mut map = conns.lock().unwrap_or_else(|p| p.into_inner());
+    remove_from(
+        &mut conns.lock().unwrap_or_else(|p| p.into_inner()),
+        key,
+        id,
+    );
+}
+
+fn remove_from(map: &mut HashMap<Key, Vec<Arc<Pooled>>>, key: &Key, id: u64) {
     if let Some(list) = map.get_mut(key) {
         list.retain(|c| c.id != id);
         if list.is_empty() {
