@@ -345,10 +345,10 @@ impl Reconciler {
             let http = outbound.http();
             let mut tasks = vec![tokio::spawn(outbound.run())];
             if let Some((listeners, server)) = tunnel {
-                tasks.push(tokio::spawn(server.run(listeners)));
+                tasks.push(tokio::spawn(listeners.serve(Arc::new(server))));
             }
             if let Some((listeners, server)) = inbound {
-                tasks.push(tokio::spawn(server.run(listeners)));
+                tasks.push(tokio::spawn(listeners.serve(Arc::new(server))));
             }
             let abort_all =
                 |tasks: &[tokio::task::JoinHandle<()>]| tasks.iter().for_each(|t| t.abort());

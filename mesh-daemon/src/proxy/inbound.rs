@@ -150,14 +150,6 @@ impl PlaintextInbound {
         )
     }
 
-    /// Accepts until the task is aborted (the pod left the mesh or the node).
-    pub async fn run(self, listeners: PodListeners) {
-        let this = Arc::new(self);
-        let shards = this.inputs.shards.clone();
-        let pod_uid = this.pod_uid.clone();
-        listeners.serve(&pod_uid, &shards, this).await;
-    }
-
     async fn connection(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
         // Captured connections keep their destination: the accepted socket's own address.
         let Ok(target) = client.local_addr() else {
@@ -201,6 +193,14 @@ impl PlaintextInbound {
 }
 
 impl Handler for PlaintextInbound {
+    fn pod_uid(&self) -> &str {
+        &self.pod_uid
+    }
+
+    fn shards(&self) -> &Arc<crate::proxy::shards::Shards> {
+        &self.inputs.shards
+    }
+
     fn handle(
         self: Arc<Self>,
         stream: TcpStream,

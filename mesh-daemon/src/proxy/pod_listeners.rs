@@ -28,6 +28,10 @@ pub struct PodListeners(Vec<std::net::TcpListener>);
 
 /// What serves each connection a pod's listeners accept.
 pub trait Handler: Send + Sync + 'static {
+    /// The pod whose listeners these are (for logs).
+    fn pod_uid(&self) -> &str;
+    /// The proxy threads that accept and serve.
+    fn shards(&self) -> &Arc<Shards>;
     fn handle(
         self: Arc<Self>,
         stream: TcpStream,
@@ -80,9 +84,11 @@ impl PodListeners {
         self.0.iter().filter_map(|l| l.local_addr().ok()).collect()
     }
 
-    /// `accept` with `handler` serving each connection.
-    pub async fn serve<H: Handler>(self, pod_uid: &str, shards: &Arc<Shards>, handler: Arc<H>) {
-        self.accept(pod_uid, shards, move |stream, peer| {
+    /// `accept` with `handler` serving each connection, until the task is aborted (the pod
+    /// left the mesh or the node).
+    pub async fn serve<H: Handler>(self, handler: Arc<H>) {
+        let (pod_uid, shards) = (handler.pod_uid().to_owned(), handler.shards().clone());
+        self.accept(&pod_uid, &shards, move |stream, peer| {
             let handler = handler.clone();
             // A connection's future can be large; spawned as it is, it is copied on its way
             // into the task. Boxed inside the task, it is written once.

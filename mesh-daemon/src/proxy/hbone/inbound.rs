@@ -60,14 +60,6 @@ impl TunnelServer {
         )
     }
 
-    /// Accepts until the task is aborted (the pod left the mesh or the node).
-    pub async fn run(self, listeners: PodListeners) {
-        let this = Arc::new(self);
-        let shards = this.inputs.shards.clone();
-        let pod_uid = this.pod_uid.clone();
-        listeners.serve(&pod_uid, &shards, this).await;
-    }
-
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let snap = self.inputs.snapshot.load_full();
         let Some(pod) = snap.pods_by_uid.get(&self.pod_uid).cloned() else {
@@ -199,6 +191,14 @@ impl TunnelServer {
 }
 
 impl Handler for TunnelServer {
+    fn pod_uid(&self) -> &str {
+        &self.pod_uid
+    }
+
+    fn shards(&self) -> &Arc<crate::proxy::shards::Shards> {
+        &self.inputs.shards
+    }
+
     fn handle(
         self: Arc<Self>,
         stream: TcpStream,

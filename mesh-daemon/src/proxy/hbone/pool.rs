@@ -165,13 +165,13 @@ impl TunnelPool {
                     Ok(t) => return Ok((t.holding(slot), conn.local)),
                     // The connection is gone (reset, GOAWAY, closed): a new one may do.
                     Err(HboneError::H2 { .. }) => {
-                        self.remove(&key, conn.id);
+                        remove(&self.conns, &key, conn.id);
                         continue;
                     }
                     // A peer that does not answer within the handshake timeout may have
                     // stalled: later tunnels get a new connection instead of the same wait.
                     Err(e @ HboneError::Timeout { .. }) => {
-                        self.remove(&key, conn.id);
+                        remove(&self.conns, &key, conn.id);
                         return Err(e);
                     }
                     Err(e) => return Err(e),
@@ -273,10 +273,6 @@ impl TunnelPool {
             epoch: self.epoch,
         };
         Some((conn, slot))
-    }
-
-    fn remove(&self, key: &Key, id: u64) {
-        remove(&self.conns, key, id);
     }
 
     /// Lets the connection go once it has had no stream for [`IDLE_TIMEOUT`]: the pool's
