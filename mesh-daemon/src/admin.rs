@@ -62,7 +62,10 @@ impl AdminState {
                 )
             }
             "/config_dump" => json(serde_json::to_string_pretty(&*self.snapshot.load_full())),
-            "/proxy_config/routes" | "/proxy_config/clusters" | "/proxy_config/endpoints" => {
+            "/proxy_config/routes"
+            | "/proxy_config/clusters"
+            | "/proxy_config/endpoints"
+            | "/proxy_config/authz" => {
                 let snap = self.snapshot.load_full();
                 let pod = query
                     .into_iter()
@@ -88,6 +91,9 @@ impl AdminState {
                     "/proxy_config/clusters" => {
                         serde_json::to_string_pretty(&view::clusters(r, ns))
                     }
+                    "/proxy_config/authz" => serde_json::to_string_pretty(
+                        &snap.authz.applying(ns, &info.labels).collect::<Vec<_>>(),
+                    ),
                     _ => {
                         let http = self.proxies.get(uid);
                         let ejected = |cluster: &str| {

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use crate::{
-    config::{hosts, objects::Objects},
+    config::{hosts, istio::security::AuthorizationAction, objects::Objects},
     enrollment::NAMESPACE_OPT_IN,
 };
 
@@ -141,6 +141,21 @@ fn not_enforced(o: &Objects, kind: &str, key: &str) -> Vec<String> {
         }
         // Every field is enforced (with a CA configured, which analyze cannot see).
         "PeerAuthentication" => {}
+        // What per-connection enforcement cannot see is reported as SL0003 instead.
+        "AuthorizationPolicy" => {
+            let Some(ap) = o.authorization_policies.get(key) else {
+                return out;
+            };
+            if ap.spec.target_ref.is_some() || !ap.spec.target_refs.is_empty() {
+                out.push(
+                    "spec.targetRefs (policies for waypoints and gateways; Sidelane has neither)"
+                        .into(),
+                );
+            }
+            if ap.spec.action == Some(AuthorizationAction::Audit) {
+                out.push("action AUDIT (no audit log)".into());
+            }
+        }
         _ => out.push(format!("{kind} (the whole resource)")),
     }
     out
@@ -212,6 +227,45 @@ pub fn analyze(o: &Objects, opts: &Options<'_>) -> Vec<Message> {
                 ns,
                 origin,
                 format!("{what}: validated, but this Sidelane build does not apply it yet"),
+            );
+        }
+    }
+
+    for (key, ap) in &o.authorization_policies {
+        let Some(policy) = crate::authz::convert(ap) else {
+            continue;
+        };
+        let resource = format!("AuthorizationPolicy {key}");
+        let ns = ap.namespace();
+        if !policy.http_attributes.is_empty() {
+            let consequence = match policy.action {
+                crate::authz::Action::Allow => {
+                    "within an ALLOW policy, rules matching HTTP attributes are omitted"
+                }
+                _ => "the policy is enforced without its HTTP rules",
+            };
+            push(
+                "SL0003",
+                "HttpAttributesOnConnections",
+                Level::Warning,
+                resource.clone(),
+                ns,
+                &ap.origin,
+                format!(
+                    "AuthorizationPolicy is enforced per connection at the destination's node, which does not see HTTP attributes (found: {}); {consequence}. This is more restrictive than requested",
+                    policy.http_attributes.join(", ")
+                ),
+            );
+        }
+        if policy.action == crate::authz::Action::Custom {
+            push(
+                "SL0004",
+                "NoExternalAuthorizer",
+                Level::Warning,
+                resource,
+                ns,
+                &ap.origin,
+                "CUSTOM action: no external authorizer is configured, so what the rules match is denied".into(),
             );
         }
     }

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod analyze;
+pub mod authz;
 pub mod cgroup;
 pub mod config;
 pub mod datapath;

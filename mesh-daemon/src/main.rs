@@ -87,6 +87,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         ..
     } = datapath;
     let shards = Shards::start(settings.proxy_threads).context("starting the proxy threads")?;
+    let (policy_tx, policy_changes) = tokio::sync::watch::channel(0u64);
     let inputs = Arc::new(ProxyInputs {
         snapshot: snapshot.clone(),
         orig_dst,
@@ -101,6 +102,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         shards: shards.clone(),
         certs: workload_certificates(&settings)?,
         tunnels: TunnelPool::new(metrics.tunnel_connections_opened.clone()),
+        policy_changes,
     });
 
     // Configuration: every batch of objects becomes a new snapshot, swapped in whole.
@@ -142,7 +144,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
                 },
             })
             .inc();
+        let policies_changed = snapshot.load().authz_changed(&snap);
         snapshot.store(Arc::new(snap));
+        if policies_changed {
+            policy_tx.send_modify(|n| *n += 1);
+        }
     };
     apply(&first, generation);
 

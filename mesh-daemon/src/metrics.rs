@@ -123,6 +123,16 @@ pub struct DecisionLabels {
     pub decision: &'static str,
 }
 
+/// Why an inbound connection was refused by AuthorizationPolicy, and when: `policy` is
+/// `namespace/name` of the DENY or CUSTOM policy that matched, empty when no ALLOW policy
+/// did; `phase` is `connect`, or `established` for a connection a later policy cut.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    pub action: &'static str,
+    pub policy: String,
+    pub phase: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     pub result: &'static str,
@@ -170,6 +180,8 @@ pub struct Metrics {
     pub tunnel_connections_opened: Counter,
     /// Plaintext connections to an enrolled pod refused by PeerAuthentication STRICT.
     pub inbound_plaintext_refused: Counter,
+    /// Inbound connections refused or cut by AuthorizationPolicy.
+    pub authorization_denied: Family<DenialLabels, Counter>,
     pub access_log_dropped: Gauge,
 }
 
@@ -313,6 +325,12 @@ impl Metrics {
             "Plaintext connections to enrolled pods refused because PeerAuthentication is STRICT",
             inbound_plaintext_refused.clone(),
         );
+        let authorization_denied = Family::<DenialLabels, Counter>::default();
+        own.register(
+            "authorization_denied",
+            "Inbound connections refused (or, after a policy change, closed) by AuthorizationPolicy",
+            authorization_denied.clone(),
+        );
         let access_log_dropped = Gauge::default();
         own.register(
             "access_log_dropped",
@@ -343,6 +361,7 @@ impl Metrics {
             tunnel_failures,
             tunnel_connections_opened,
             inbound_plaintext_refused,
+            authorization_denied,
         }
     }
 

@@ -62,4 +62,7 @@ pub struct ProxyInputs {
     pub certs: Option<Arc<Certificates>>,
     /// Tunnel connections to other pods, shared by the connections between two pods.
     pub tunnels: hbone::pool::TunnelPool,
+    /// Changes each time AuthorizationPolicy may decide differently (policies or pod labels
+    /// changed): open inbound connections then check themselves again.
+    pub policy_changes: tokio::sync::watch::Receiver<u64>,
 }

@@ -68,6 +68,8 @@ pub struct Snapshot {
     pub routing: Routing,
     /// PeerAuthentication, resolved per workload and port by the inbound side.
     pub peer_authn: crate::peer_authn::PeerAuthn,
+    /// AuthorizationPolicy, decided per connection by the inbound side.
+    pub authz: crate::authz::Authz,
     /// Istio resources accepted (kind, `namespace/name`, apiVersion, origin).
     pub istio: Vec<Unhandled>,
     /// Objects of kinds Sidelane does not read yet (Secret, Node).
@@ -97,6 +99,7 @@ impl Snapshot {
             generation,
             routing: crate::routing::compile(objects, &slices, cluster_domain, root_namespace),
             peer_authn: crate::peer_authn::PeerAuthn::compile(objects, root_namespace),
+            authz: crate::authz::Authz::compile(objects, root_namespace),
             istio,
             unhandled: objects.unhandled.clone(),
             errors: objects.errors.clone(),
@@ -121,6 +124,17 @@ impl Snapshot {
     /// The Service port a client dialled, if `dst` is a Service VIP.
     pub fn service(&self, dst: &SocketAddr) -> Option<&Arc<ServicePort>> {
         self.services_by_vip.get(dst)
+    }
+
+    /// Whether AuthorizationPolicy may decide differently under `next`: the policies changed,
+    /// or a pod's labels did (a selector may now take it in or leave it out).
+    pub fn authz_changed(&self, next: &Snapshot) -> bool {
+        self.authz != next.authz
+            || next.pods_by_uid.iter().any(|(uid, pod)| {
+                self.pods_by_uid
+                    .get(uid)
+                    .is_some_and(|old| old.labels != pod.labels)
+            })
     }
 
     /// A Service port whose endpoints include `addr`, if any.
@@ -415,5 +429,30 @@ endpoints:
         // Not ready, not a port any Service targets.
         assert_eq!(of("10.244.2.10:8080"), None);
         assert_eq!(of("10.244.1.10:9090"), None);
+    }
+
+    #[test]
+    fn authorization_may_change_with_the_policies_or_a_pods_labels() {
+        let compile = |extra: &str| {
+            let mut o = Objects::default();
+            o.add_text("t.yaml", OBJECTS);
+            o.add_text("u.yaml", extra);
+            Snapshot::compile(&o, "cluster.local", "istio-system", 1)
+        };
+        let base = compile("");
+        let endpoints_only = compile(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: other, namespace: production}\nspec: {clusterIP: 10.96.0.99, ports: [{port: 80}]}\n",
+        );
+        assert!(!base.authz_changed(&endpoints_only));
+        let policy = compile(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny, namespace: production}\nspec: {}\n",
+        );
+        assert!(base.authz_changed(&policy));
+        let relabelled = {
+            let mut o = Objects::default();
+            o.add_text("t.yaml", &OBJECTS.replace("version: v1}", "version: v2}"));
+            Snapshot::compile(&o, "cluster.local", "istio-system", 1)
+        };
+        assert!(base.authz_changed(&relabelled));
     }
 }

@@ -223,15 +223,65 @@ spec: {}
         .collect();
     assert_eq!(
         not_applied,
-        [
-            "AuthorizationPolicy (the whole resource)",
-            "spec.trafficPolicy.tls (client TLS origination)"
-        ],
+        ["spec.trafficPolicy.tls (client TLS origination)"],
         "{m:#?}"
     );
     assert!(
         m.iter()
             .filter(|m| m.code == "SL0002")
             .all(|m| m.level == Level::Warning)
+    );
+}
+
+#[test]
+fn authorization_policies_say_what_a_connection_cannot_show() {
+    let policies = "
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: get-only, namespace: production}
+spec:
+  rules:
+  - to:
+    - operation: {methods: [GET], ports: ['8080']}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext, namespace: production}
+spec:
+  action: CUSTOM
+  provider: {name: opa}
+  rules: [{}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: waypoint, namespace: production}
+spec:
+  targetRefs: [{kind: Service, group: '', name: reviews}]
+  rules: [{}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: l4, namespace: production}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source: {notNamespaces: [production]}
+";
+    let m = run(&format!("{CLUSTER}{policies}"), None);
+    let about = |code: &str| -> Vec<&str> {
+        m.iter()
+            .filter(|m| m.code == code)
+            .map(|m| m.resource.as_str())
+            .collect()
+    };
+    assert_eq!(about("SL0003"), ["AuthorizationPolicy production/get-only"]);
+    assert_eq!(about("SL0004"), ["AuthorizationPolicy production/ext"]);
+    assert_eq!(about("SL0002"), ["AuthorizationPolicy production/waypoint"]);
+    let http = m.iter().find(|m| m.code == "SL0003").expect("SL0003");
+    assert!(
+        http.message.contains("found: methods") && http.message.contains("omitted"),
+        "{http:?}"
     );
 }

@@ -34,12 +34,13 @@ enum Cmd {
     ProxyStatus,
     /// The daemon's compiled configuration snapshot, as JSON.
     ConfigDump,
-    /// What the proxy uses for one pod: routes, clusters or endpoints (POD is name.namespace);
+    /// What the proxy uses for one pod: routes, clusters, endpoints, or the
+    /// AuthorizationPolicies its inbound connections meet (authz) (POD is name.namespace);
     /// or the node's workload certificates (certs, no POD).
     ProxyConfig {
-        #[arg(value_parser = ["routes", "clusters", "endpoints", "certs"])]
+        #[arg(value_parser = ["routes", "clusters", "endpoints", "authz", "certs"])]
         what: String,
-        #[arg(required_if_eq_any = [("what", "routes"), ("what", "clusters"), ("what", "endpoints")])]
+        #[arg(required_if_eq_any = [("what", "routes"), ("what", "clusters"), ("what", "endpoints"), ("what", "authz")])]
         pod: Option<String>,
         #[arg(short = 'o', long, default_value = "text")]
         output: String,
@@ -304,6 +305,42 @@ fn proxy_config(admin: SocketAddr, what: &str, pod: &str, output: &str) -> anyho
                     s(r, "endpoints"),
                     s(r, "destination_rule"),
                     s(r, "policy")
+                );
+            }
+        }
+        "authz" => {
+            println!(
+                "{:<40} {:<7} {:<24} {:<6} NOTES",
+                "POLICY", "ACTION", "SELECTOR", "RULES"
+            );
+            for r in &rows {
+                let selector = r["selector"].as_object().map_or_else(
+                    || "(all workloads)".to_owned(),
+                    |m| {
+                        m.iter()
+                            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    },
+                );
+                let mut notes = Vec::new();
+                if r["dry_run"] == Value::Bool(true) {
+                    notes.push("dry-run: logged, not enforced".to_owned());
+                }
+                if let Some(found) = r["http_attributes"].as_array().filter(|a| !a.is_empty()) {
+                    let names: Vec<&str> = found.iter().filter_map(Value::as_str).collect();
+                    notes.push(format!(
+                        "HTTP attributes not seen on connections: {}",
+                        names.join(",")
+                    ));
+                }
+                println!(
+                    "{:<40} {:<7} {:<24} {:<6} {}",
+                    s(r, "name"),
+                    s(r, "action").to_uppercase(),
+                    selector,
+                    r["rules"].as_array().map_or(0, Vec::len),
+                    notes.join("; ")
                 );
             }
         }

@@ -1,6 +1,6 @@
 //! One line per connection on stdout, in Envoy's default TCP format so that existing log
 //! pipelines parse it:
-//! `[START] "- - -" 0 FLAGS - "-" RECEIVED SENT DURATION - "-" "-" "-" "-" "UPSTREAM_HOST"
+//! `[START] "- - -" 0 FLAGS - TERMINATION_DETAILS "-" RECEIVED SENT DURATION - "-" "-" "-" "-" "UPSTREAM_HOST"
 //!  CLUSTER UPSTREAM_LOCAL DOWNSTREAM_LOCAL DOWNSTREAM_PEER - -`
 use std::{
     cell::Cell,
@@ -101,6 +101,9 @@ pub struct TcpEntry<'a> {
     pub start: SystemTime,
     pub duration_ms: u128,
     pub response_flags: &'a str,
+    /// Envoy's `%CONNECTION_TERMINATION_DETAILS%`: why the proxy closed it (an RBAC refusal
+    /// names the policy); empty for none.
+    pub termination: &'a str,
     pub received: u64,
     pub sent: u64,
     pub upstream_host: Option<SocketAddr>,
@@ -179,7 +182,9 @@ fn tcp_line(out: &mut Vec<u8>, e: &TcpEntry<'_>) -> std::io::Result<()> {
     timestamp(out, e.start);
     out.extend_from_slice(b"\"- - -\" 0 ");
     out.extend_from_slice(or_dash(e.response_flags).as_bytes());
-    out.extend_from_slice(b" - \"-\" ");
+    out.extend_from_slice(b" - ");
+    out.extend_from_slice(or_dash(e.termination).as_bytes());
+    out.extend_from_slice(b" \"-\" ");
     counts(out, e.received, e.sent, e.duration_ms);
     out.extend_from_slice(b" - \"-\" \"-\" \"-\" \"-\" \"");
     address_or_dash(out, e.upstream_host);
@@ -362,6 +367,7 @@ mod tests {
             start: at(1_764_086_400_999),
             duration_ms: 7,
             response_flags: "",
+            termination: "rbac_access_denied_matched_policy[prod/deny-all]",
             received: 10,
             sent: 20,
             upstream_host: None,
@@ -375,7 +381,7 @@ mod tests {
             String::from_utf8_lossy(&out),
             "[2025-11-25T16:00:00.123Z] \"GET /status/503?x=1 HTTP/2\" 503 URX - - \"-\" 0 95 12 - \
              \"-\" \"-\" \"-\" \"httpbin:8000\" \"10.244.1.12:8080\" - - 10.96.0.10:8000 127.0.0.1:40000 - -\n\
-             [2025-11-25T16:00:00.999Z] \"- - -\" 0 - - \"-\" 10 20 7 - \"-\" \"-\" \"-\" \"-\" \"-\" \
+             [2025-11-25T16:00:00.999Z] \"- - -\" 0 - - rbac_access_denied_matched_policy[prod/deny-all] \"-\" 10 20 7 - \"-\" \"-\" \"-\" \"-\" \"-\" \
              PassthroughCluster - [fd00::1]:443 - - -"
         );
     }

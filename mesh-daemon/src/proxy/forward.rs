@@ -30,6 +30,8 @@ pub struct Outcome {
     pub reset: bool,
     /// Nothing moved either way for the idle timeout: both sides were closed.
     pub idle_timeout: bool,
+    /// The caller's `until` fired (a policy now denies the connection): both sides were reset.
+    pub stopped: bool,
 }
 
 /// When bytes last moved, in milliseconds since the connection's start.
@@ -177,18 +179,19 @@ impl Duplex for TcpStream {
 /// After `idle` without a byte either way both sides are closed (Envoy's TCP idle timeout).
 /// `report` gets the bytes moved (to the upstream, to the client) every `report_every`
 /// while the connection is open, as Istio's TCP metrics are reported, and the rest at the
-/// end; `None` reports only at the end.
+/// end; `None` reports only at the end. Once `until` completes, both sides are reset.
 pub async fn forward<C: Duplex, U: Duplex>(
     mut client: C,
     mut upstream: U,
     idle: Duration,
     report_every: Option<Duration>,
     report: impl FnMut(u64, u64),
+    until: impl Future<Output = ()>,
 ) -> Outcome {
     let out = {
         let (cr, cw) = client.halves();
         let (ur, uw) = upstream.halves();
-        drive(cr, cw, ur, uw, idle, report_every, report).await
+        drive(cr, cw, ur, uw, (idle, report_every), report, until).await
     };
     if out.idle_timeout {
         let _ = client.halves().1.shutdown().await;
@@ -203,14 +206,14 @@ pub async fn forward<C: Duplex, U: Duplex>(
 
 /// Runs both directions, with the idle timeout and the periodic report `forward` describes;
 /// closing or resetting the streams afterwards is the caller's.
-pub async fn drive<CR, CW, UR, UW>(
+async fn drive<CR, CW, UR, UW>(
     client_read: CR,
     client_write: CW,
     upstream_read: UR,
     upstream_write: UW,
-    idle: Duration,
-    report_every: Option<Duration>,
+    (idle, report_every): (Duration, Option<Duration>),
     mut report: impl FnMut(u64, u64),
+    until: impl Future<Output = ()>,
 ) -> Outcome
 where
     CR: AsyncRead + Half + Unpin,
@@ -231,7 +234,7 @@ where
         tokio::pin!(to_upstream, to_client);
         let every = report_every.unwrap_or(Duration::MAX);
         let report_timer = tokio::time::sleep(every);
-        tokio::pin!(report_timer);
+        tokio::pin!(report_timer, until);
         let (mut a_done, mut b_done) = (false, false);
         while !(out.reset || out.idle_timeout || a_done && b_done) {
             let wait = idle.saturating_sub(activity.idle_for());
@@ -247,6 +250,10 @@ where
                     report(up, down);
                     report_timer.as_mut().reset(tokio::time::Instant::now() + every);
                     continue;
+                }
+                () = &mut until => {
+                    out.stopped = true;
+                    Dir::Reset
                 }
             };
             out.reset = matches!(dir, Dir::Reset);

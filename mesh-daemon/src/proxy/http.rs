@@ -611,6 +611,9 @@ impl Attempts<'_> {
                 let mut lease = match pool.lease(&want).await {
                     Ok(l) => l,
                     Err(PoolError::Overflow) => return Err(Failure::Overflow),
+                    Err(PoolError::Connect(e)) if e.denied_by_policy() => {
+                        return Err(Failure::Denied);
+                    }
                     Err(e) => {
                         tracing::debug!(%ep, error = %e, "upstream connect failed");
                         return Err(Failure::ConnectFailure);
@@ -642,6 +645,8 @@ impl Attempts<'_> {
                         .count_overflow(&self.cluster.name, "pending");
                     return local(StatusCode::SERVICE_UNAVAILABLE, OVERFLOW_BODY);
                 }
+                // What the destination's sidecar would answer; nothing against the endpoint.
+                Err(Failure::Denied) => return local(StatusCode::FORBIDDEN, RBAC_DENIED_BODY),
                 Err(f) => (*f, Outcome::LocalOriginFailure),
                 Ok((resp, _)) => {
                     let status = resp.status().as_u16();
@@ -759,6 +764,8 @@ const OVERFLOW_BODY: &str =
     "upstream connect error or disconnect/reset before headers. reset reason: overflow";
 const CONNECT_FAILURE_BODY: &str =
     "upstream connect error or disconnect/reset before headers. reset reason: connection failure";
+/// Envoy's RBAC filter's answer, which the destination's sidecar would have sent.
+const RBAC_DENIED_BODY: &str = "RBAC: access denied";
 const RESET_BODY: &str = "upstream connect error or disconnect/reset before headers. reset reason: connection termination";
 
 /// A message's `Content-Length`, when it has one that reads as a number.

@@ -2,7 +2,9 @@
 //! tunnel (`hbone::inbound`) and plaintext captured by `sl_sk_lookup` (the listener here,
 //! 15006 on the pod's loopback), both delivered to the application from inside the pod and
 //! reported as Istio's destination reporter does. Plaintext meets PeerAuthentication first:
-//! `STRICT` refuses it.
+//! `STRICT` refuses it. Then AuthorizationPolicy decides ([`authorize`]); a connection it
+//! refuses is reset (plaintext) or its `CONNECT` answered 401 (tunnel), and an open one
+//! that a changed policy no longer allows is reset on both sides, as ztunnel does.
 use std::{
     net::SocketAddr,
     sync::Arc,
@@ -20,8 +22,9 @@ use super::{
     sockets::{SocketError, connect_in},
 };
 use crate::{
+    authz::{self, Denial},
     identity::Identity,
-    metrics::TcpLabels,
+    metrics::{DenialLabels, TcpLabels},
     netns::Netns,
     peer_authn::Mode,
     state::{PodInfo, Snapshot},
@@ -42,6 +45,83 @@ pub struct Origin<'a> {
     pub local: Option<&'a Identity>,
 }
 
+impl Origin<'_> {
+    fn connection(&self, target: SocketAddr) -> authz::Connection<'_> {
+        authz::Connection {
+            source: super::outbound::normalize(self.peer).ip(),
+            destination: target,
+            identity: self.principal,
+        }
+    }
+}
+
+/// Whether the snapshot's AuthorizationPolicies let `from` reach `target` in `pod`.
+pub fn authorize(
+    snap: &Snapshot,
+    pod: &PodInfo,
+    target: SocketAddr,
+    from: &Origin<'_>,
+) -> Result<(), Denial> {
+    snap.authz
+        .check(&pod.namespace, &pod.labels, &from.connection(target))
+}
+
+/// Counts and logs a connection AuthorizationPolicy refused before it reached the
+/// application.
+pub fn refused(inputs: &ProxyInputs, denial: &Denial, target: SocketAddr, from: &Origin<'_>) {
+    tracing::debug!(peer = %from.peer, %target, %denial, "connection refused by AuthorizationPolicy");
+    count_denial(inputs, denial, "connect");
+    let details = denial.details();
+    log_tcp(&TcpEntry {
+        start: SystemTime::now(),
+        duration_ms: 0,
+        response_flags: "",
+        termination: &details,
+        received: 0,
+        sent: 0,
+        upstream_host: None,
+        cluster: &format!("inbound|{}||", target.port()),
+        upstream_local: None,
+        original_dst: target,
+        downstream_peer: &from.peer.to_string(),
+    });
+}
+
+fn count_denial(inputs: &ProxyInputs, denial: &Denial, phase: &'static str) {
+    inputs
+        .metrics
+        .authorization_denied
+        .get_or_create(&DenialLabels {
+            action: denial.action(),
+            policy: denial.policy().to_owned(),
+            phase,
+        })
+        .inc();
+}
+
+/// Resolves once a policy change denies what `from` is doing to `target` in the pod
+/// `pod_uid`; never while the policies allow it.
+async fn revoked(
+    inputs: &ProxyInputs,
+    pod_uid: &str,
+    target: SocketAddr,
+    from: &Origin<'_>,
+) -> Denial {
+    let mut changes = inputs.policy_changes.clone();
+    loop {
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let snap = inputs.snapshot.load();
+        let Some(pod) = snap.pods_by_uid.get(pod_uid) else {
+            continue;
+        };
+        if let Err(d) = authorize(&snap, pod, target, from) {
+            return d;
+        }
+    }
+}
+
 /// Connects to the application at `target` from inside the pod.
 pub async fn connect_app(
     netns: &Netns,
@@ -51,10 +131,12 @@ pub async fn connect_app(
     connect_in(netns, &inputs.host, target, inputs.connect_timeout).await
 }
 
-/// Forwards between `client` and the application's connection `app` until both end, with
-/// Istio's destination-side TCP metrics and an access-log line.
+/// Forwards between `client` and the application's connection `app` in the pod `pod_uid`
+/// until both end (or a changed AuthorizationPolicy cuts it), with Istio's
+/// destination-side TCP metrics and an access-log line.
 pub async fn relay(
     inputs: &ProxyInputs,
+    pod_uid: &str,
     app: TcpStream,
     client: impl Duplex,
     target: SocketAddr,
@@ -68,6 +150,10 @@ pub async fn relay(
     let received = m.tcp_received_bytes.get_or_create(&labels).clone();
     let sent = m.tcp_sent_bytes.get_or_create(&labels).clone();
     let upstream_local = app.local_addr().ok();
+    let mut cut = None;
+    let until = async {
+        cut = Some(revoked(inputs, pod_uid, target, from).await);
+    };
     let out = forward(
         client,
         app,
@@ -77,11 +163,18 @@ pub async fn relay(
             received.inc_by(to_app);
             sent.inc_by(to_client);
         },
+        until,
     )
     .await;
     m.tcp_closed.get_or_create(&labels).inc();
     let cluster = format!("inbound|{}||", target.port());
+    let details = cut.as_ref().map(|d| {
+        tracing::debug!(peer = %from.peer, %target, denial = %d, "open connection closed: AuthorizationPolicy changed");
+        count_denial(inputs, d, "established");
+        d.details()
+    });
     log_tcp(&TcpEntry {
+        termination: details.as_deref().unwrap_or(""),
         start: start.0,
         duration_ms: start.1.elapsed().as_millis(),
         response_flags: if out.reset { "UR" } else { "" },
@@ -175,6 +268,16 @@ impl PlaintextInbound {
             abort(&client);
             return;
         }
+        let from = Origin {
+            peer,
+            principal: None,
+            local: None,
+        };
+        if let Err(denial) = authorize(&snap, &pod, target, &from) {
+            refused(&self.inputs, &denial, target, &from);
+            abort(&client);
+            return;
+        }
         let app = match connect_app(&self.netns, &self.inputs, target).await {
             Ok(s) => s,
             Err(e) => {
@@ -183,12 +286,7 @@ impl PlaintextInbound {
                 return;
             }
         };
-        let from = Origin {
-            peer,
-            principal: None,
-            local: None,
-        };
-        relay(&self.inputs, app, client, target, &from).await;
+        relay(&self.inputs, &self.pod_uid, app, client, target, &from).await;
     }
 }
 

@@ -147,6 +147,16 @@ enum TcpTarget {
 /// connect-failure retries the issue asks for, as Envoy's `max_connect_attempts` would.
 const TCP_CONNECT_ATTEMPTS: usize = 3;
 
+/// Why no upstream connection was made.
+enum Unconnected {
+    /// Envoy's response flag for it.
+    Flag(&'static str),
+    /// The destination's AuthorizationPolicy refused the tunnel: not retried elsewhere, not
+    /// held against the endpoint (Envoy has no flag for it; the log's termination details
+    /// say it).
+    Denied,
+}
+
 /// An upstream connection and what it holds while open.
 struct Connected {
     stream: Dialed,
@@ -167,6 +177,7 @@ impl Conn {
             inputs.metrics.outbound_failures.inc();
             abort(&client);
             log_tcp(&TcpEntry {
+                termination: "",
                 start: start.0,
                 duration_ms: 0,
                 response_flags: flags::NO_ROUTE,
@@ -260,14 +271,14 @@ impl Conn {
         cluster: &Cluster,
         v4: bool,
         last_tried: &mut Option<SocketAddr>,
-    ) -> Result<Connected, &'static str> {
+    ) -> Result<Connected, Unconnected> {
         let state = self.http.clusters.get(&cluster.name);
         let policy = &cluster.policy;
         let Some(slot) = take_slot(&state.connections, policy.limits.max_connections) else {
             self.inputs
                 .metrics
                 .count_overflow(&cluster.name, "connections");
-            return Err(flags::OVERFLOW);
+            return Err(Unconnected::Flag(flags::OVERFLOW));
         };
         // Of the hash keys only the source address exists for a TCP connection.
         let hash = match &policy.lb {
@@ -289,38 +300,43 @@ impl Conn {
             };
             tried.push(addr);
             *last_tried = Some(addr);
-            if let Some(stream) = self.connect(snap, addr, policy.connect_timeout).await {
-                if let Some((probes, time, interval)) = policy.tcp_keepalive
-                    && let UpstreamIo::Tcp(stream) = &stream.io
-                {
-                    let mut k = socket2::TcpKeepalive::new();
-                    if let Some(t) = time {
-                        k = k.with_time(t);
+            let stream = match self.connect(snap, addr, policy.connect_timeout).await {
+                Ok(s) => s,
+                Err(Unconnected::Denied) => return Err(Unconnected::Denied),
+                Err(Unconnected::Flag(_)) => {
+                    if state.report(cluster, addr, Outcome::LocalOriginFailure) {
+                        self.inputs.metrics.count_ejection(&cluster.name);
                     }
-                    if let Some(i) = interval {
-                        k = k.with_interval(i);
-                    }
-                    if let Some(p) = probes {
-                        k = k.with_retries(p);
-                    }
-                    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&k);
+                    continue;
                 }
-                return Ok(Connected {
-                    stream,
-                    addr,
-                    idle: policy.tcp_idle_timeout,
-                    _held: Some((slot, in_flight)),
-                });
+            };
+            if let Some((probes, time, interval)) = policy.tcp_keepalive
+                && let UpstreamIo::Tcp(stream) = &stream.io
+            {
+                let mut k = socket2::TcpKeepalive::new();
+                if let Some(t) = time {
+                    k = k.with_time(t);
+                }
+                if let Some(i) = interval {
+                    k = k.with_interval(i);
+                }
+                if let Some(p) = probes {
+                    k = k.with_retries(p);
+                }
+                let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&k);
             }
-            if state.report(cluster, addr, Outcome::LocalOriginFailure) {
-                self.inputs.metrics.count_ejection(&cluster.name);
-            }
+            return Ok(Connected {
+                stream,
+                addr,
+                idle: policy.tcp_idle_timeout,
+                _held: Some((slot, in_flight)),
+            });
         }
-        Err(if tried.is_empty() {
+        Err(Unconnected::Flag(if tried.is_empty() {
             flags::NO_HEALTHY_UPSTREAM
         } else {
             flags::UPSTREAM_CONNECT_FAILURE
-        })
+        }))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -340,19 +356,21 @@ impl Conn {
         let (cluster, upstream) = match target {
             TcpTarget::Passthrough(addr) => {
                 upstream_addr = Some(addr);
-                let connected = self
-                    .connect(snap, addr, inputs.connect_timeout)
-                    .await
-                    .map(|stream| Connected {
-                        stream,
-                        addr,
-                        idle: PASSTHROUGH_IDLE,
-                        _held: None,
-                    })
-                    .ok_or(flags::UPSTREAM_CONNECT_FAILURE);
+                let connected =
+                    self.connect(snap, addr, inputs.connect_timeout)
+                        .await
+                        .map(|stream| Connected {
+                            stream,
+                            addr,
+                            idle: PASSTHROUGH_IDLE,
+                            _held: None,
+                        });
                 ("PassthroughCluster".to_owned(), connected)
             }
-            TcpTarget::NoCluster => ("BlackHoleCluster".to_owned(), Err(flags::NO_CLUSTER)),
+            TcpTarget::NoCluster => (
+                "BlackHoleCluster".to_owned(),
+                Err(Unconnected::Flag(flags::NO_CLUSTER)),
+            ),
             TcpTarget::Cluster(c) => {
                 let connected = self
                     .connect_cluster(snap, &c, orig.is_ipv4(), &mut upstream_addr)
@@ -370,13 +388,18 @@ impl Conn {
         );
         let upstream = match upstream {
             Ok(u) => u,
-            Err(flag) => {
+            Err(why) => {
+                let (flag, termination) = match why {
+                    Unconnected::Flag(f) => (f, ""),
+                    Unconnected::Denied => ("", "rbac_access_denied_by_destination"),
+                };
                 inputs.metrics.outbound_failures.inc();
                 labels.response_flags = flag;
                 inputs.metrics.tcp_opened.get_or_create(&labels).inc();
                 inputs.metrics.tcp_closed.get_or_create(&labels).inc();
                 abort(&client);
                 log_tcp(&TcpEntry {
+                    termination,
                     start: start.0,
                     duration_ms: start.1.elapsed().as_millis(),
                     response_flags: flag,
@@ -416,10 +439,12 @@ impl Conn {
                 received.inc_by(to_upstream);
                 sent.inc_by(to_client);
             },
+            std::future::pending(),
         )
         .await;
         m.tcp_closed.get_or_create(&labels).inc();
         log_tcp(&TcpEntry {
+            termination: "",
             start: start.0,
             duration_ms: start.1.elapsed().as_millis(),
             response_flags: if out.reset {
@@ -445,18 +470,22 @@ impl Conn {
         snap: &Snapshot,
         addr: SocketAddr,
         limit: std::time::Duration,
-    ) -> Option<Dialed> {
+    ) -> Result<Dialed, Unconnected> {
         match dial(&self.inputs, &self.netns, snap, &self.pod_uid, addr, limit).await {
-            Ok(d) => Some(d),
+            Ok(d) => Ok(d),
+            Err(e) if e.denied_by_policy() => {
+                tracing::debug!(pod = %self.pod_uid, %addr, error = %e, "refused by the destination's AuthorizationPolicy");
+                Err(Unconnected::Denied)
+            }
             // The daemon's problem, not the endpoint's: entering the pod's namespace failed,
             // or it has no certificate to present.
             Err(e @ (DialError::Socket(SocketError::Netns(_)) | DialError::Certificate(_))) => {
                 tracing::warn!(pod = %self.pod_uid, %addr, error = %e, "cannot open upstream connection");
-                None
+                Err(Unconnected::Flag(flags::UPSTREAM_CONNECT_FAILURE))
             }
             Err(e) => {
                 tracing::debug!(pod = %self.pod_uid, %addr, error = %e, "upstream connect failed");
-                None
+                Err(Unconnected::Flag(flags::UPSTREAM_CONNECT_FAILURE))
             }
         }
     }

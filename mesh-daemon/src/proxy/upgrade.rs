@@ -99,7 +99,15 @@ impl Tunnel {
             upstream.abort();
             return;
         }
-        let out = forward::forward(client, upstream, NO_IDLE_TIMEOUT, None, |_, _| {}).await;
+        let out = forward::forward(
+            client,
+            upstream,
+            NO_IDLE_TIMEOUT,
+            None,
+            |_, _| {},
+            std::future::pending(),
+        )
+        .await;
         bytes
             .to_upstream
             .store(early.len() as u64 + out.sent_upstream, Ordering::Relaxed);

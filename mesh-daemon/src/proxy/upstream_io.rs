@@ -238,6 +238,13 @@ pub enum DialError {
     NoCa,
 }
 
+impl DialError {
+    /// The destination's daemon refused the tunnel because AuthorizationPolicy denies it.
+    pub fn denied_by_policy(&self) -> bool {
+        matches!(self, Self::Tunnel(e) if matches!(**e, HboneError::Refused { status, .. } if status == http::StatusCode::UNAUTHORIZED))
+    }
+}
+
 impl From<HboneError> for DialError {
     fn from(e: HboneError) -> Self {
         Self::Tunnel(Box::new(e))

@@ -47,6 +47,9 @@ pub enum Failure {
     },
     /// The proxy's own connection-pool limit: never retried.
     Overflow,
+    /// The destination's AuthorizationPolicy refused the connection: never retried (a
+    /// sidecar's 403 is not retried either).
+    Denied,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -108,7 +111,7 @@ impl RetryPolicy {
             Failure::ConnectFailure => no_response || on.connect_failure,
             Failure::RefusedStream => no_response || on.refused_stream,
             Failure::Reset | Failure::PerTryTimeout => no_response,
-            Failure::Overflow => false,
+            Failure::Overflow | Failure::Denied => false,
             Failure::Response { status, grpc } => {
                 (on.server_error && (500..600).contains(&status))
                     || (on.gateway_error && matches!(status, 502..=504))

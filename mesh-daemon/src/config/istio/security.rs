@@ -88,6 +88,9 @@ pub struct RuleTo {
 pub struct Source {
     pub principals: Vec<String>,
     pub not_principals: Vec<String>,
+    /// `namespace/name` or `name` (in the policy's namespace); newer than `principals`.
+    pub service_accounts: Vec<String>,
+    pub not_service_accounts: Vec<String>,
     pub request_principals: Vec<String>,
     pub not_request_principals: Vec<String>,
     pub namespaces: Vec<String>,

@@ -11,7 +11,9 @@ use super::{
         LoadBalancerSettings, OutlierDetection, RouteDestination, ServiceEntrySpec, TrafficPolicy,
         VirtualServiceSpec,
     },
-    security::{AuthorizationAction, AuthorizationPolicySpec, PeerAuthenticationSpec},
+    security::{
+        AuthorizationAction, AuthorizationPolicySpec, Operation, PeerAuthenticationSpec, Source,
+    },
     types::{Duration, Percent, StringMatch},
 };
 
@@ -1011,12 +1013,35 @@ pub fn authorization_policy(ap: &AuthorizationPolicySpec) -> Vec<Violation> {
             "only one of targetRefs or workload selector can be set",
         );
     }
+    if ap.action == Some(AuthorizationAction::Deny) && ap.rules.is_empty() {
+        v.err(
+            "spec.rules",
+            "DENY action without `rules` is meaningless as it will never be triggered, add an empty rule `{}` if you want it be triggered for every request",
+        );
+    }
     for (i, r) in ap.rules.iter().enumerate() {
         let f = format!("spec.rules[{i}]");
         for (j, from) in r.from.iter().enumerate() {
             match &from.source {
                 None => v.err(format!("{f}.from[{j}]"), "`from.source` must not be nil"),
                 Some(s) => {
+                    let identities = s.principals.len()
+                        + s.not_principals.len()
+                        + s.namespaces.len()
+                        + s.not_namespaces.len();
+                    let accounts = s.service_accounts.len() + s.not_service_accounts.len();
+                    if identities > 0 && accounts > 0 {
+                        v.err(
+                            format!("{f}.from[{j}].source"),
+                            "cannot set serviceAccounts with namespaces or principals",
+                        );
+                    }
+                    if *s == Source::default() {
+                        v.err(
+                            format!("{f}.from[{j}].source"),
+                            "`from.source` must not be empty",
+                        );
+                    }
                     for (k, b) in s
                         .ip_blocks
                         .iter()
@@ -1034,6 +1059,12 @@ pub fn authorization_policy(ap: &AuthorizationPolicySpec) -> Vec<Violation> {
             match &to.operation {
                 None => v.err(format!("{f}.to[{j}]"), "`to.operation` must not be nil"),
                 Some(o) => {
+                    if *o == Operation::default() {
+                        v.err(
+                            format!("{f}.to[{j}].operation"),
+                            "`to.operation` must not be empty",
+                        );
+                    }
                     for p in o.ports.iter().chain(&o.not_ports) {
                         if !p.parse::<u32>().is_ok_and(|n| (1..=65535).contains(&n)) {
                             v.err(

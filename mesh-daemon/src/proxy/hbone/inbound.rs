@@ -1,7 +1,8 @@
 //! The server side of the tunnel, one per enrolled pod: port 15008 on the pod's addresses,
 //! mutual TLS as the pod's identity (the client's certificate required and its SPIFFE ID
-//! read), HTTP/2, and for each `CONNECT` to one of the pod's own addresses a connection to
-//! the application from inside the pod, the bytes forwarded both ways.
+//! read), HTTP/2, and for each `CONNECT` to one of the pod's own addresses that
+//! AuthorizationPolicy allows (else 401) a connection to the application from inside the
+//! pod, the bytes forwarded both ways.
 use std::{net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
@@ -19,7 +20,7 @@ use crate::{
     netns::Netns,
     proxy::{
         ProxyInputs,
-        inbound::{Origin, connect_app, deliverable, relay},
+        inbound::{Origin, authorize, connect_app, deliverable, refused, relay},
         pod_listeners::{Handler, PodListeners, Scope},
         sockets::SocketError,
     },
@@ -165,6 +166,20 @@ impl TunnelServer {
             }
         };
         let inputs = &self.inputs;
+        let from = Origin {
+            peer: peer.addr,
+            principal: Some(&peer.source),
+            local: Some(&peer.local),
+        };
+        // Policies as they are now, not as they were when the connection was accepted.
+        let snap = inputs.snapshot.load_full();
+        let pod = snap.pods_by_uid.get(&self.pod_uid).unwrap_or(&peer.pod);
+        if let Err(denial) = authorize(&snap, pod, target, &from) {
+            refused(inputs, &denial, target, &from);
+            reply(&mut respond, StatusCode::UNAUTHORIZED);
+            return;
+        }
+        drop(snap);
         let app = match connect_app(&self.netns, inputs, target).await {
             Ok(s) => s,
             Err(e) => {
@@ -181,12 +196,7 @@ impl TunnelServer {
             write: TunnelWrite::new(send),
             slot: None,
         };
-        let from = Origin {
-            peer: peer.addr,
-            principal: Some(&peer.source),
-            local: Some(&peer.local),
-        };
-        relay(inputs, app, tunnel, target, &from).await;
+        relay(inputs, &self.pod_uid, app, tunnel, target, &from).await;
     }
 }
 
