@@ -1,6 +1,7 @@
 //! Workload identity: SPIFFE IDs, the certificate authority that vouches for them, and the
 //! TLS settings of the mTLS tunnel between nodes (HBONE).
 pub mod ca;
+pub mod ca_client;
 pub mod certs;
 pub mod tls;
 

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod analyze;
 pub mod authz;
+pub mod ca_server;
 pub mod cgroup;
 pub mod config;
 pub mod datapath;

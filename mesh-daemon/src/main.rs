@@ -13,7 +13,8 @@ use mesh_daemon::{
     handover::{self, Inherited, Role},
     identity::{
         ca::{self, Ca},
-        certs::Certificates,
+        ca_client::CaClient,
+        certs::{Certificates, Signer},
     },
     metrics::{Metrics, ReloadLabels},
     netns::HostNetns,
@@ -380,19 +381,32 @@ fn offer_to_successors(path: &std::path::Path) -> Option<mpsc::Receiver<handover
     }
 }
 
-/// The workload certificates, when the mesh has a CA: none at `--ca-dir` leaves traffic
-/// between pods in plaintext (said once, loudly); a CA that is there but unusable stops the
-/// daemon rather than silently dropping mTLS.
+/// The workload certificates, when the mesh has a CA: from the CA server (`--ca-addr`), or
+/// signed here with the CA's key from `--ca-dir`. Neither leaves traffic between pods in
+/// plaintext (said once, loudly); a CA that is there but unusable stops the daemon rather
+/// than silently dropping mTLS.
 fn workload_certificates(settings: &Settings) -> anyhow::Result<Option<Arc<Certificates>>> {
     let dir = &settings.ca_dir;
-    if !dir.join(ca::CA_KEY).exists() {
+    let signer = if let Some(addr) = &settings.ca_addr {
+        let roots = ca::load_roots(dir)
+            .with_context(|| format!("reading the mesh's roots from {}", dir.display()))?;
+        tracing::info!(ca_addr = %addr, trust_domain = %settings.trust_domain, "mTLS between enrolled pods; certificates from the CA server");
+        Signer::Server(CaClient::new(
+            addr.clone(),
+            &settings.ca_server_name,
+            roots,
+            settings.ca_token_file.clone(),
+        )?)
+    } else if dir.join(ca::CA_KEY).exists() {
+        let ca = Ca::load(dir).with_context(|| format!("loading the CA from {}", dir.display()))?;
+        tracing::warn!(ca_dir = %dir.display(), trust_domain = %settings.trust_domain, "mTLS between enrolled pods, signed with the CA key on this node: it can sign any identity (run sidelane-ca and pass --ca-addr so a node gets certificates only for its own pods)");
+        Signer::Local(Box::new(ca))
+    } else {
         tracing::warn!(ca_dir = %dir.display(), "no CA: traffic between enrolled pods stays plaintext (create one with `meshctl ca init`)");
         return Ok(None);
-    }
-    let ca = Ca::load(dir).with_context(|| format!("loading the CA from {}", dir.display()))?;
-    tracing::info!(ca_dir = %dir.display(), trust_domain = %settings.trust_domain, "mTLS between enrolled pods");
+    };
     Ok(Some(Arc::new(Certificates::new(
-        ca,
+        signer,
         &settings.trust_domain,
         settings.workload_cert_ttl.0,
     ))))

@@ -431,6 +431,7 @@ impl Reconciler {
             servers.copies = copies;
             return Ok(servers);
         };
+        prefetch_certificate(&inputs, &certs, uid);
         let tunnel_role = role(|pod_uid, netns_inode| Role::Tunnel {
             pod_uid,
             netns_inode,
@@ -496,6 +497,30 @@ struct Wanted<'a> {
     policy: PodPolicy,
     inbound_policy: InboundPolicy,
     ips: &'a [IpAddr],
+}
+
+/// Asks for the pod's certificate now, in the background, so that its first connection does
+/// not wait for the CA server.
+fn prefetch_certificate(
+    inputs: &ProxyInputs,
+    certs: &Arc<crate::identity::certs::Certificates>,
+    uid: &str,
+) {
+    let Some(pod) = inputs.snapshot.load().pods_by_uid.get(uid).cloned() else {
+        return;
+    };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let (certs, identity) = (
+        certs.clone(),
+        certs.identity(&pod.namespace, &pod.service_account),
+    );
+    runtime.spawn(async move {
+        if let Err(e) = certs.get(&identity).await {
+            tracing::warn!(%identity, error = %e, "no workload certificate yet (asked again on first use)");
+        }
+    });
 }
 
 /// An enrolled pod's servers, before they run.

@@ -18,6 +18,10 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sidelane";
 pub const DEFAULT_HANDOVER_SOCKET: &str = "/run/sidelane/handover.sock";
 /// Where istiod reads a plugged-in CA (the `cacerts` secret, mounted).
 pub const DEFAULT_CA_DIR: &str = "/etc/cacerts";
+/// The CA server's Service, as its certificate names it.
+pub const DEFAULT_CA_SERVER_NAME: &str = "sidelane-ca.sidelane-system.svc";
+/// Where the DaemonSet projects the service account token meant for the CA server.
+pub const DEFAULT_CA_TOKEN_FILE: &str = "/var/run/secrets/tokens/sidelane-ca";
 /// How often the pod scan runs when the pod cgroups cannot be watched (inotify unavailable
 /// or out of watches): a new pod is then enrolled within this long after its first process
 /// starts, instead of as soon as it starts.
@@ -165,6 +169,22 @@ pub struct Settings {
     /// between enrolled pods goes through the mTLS tunnel; without it, it stays plaintext.
     #[arg(long, env = "SIDELANE_CA_DIR", default_value = DEFAULT_CA_DIR)]
     pub ca_dir: PathBuf,
+
+    /// The CA server (`sidelane-ca`) as `host:port`: workload certificates are asked for
+    /// there, and it signs only for identities of pods on this node. `--ca-dir` then needs
+    /// only the roots (`root-cert.pem`). Without it, a node whose `--ca-dir` holds the CA key
+    /// signs for itself.
+    #[arg(long, env = "SIDELANE_CA_ADDR")]
+    pub ca_addr: Option<String>,
+
+    /// The name the CA server's certificate carries.
+    #[arg(long, env = "SIDELANE_CA_SERVER_NAME", default_value = DEFAULT_CA_SERVER_NAME)]
+    pub ca_server_name: String,
+
+    /// This node's bearer token for the CA server, read at each request (a projected
+    /// service account token rotates).
+    #[arg(long, env = "SIDELANE_CA_TOKEN_FILE", default_value = DEFAULT_CA_TOKEN_FILE)]
+    pub ca_token_file: PathBuf,
 
     /// The SPIFFE trust domain of workload identities.
     #[arg(long, env = "SIDELANE_TRUST_DOMAIN", default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]

@@ -189,7 +189,15 @@ pub struct Cluster {
     /// A program (and its arguments) every daemon runs under, such as an instruction
     /// counter; empty for none.
     daemon_wrapper: Vec<String>,
+    /// The CA server, in the control plane's namespace, once started.
+    ca_server: Option<Child>,
+    /// Whether daemons get certificates from the CA server (else the mesh has no CA).
+    ca_enabled: bool,
 }
+
+/// The control plane's address on the fabric, where the CA server listens.
+const CONTROL_PLANE_IP: &str = "10.200.0.254";
+const CA_PORT: u16 = 15012;
 
 /// Whether the daemon of the node whose network namespace is `netns` says it is ready.
 fn daemon_ready(netns: &str) -> bool {
@@ -296,13 +304,20 @@ impl Cluster {
         std::fs::create_dir_all(&config_dir).map_err(io_err("creating the run directory"))?;
         std::fs::create_dir_all(run_dir.join("logs"))
             .map_err(io_err("creating the log directory"))?;
-        // The mesh's CA, as an operator would create the `cacerts` secret: every daemon reads
-        // it, so traffic between enrolled pods goes through the mTLS tunnel.
+        // The mesh's CA, as an operator would create the `cacerts` secret: only the CA server
+        // reads the key; the daemons get the root (`roots/`) and a node token each.
         let ca_dir = run_dir.join("cacerts");
         std::fs::create_dir_all(&ca_dir).map_err(io_err("creating the CA directory"))?;
         mesh_daemon::identity::ca::Ca::generate(mesh_daemon::identity::DEFAULT_TRUST_DOMAIN)
             .and_then(|ca| ca.write(&ca_dir))
             .map_err(|e| HarnessError::Other(format!("making the test CA: {e}")))?;
+        let roots = run_dir.join("roots");
+        std::fs::create_dir_all(&roots).map_err(io_err("creating the roots directory"))?;
+        std::fs::copy(
+            ca_dir.join(mesh_daemon::identity::ca::ROOT_CERT),
+            roots.join(mesh_daemon::identity::ca::ROOT_CERT),
+        )
+        .map_err(io_err("copying the root certificate"))?;
         let cgroup_top_rel = format!("sidelane-test-{id}");
         let cgroup_top = sys::cgroup2_root()?.join(&cgroup_top_rel);
         let mut c = Cluster {
@@ -320,6 +335,8 @@ impl Cluster {
             netns_made: Vec::new(),
             daemon_env: Vec::new(),
             daemon_wrapper: Vec::new(),
+            ca_server: None,
+            ca_enabled: true,
         };
         std::fs::create_dir_all(&c.cgroup_top).map_err(io_err("creating the run's cgroup"))?;
         c.add_netns(&c.fabric.clone())?;
@@ -328,6 +345,7 @@ impl Cluster {
         for i in 1..=nodes {
             c.add_node(i)?;
         }
+        c.add_control_plane(nodes)?;
         for i in 1..=nodes {
             for j in 1..=nodes {
                 if i != j {
@@ -400,6 +418,88 @@ impl Cluster {
             pods: 0,
         });
         Ok(())
+    }
+
+    /// The control plane's namespace on the fabric (where the CA server runs, as istiod would
+    /// in a cluster), and one CA token per node: `run_dir/node-tokens` for the server,
+    /// `run_dir/<node>.token` for each daemon.
+    fn add_control_plane(&mut self, nodes: usize) -> Result<()> {
+        let netns = self.control_plane_netns();
+        self.add_netns(&netns)?;
+        plug(
+            &netns,
+            (&self.fabric.clone(), "cp", "br0"),
+            [&format!("{CONTROL_PLANE_IP}/24"), "fd00:200::fe/64"],
+        )?;
+        let mut table = String::new();
+        for i in 1..=nodes {
+            let token = format!("{}{}{}", unique_id(), unique_id(), unique_id());
+            let name = self.node_name(i).to_owned();
+            table.push_str(&format!("{token},{name}\n"));
+            std::fs::write(self.run_dir.join(format!("{name}.token")), &token)
+                .map_err(io_err("writing a node token"))?;
+        }
+        std::fs::write(self.run_dir.join("node-tokens"), table)
+            .map_err(io_err("writing the node tokens"))
+    }
+
+    fn control_plane_netns(&self) -> String {
+        format!("sl{}-cp", self.id)
+    }
+
+    /// The CA server's address, as daemons reach it from their nodes.
+    pub fn ca_addr(&self) -> String {
+        format!("{CONTROL_PLANE_IP}:{CA_PORT}")
+    }
+
+    /// The file holding `node`'s token for the CA server.
+    pub fn node_token_file(&self, node: usize) -> PathBuf {
+        self.run_dir.join(format!("{}.token", self.node_name(node)))
+    }
+
+    /// The directory holding only the mesh's root certificate, as daemons get it.
+    pub fn roots_dir(&self) -> PathBuf {
+        self.run_dir.join("roots")
+    }
+
+    /// Daemons started from now on have no CA: traffic between pods stays plaintext.
+    pub fn without_ca(&mut self) {
+        self.ca_enabled = false;
+    }
+
+    /// Starts the CA server in the control plane's namespace, once.
+    fn start_ca_server(&mut self) -> Result<()> {
+        if self.ca_server.is_some() || !self.ca_enabled {
+            return Ok(());
+        }
+        let log = self.log_file("sidelane-ca")?;
+        let mut cmd = Command::new(self.bin_dir.join("sidelane-ca"));
+        cmd.arg("--ca-dir")
+            .arg(self.run_dir.join("cacerts"))
+            .args(["--listen", &self.ca_addr()])
+            .arg("--node-tokens")
+            .arg(self.run_dir.join("node-tokens"))
+            .arg("--config-dir")
+            .arg(&self.config_dir)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().map_err(io_err("log"))?)
+            .stderr(log);
+        let cgroup = self.cgroup_top.join("control-plane");
+        std::fs::create_dir_all(&cgroup).map_err(io_err("creating the control plane's cgroup"))?;
+        let child = sys::spawn_in(&self.control_plane_netns(), &cgroup, &mut cmd)?;
+        self.ca_server = Some(child);
+        let log_path = self.run_dir.join("logs").join("sidelane-ca.log");
+        sys::wait_for("the CA server", DAEMON_READY_TIMEOUT, || {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(c) = self.ca_server.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                return Some(Err(HarnessError::Other(format!(
+                    "sidelane-ca exited ({status}):\n{log}"
+                ))));
+            }
+            log.contains("CA server ready").then_some(Ok(()))
+        })?
     }
 
     pub fn node_name(&self, node: usize) -> &str {
@@ -672,6 +772,7 @@ impl Cluster {
 
     /// Starts every node's daemon and waits until each is ready.
     pub fn start(&mut self) -> Result<()> {
+        self.start_ca_server()?;
         for i in 1..=self.nodes.len() {
             self.start_daemon(i)?;
         }
@@ -705,11 +806,17 @@ impl Cluster {
             .arg("--handover-socket")
             .arg(self.run_dir.join(format!("{}-handover.sock", n.name)))
             .env("RUST_LOG", "info")
-            // An environment variable rather than a flag, so a test can point it elsewhere.
-            .env("SIDELANE_CA_DIR", self.run_dir.join("cacerts"))
             .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().map_err(io_err("log"))?)
             .stderr(log);
+        if self.ca_enabled {
+            // Environment variables rather than flags, as the DaemonSet sets them.
+            cmd.env("SIDELANE_CA_ADDR", self.ca_addr())
+                .env("SIDELANE_CA_DIR", self.roots_dir())
+                .env("SIDELANE_CA_TOKEN_FILE", self.node_token_file(node));
+        } else {
+            cmd.env("SIDELANE_CA_DIR", self.run_dir.join("no-ca"));
+        }
         let child = sys::spawn_in(&n.netns, &n.cgroup.join("system"), &mut cmd)?;
         let netns = n.netns.clone();
         self.nodes[node - 1].daemon = Some(child);
@@ -998,6 +1105,10 @@ impl Cluster {
                 let _ = c.kill();
                 let _ = c.wait();
             }
+        }
+        if let Some(mut c) = self.ca_server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
         for p in &mut self.pods {
             if let Some(mut c) = p.server.take() {

@@ -301,7 +301,7 @@ fn http_between_enrolled_pods_crosses_the_wire_only_inside_mutual_tls() {
 #[test]
 fn without_a_ca_the_same_connection_is_plaintext_on_the_wire() {
     // The control for the test above: the capture does see the marker when nothing encrypts.
-    let s = setup(|c| c.daemon_setting("SIDELANE_CA_DIR", "/nonexistent/sidelane-ca"));
+    let s = setup(|c| c.without_ca());
     let (received, segments) = s.send_marker();
     assert!(received.contains(&format!("echo:{MARKER}")), "{received:?}");
     assert!(
@@ -479,4 +479,68 @@ fn with_its_daemon_down_a_captured_pod_takes_no_plaintext_until_the_next_daemon_
         greeted(&c, outsider, &db).then_some(())
     })
     .expect("plaintext accepted again");
+}
+
+/// `meshctl ca request` on `node` with `token_file`: what it printed, or why it failed.
+fn ask_ca(c: &Cluster, node: usize, identity: &str, token_file: &std::path::Path) -> String {
+    let roots = c.roots_dir();
+    let args = [
+        "ca",
+        "request",
+        identity,
+        "--ca-addr",
+        &c.ca_addr(),
+        "--ca-dir",
+        &roots.to_string_lossy(),
+        "--token-file",
+        &token_file.to_string_lossy(),
+    ];
+    match c.meshctl(node, &args) {
+        Ok(out) => out,
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_node_gets_certificates_only_for_the_pods_it_runs() {
+    let s = setup(|_| {});
+    let c = &s.c;
+    // The daemons hold the root only: the CA key is the CA server's.
+    assert!(
+        !c.roots_dir()
+            .join(mesh_daemon::identity::ca::CA_KEY)
+            .exists()
+    );
+    // Traffic through the tunnel works, so each node got its pods' certificates.
+    let r = c.tcp(s.client, &s.db_addr, "hi").expect("tcp client");
+    assert!(
+        r["received"].as_str().unwrap_or("").contains("echo:hi"),
+        "{r}"
+    );
+
+    let sleep = "spiffe://cluster.local/ns/production/sa/sleep";
+    let db = "spiffe://cluster.local/ns/production/sa/db";
+    let node1 = c.node_token_file(1);
+    let node2 = c.node_token_file(2);
+    assert!(ask_ca(c, 1, sleep, &node1).contains(&format!("issued {sleep}")));
+    assert!(ask_ca(c, 2, db, &node2).contains(&format!("issued {db}")));
+    // Node 1 runs no db pod: taking node 1 over does not yield db's identity.
+    let refused = ask_ca(c, 1, db, &node1);
+    assert!(
+        refused.contains("403") && refused.contains("no pod on node node-1 runs as"),
+        "{refused}"
+    );
+    // Nor does a namespace or trust domain no pod of the node has.
+    for other in [
+        "spiffe://cluster.local/ns/kube-system/sa/sleep",
+        "spiffe://evil.example/ns/production/sa/sleep",
+    ] {
+        assert!(ask_ca(c, 1, other, &node1).contains("403"), "{other}");
+    }
+    // A token the server does not know gets nothing.
+    let forged = std::env::temp_dir().join(format!("sl-forged-{}", std::process::id()));
+    std::fs::write(&forged, "not-a-node-token").expect("token file");
+    let unknown = ask_ca(c, 1, sleep, &forged);
+    let _ = std::fs::remove_file(&forged);
+    assert!(unknown.contains("401"), "{unknown}");
 }

@@ -89,6 +89,21 @@ enum CaCmd {
         #[arg(long, default_value = mesh_daemon::identity::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
+    /// Ask the CA server for a workload certificate as this node would (the key stays in
+    /// memory): shows whether the node may have it.
+    Request {
+        /// The SPIFFE ID, e.g. spiffe://cluster.local/ns/production/sa/reviews.
+        identity: String,
+        #[arg(long, env = "SIDELANE_CA_ADDR")]
+        ca_addr: String,
+        /// The directory holding the mesh's `root-cert.pem`.
+        #[arg(long, env = "SIDELANE_CA_DIR", default_value = mesh_daemon::settings::DEFAULT_CA_DIR)]
+        ca_dir: PathBuf,
+        #[arg(long, env = "SIDELANE_CA_TOKEN_FILE", default_value = mesh_daemon::settings::DEFAULT_CA_TOKEN_FILE)]
+        token_file: PathBuf,
+        #[arg(long, env = "SIDELANE_CA_SERVER_NAME", default_value = mesh_daemon::settings::DEFAULT_CA_SERVER_NAME)]
+        server_name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -145,11 +160,45 @@ fn main() -> anyhow::Result<()> {
             println!("CA for {trust_domain} written to {}", out.display());
             Ok(())
         }
+        Cmd::Ca {
+            what:
+                CaCmd::Request {
+                    identity,
+                    ca_addr,
+                    ca_dir,
+                    token_file,
+                    server_name,
+                },
+        } => ca_request(&identity, ca_addr, &ca_dir, token_file, &server_name),
         Cmd::Bpf { pin_dir, what } => match what {
             BpfCmd::Pods => bpf_pods(&pin_dir),
             BpfCmd::Stats => bpf_stats(&pin_dir),
         },
     }
+}
+
+fn ca_request(
+    identity: &str,
+    ca_addr: String,
+    ca_dir: &std::path::Path,
+    token_file: PathBuf,
+    server_name: &str,
+) -> anyhow::Result<()> {
+    let identity = mesh_daemon::identity::Identity::parse(identity)?;
+    let roots = mesh_daemon::identity::ca::load_roots(ca_dir)?;
+    let client =
+        mesh_daemon::identity::ca_client::CaClient::new(ca_addr, server_name, roots, token_file)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let cert = rt.block_on(client.issue(&identity, Duration::from_secs(3600)))?;
+    let until = cert
+        .not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    println!("issued {} (valid until unix time {until})", cert.identity);
+    Ok(())
 }
 
 /// What the cluster holds, read once through the same source the daemon uses.

@@ -53,6 +53,10 @@ pub enum CaError {
     },
     #[error("making the CA: {0}")]
     Generate(rcgen::Error),
+    #[error("not a valid certificate signing request: {0}")]
+    Request(rcgen::Error),
+    #[error("a request must name exactly one SPIFFE ID, found {found}")]
+    NotOneIdentity { found: String },
 }
 
 /// A workload's key and certificate, with what a peer needs to check it.
@@ -65,6 +69,25 @@ pub struct WorkloadCert {
     pub roots: Vec<CertificateDer<'static>>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+}
+
+impl WorkloadCert {
+    pub fn new(
+        identity: &Identity,
+        chain: Vec<CertificateDer<'static>>,
+        key: &KeyPair,
+        roots: &[CertificateDer<'static>],
+        (not_before, not_after): (SystemTime, SystemTime),
+    ) -> Self {
+        Self {
+            identity: identity.clone(),
+            chain,
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+            roots: roots.to_vec(),
+            not_before,
+            not_after,
+        }
+    }
 }
 
 /// The signing CA.
@@ -188,16 +211,71 @@ impl Ca {
     /// A new key and a certificate for `identity`, valid for `ttl` (Istio's: the SPIFFE ID
     /// as the only subject alternative name, usable as client and server).
     pub fn issue(&self, identity: &Identity, ttl: Duration) -> Result<WorkloadCert, CaError> {
-        let failed = |source| CaError::Sign {
-            identity: identity.to_string(),
-            source,
-        };
-        let key = KeyPair::generate().map_err(failed)?;
+        let failed = sign_error(identity.to_string());
+        let key = KeyPair::generate().map_err(&failed)?;
+        let (chain, not_before, not_after) =
+            self.sign(&key, vec![spiffe_san(identity)?], ttl, &failed)?;
+        Ok(WorkloadCert::new(
+            identity,
+            chain,
+            &key,
+            &self.roots,
+            (not_before, not_after),
+        ))
+    }
+
+    /// Signs a node's certificate signing request: the key is the requester's, everything
+    /// else the CA's own (the request's other extensions, a CA flag among them, are ignored).
+    /// The identity is the request's one SPIFFE ID, which the caller must have authorized
+    /// ([`requested_identity`] reads it first).
+    pub fn sign_request(
+        &self,
+        csr_pem: &str,
+        ttl: Duration,
+    ) -> Result<(Identity, Vec<CertificateDer<'static>>), CaError> {
+        let request =
+            rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::Request)?;
+        let identity = spiffe_of(&request.params)?;
+        let failed = sign_error(identity.to_string());
+        let (chain, _, _) = self.sign(
+            &request.public_key,
+            vec![spiffe_san(&identity)?],
+            ttl,
+            &failed,
+        )?;
+        Ok((identity, chain))
+    }
+
+    /// A serving certificate for the CA's own endpoint, with these DNS names and addresses.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+        let failed = sign_error(names.join(","));
+        let key = KeyPair::generate().map_err(&failed)?;
+        let mut sans = Vec::new();
+        for n in names {
+            sans.push(SanType::DnsName(n.clone().try_into().map_err(&failed)?));
+        }
+        sans.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        let (chain, _, _) = self.sign(&key, sans, ttl, &failed)?;
+        Ok((chain, PrivatePkcs8KeyDer::from(key.serialize_der()).into()))
+    }
+
+    /// A leaf certificate for `key` with these names, valid for `ttl`, and the CA
+    /// certificates after it.
+    fn sign(
+        &self,
+        key: &impl rcgen::PublicKeyData,
+        sans: Vec<SanType>,
+        ttl: Duration,
+        failed: &impl Fn(rcgen::Error) -> CaError,
+    ) -> Result<(Vec<CertificateDer<'static>>, SystemTime, SystemTime), CaError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(
-            identity.to_string().try_into().map_err(failed)?,
-        )];
+        params.subject_alt_names = sans;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
@@ -211,18 +289,84 @@ impl Ca {
         let (not_before, not_after) = (now - BACKDATE, now + ttl);
         params.not_before = not_before.into();
         params.not_after = not_after.into();
-        let cert = params.signed_by(&key, &self.issuer).map_err(failed)?;
+        let cert = params.signed_by(key, &self.issuer).map_err(failed)?;
         let mut chain = vec![cert.der().clone()];
         chain.extend(self.chain.iter().cloned());
-        Ok(WorkloadCert {
-            identity: identity.clone(),
-            chain,
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
-            roots: self.roots.clone(),
-            not_before,
-            not_after,
-        })
+        Ok((chain, not_before, not_after))
     }
+}
+
+fn sign_error(identity: String) -> impl Fn(rcgen::Error) -> CaError {
+    move |source| CaError::Sign {
+        identity: identity.clone(),
+        source,
+    }
+}
+
+fn spiffe_san(identity: &Identity) -> Result<SanType, CaError> {
+    Ok(SanType::URI(
+        identity
+            .to_string()
+            .try_into()
+            .map_err(sign_error(identity.to_string()))?,
+    ))
+}
+
+/// The one SPIFFE ID a request names, and nothing else.
+fn spiffe_of(params: &CertificateParams) -> Result<Identity, CaError> {
+    match params.subject_alt_names.as_slice() {
+        [SanType::URI(uri)] => {
+            Identity::parse(uri.as_str()).map_err(|e| CaError::NotOneIdentity { found: e.uri })
+        }
+        other => Err(CaError::NotOneIdentity {
+            found: format!("{other:?}"),
+        }),
+    }
+}
+
+/// The identity a certificate signing request asks for, without signing it.
+pub fn requested_identity(csr_pem: &str) -> Result<Identity, CaError> {
+    let request =
+        rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::Request)?;
+    spiffe_of(&request.params)
+}
+
+/// A new key and a signing request for `identity`, as a node asks the CA for a workload
+/// certificate without the CA's key.
+pub fn request_for(identity: &Identity) -> Result<(KeyPair, String), CaError> {
+    let failed = sign_error(identity.to_string());
+    let key = KeyPair::generate().map_err(&failed)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![spiffe_san(identity)?];
+    let csr = params.serialize_request(&key).map_err(&failed)?;
+    let pem = csr.pem().map_err(&failed)?;
+    Ok((key, pem))
+}
+
+/// Trust anchors alone: `root-cert.pem` (or `ca-cert.pem`) in a `cacerts`-layout directory,
+/// for a node that asks a CA server for its certificates and holds no CA key.
+pub fn load_roots(dir: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    for name in [ROOT_CERT, CA_CERT] {
+        let path = dir.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(pem) => {
+                let found: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
+                    .filter_map(Result::ok)
+                    .collect();
+                if found.is_empty() {
+                    return Err(CaError::NoCertificate { path });
+                }
+                return Ok(found);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(CaError::Read { path, source }),
+        }
+    }
+    Err(CaError::Read {
+        path: dir.join(ROOT_CERT),
+        source: std::io::ErrorKind::NotFound.into(),
+    })
 }
 
 /// A certificate in PEM.
@@ -280,5 +424,51 @@ mod tests {
         let err = Ca::load(&dir).err().map(|e| e.to_string());
         let _ = std::fs::remove_dir_all(&dir);
         assert!(err.expect("an error").contains("ca-cert.pem"));
+    }
+
+    #[test]
+    fn a_signing_request_gets_the_cas_terms_not_its_own() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+        use x509_parser::prelude::FromDer as _;
+
+        let ca = Ca::generate("cluster.local").expect("CA");
+        let id = Identity::new("cluster.local", "production", "reviews");
+        // A request that also asks to be a CA.
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().expect("uri"))];
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let csr = params
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
+        assert_eq!(super::requested_identity(&csr).expect("identity"), id);
+        let (signed, chain) = ca
+            .sign_request(&csr, Duration::from_secs(600))
+            .expect("signed");
+        assert_eq!(signed, id);
+        assert_eq!(identity_of(&chain[0]), Ok(id.clone()));
+        let (_, cert) =
+            x509_parser::certificate::X509Certificate::from_der(chain[0].as_ref()).expect("parsed");
+        assert!(!cert.is_ca(), "the request's CA flag is ignored");
+        assert_eq!(
+            cert.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
+
+        // One SPIFFE ID and nothing else.
+        params.is_ca = IsCa::NoCa;
+        params.subject_alt_names.push(SanType::DnsName(
+            "reviews.production.svc".try_into().expect("dns"),
+        ));
+        let two = params
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem");
+        assert!(ca.sign_request(&two, Duration::from_secs(600)).is_err());
+        let (_, ours) = super::request_for(&id).expect("request");
+        assert_eq!(super::requested_identity(&ours).expect("identity"), id);
     }
 }

@@ -1,9 +1,11 @@
 //! The node's workload certificates: one per identity (service account) of the pods it
 //! serves, issued on first use and renewed once half its life has passed. A connection keeps
-//! the configuration it started with, so a renewal drops nothing.
+//! the configuration it started with, so a renewal drops nothing. They come from the CA
+//! server (`sidelane-ca`), which signs only for identities of pods on this node, or, where
+//! the node holds the CA's key itself, from that key.
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -12,7 +14,8 @@ use rustls::{ClientConfig, ServerConfig, pki_types::CertificateDer};
 
 use super::{
     Identity,
-    ca::{Ca, CaError},
+    ca::{Ca, CaError, WorkloadCert},
+    ca_client::{CaClient, CaClientError},
     tls::{TlsConfigError, client_config, server_config},
 };
 
@@ -22,9 +25,40 @@ pub enum CertError {
     Ca(#[from] CaError),
     #[error(transparent)]
     Tls(#[from] TlsConfigError),
+    #[error(transparent)]
+    Server(#[from] CaClientError),
 }
 
+/// Where certificates come from.
+pub enum Signer {
+    /// The CA server: this node holds no CA key.
+    Server(CaClient),
+    /// The CA's key, on this node: any identity can be signed. Boxed: the key is large and
+    /// the enum is built once.
+    Local(Box<Ca>),
+}
+
+impl Signer {
+    async fn issue(&self, identity: &Identity, ttl: Duration) -> Result<WorkloadCert, CertError> {
+        Ok(match self {
+            Self::Server(c) => c.issue(identity, ttl).await?,
+            Self::Local(ca) => ca.issue(identity, ttl)?,
+        })
+    }
+
+    fn roots(&self) -> &[CertificateDer<'static>] {
+        match self {
+            Self::Server(c) => c.roots(),
+            Self::Local(ca) => ca.roots(),
+        }
+    }
+}
+
+/// How long after a failed renewal the CA is asked again.
+const RENEWAL_RETRY: Duration = Duration::from_secs(10);
+
 /// One identity's certificate and the TLS settings built on it.
+#[derive(Clone)]
 pub struct IdentityTls {
     pub identity: Identity,
     pub server: Arc<ServerConfig>,
@@ -38,21 +72,23 @@ pub struct IdentityTls {
 /// Certificates by identity. Reads take no lock; issuing one takes a lock that only other
 /// issuers wait on.
 pub struct Certificates {
-    ca: Ca,
+    signer: Signer,
     trust_domain: String,
     ttl: Duration,
     by_identity: ArcSwap<HashMap<Identity, Arc<IdentityTls>>>,
-    issuing: Mutex<()>,
+    /// Held across a request to the CA server: callers wanting a certificate at the same
+    /// moment wait for one request.
+    issuing: tokio::sync::Mutex<()>,
 }
 
 impl Certificates {
-    pub fn new(ca: Ca, trust_domain: &str, ttl: Duration) -> Self {
+    pub fn new(signer: Signer, trust_domain: &str, ttl: Duration) -> Self {
         Self {
-            ca,
+            signer,
             trust_domain: trust_domain.to_owned(),
             ttl,
             by_identity: ArcSwap::default(),
-            issuing: Mutex::new(()),
+            issuing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -66,20 +102,34 @@ impl Certificates {
     }
 
     /// The certificate for `identity`, issued now if there is none or it is due for renewal.
-    pub fn get(&self, identity: &Identity) -> Result<Arc<IdentityTls>, CertError> {
+    pub async fn get(&self, identity: &Identity) -> Result<Arc<IdentityTls>, CertError> {
         let now = SystemTime::now();
         if let Some(found) = self.fresh(identity, now) {
             return Ok(found);
         }
-        let _issuing = self
-            .issuing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _issuing = self.issuing.lock().await;
         // Another caller may have issued it while this one waited.
         if let Some(found) = self.fresh(identity, now) {
             return Ok(found);
         }
-        let cert = self.ca.issue(identity, self.ttl)?;
+        let cert = match self.signer.issue(identity, self.ttl).await {
+            Ok(c) => c,
+            // A renewal that fails keeps the current certificate while it is valid, asking
+            // again only after a pause, so an unreachable CA server is not asked per connection.
+            Err(e) => {
+                let current = self.by_identity.load().get(identity).cloned();
+                let Some(current) = current.filter(|c| now < c.not_after) else {
+                    return Err(e);
+                };
+                tracing::warn!(%identity, error = %e, not_after = ?current.not_after, "renewing the workload certificate failed; the current one stays in use");
+                let retry = Arc::new(IdentityTls {
+                    renew_at: now + RENEWAL_RETRY,
+                    ..IdentityTls::clone(&current)
+                });
+                self.store(identity, retry.clone());
+                return Ok(retry);
+            }
+        };
         let life = cert
             .not_after
             .duration_since(cert.not_before)
@@ -93,10 +143,14 @@ impl Certificates {
             not_after: cert.not_after,
             renew_at: cert.not_before + life / 2,
         });
-        let mut map = HashMap::clone(&self.by_identity.load());
-        map.insert(identity.clone(), issued.clone());
-        self.by_identity.store(Arc::new(map));
+        self.store(identity, issued.clone());
         Ok(issued)
+    }
+
+    fn store(&self, identity: &Identity, tls: Arc<IdentityTls>) {
+        let mut map = HashMap::clone(&self.by_identity.load());
+        map.insert(identity.clone(), tls);
+        self.by_identity.store(Arc::new(map));
     }
 
     fn fresh(&self, identity: &Identity, now: SystemTime) -> Option<Arc<IdentityTls>> {
@@ -115,6 +169,6 @@ impl Certificates {
     }
 
     pub fn roots(&self) -> &[CertificateDer<'static>] {
-        self.ca.roots()
+        self.signer.roots()
     }
 }

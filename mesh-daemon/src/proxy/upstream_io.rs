@@ -268,7 +268,7 @@ pub async fn dial(
     }) = principals(inputs, snap, source_uid, addr)
     {
         let certs = inputs.certs.as_ref().ok_or(DialError::NoCa)?;
-        let source = certs.get(&own)?;
+        let source = certs.get(&own).await?;
         let to = TunnelTo {
             target: addr,
             expected: &expected,

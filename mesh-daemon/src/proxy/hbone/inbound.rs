@@ -67,7 +67,7 @@ impl TunnelServer {
             return;
         };
         let identity = self.certs.identity(&pod.namespace, &pod.service_account);
-        let tls = match self.certs.get(&identity) {
+        let tls = match self.certs.get(&identity).await {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(pod = %self.pod_uid, error = %e, "no certificate for the tunnel");
