@@ -79,6 +79,86 @@ impl NodeTokens {
     }
 }
 
+/// How the server learns which node a bearer token stands for.
+pub enum NodeAuth {
+    /// A `token,node-name` file.
+    Tokens(NodeTokens),
+    /// The API server's TokenReview of the node daemon's projected service account token.
+    Kubernetes(TokenReviewer),
+}
+
+/// The `extra` keys a bound service account token carries (node ones since Kubernetes 1.30).
+const EXTRA_NODE_NAME: &str = "authentication.kubernetes.io/node-name";
+const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+
+/// Asks the API server who a token belongs to: it must be the node daemons' service
+/// account, for this server's audience, and bound to a pod on a node.
+pub struct TokenReviewer {
+    pub client: kube::Client,
+    /// The audience the daemons' projected tokens are made for.
+    pub audience: String,
+    /// `system:serviceaccount:<namespace>:<name>` of the node daemons.
+    pub username: String,
+}
+
+impl TokenReviewer {
+    async fn node_of(&self, token: &str, snap: &Snapshot) -> Option<String> {
+        use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..TokenReview::default()
+        };
+        let api: kube::Api<TokenReview> = kube::Api::all(self.client.clone());
+        let reviewed = match api.create(&kube::api::PostParams::default(), &review).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "TokenReview failed");
+                return None;
+            }
+        };
+        node_of_review(reviewed.status?, &self.audience, &self.username, snap)
+    }
+}
+
+/// The node a reviewed token stands for: authenticated, for `audience`, the daemons'
+/// `username`, and bound to a pod whose node the review names (or, before Kubernetes 1.30,
+/// whose node the snapshot knows).
+fn node_of_review(
+    status: k8s_openapi::api::authentication::v1::TokenReviewStatus,
+    audience: &str,
+    username: &str,
+    snap: &Snapshot,
+) -> Option<String> {
+    if status.authenticated != Some(true) {
+        return None;
+    }
+    if status
+        .audiences
+        .as_ref()
+        .is_some_and(|a| !a.iter().any(|a| a == audience))
+    {
+        return None;
+    }
+    let user = status.user?;
+    if user.username.as_deref() != Some(username) {
+        tracing::warn!(user = ?user.username, "a token of another service account asked for a certificate");
+        return None;
+    }
+    let extra = user.extra.unwrap_or_default();
+    let first = |key: &str| extra.get(key).and_then(|v| v.first()).cloned();
+    if let Some(node) = first(EXTRA_NODE_NAME) {
+        return Some(node);
+    }
+    let uid = first(EXTRA_POD_UID)?;
+    snap.pods_by_uid
+        .get(&uid)
+        .map(|p| p.node_name.clone())
+        .filter(|n| !n.is_empty())
+}
+
 /// Why a request was not signed, as the node is told.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -115,7 +195,7 @@ impl Refusal {
 pub struct CaServer {
     pub ca: Ca,
     pub trust_domain: String,
-    pub tokens: NodeTokens,
+    pub auth: NodeAuth,
     /// Pods and where they run, from the same configuration source the daemons read.
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     /// The longest lifetime handed out, whatever a node asks for.
@@ -124,14 +204,18 @@ pub struct CaServer {
 
 impl CaServer {
     /// Signs `body` for the node `bearer` stands for, or says why not.
-    pub fn decide(
+    pub async fn decide(
         &self,
         bearer: Option<&str>,
         body: &[u8],
     ) -> Result<CertificateResponse, Refusal> {
-        let node = bearer
-            .and_then(|t| self.tokens.node_of(t))
-            .ok_or(Refusal::Unauthenticated)?;
+        let token = bearer.ok_or(Refusal::Unauthenticated)?;
+        let node = match &self.auth {
+            NodeAuth::Tokens(t) => t.node_of(token).map(str::to_owned),
+            NodeAuth::Kubernetes(r) => r.node_of(token, &self.snapshot.load()).await,
+        }
+        .ok_or(Refusal::Unauthenticated)?;
+        let node = node.as_str();
         let request: CertificateRequest = serde_json::from_slice(body)
             .map_err(|e| Refusal::BadRequest(format!("not a certificate request: {e}")))?;
         let identity =
@@ -221,7 +305,7 @@ impl CaServer {
                 );
             }
         };
-        match self.decide(bearer.as_deref(), &body) {
+        match self.decide(bearer.as_deref(), &body).await {
             Ok(answer) => match serde_json::to_vec(&answer) {
                 Ok(json) => reply(StatusCode::OK, "application/json", json),
                 Err(e) => reply(
@@ -248,7 +332,7 @@ mod tests {
 
     use arc_swap::ArcSwap;
 
-    use super::{CaServer, NodeTokens, Refusal};
+    use super::{CaServer, NodeAuth, NodeTokens, Refusal, node_of_review};
     use crate::{
         config::objects::Objects,
         identity::{
@@ -284,7 +368,7 @@ status: {podIP: 10.244.2.10}
         CaServer {
             ca: Ca::generate("cluster.local").expect("CA"),
             trust_domain: "cluster.local".into(),
-            tokens: tokens.expect("tokens"),
+            auth: NodeAuth::Tokens(tokens.expect("tokens")),
             snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::compile(
                 &objects,
                 "cluster.local",
@@ -304,12 +388,22 @@ status: {podIP: 10.244.2.10}
         .expect("json")
     }
 
+    fn decide(
+        s: &CaServer,
+        bearer: Option<&str>,
+        body: &[u8],
+    ) -> Result<super::CertificateResponse, Refusal> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(s.decide(bearer, body))
+    }
+
     #[test]
     fn a_node_is_signed_for_only_the_identities_of_its_pods() {
         let s = server();
-        let answer = s
-            .decide(Some("token-1"), &body("production", "reviews", 86_400))
-            .expect("signed");
+        let answer =
+            decide(&s, Some("token-1"), &body("production", "reviews", 86_400)).expect("signed");
         let leaf = rustls::pki_types::CertificateDer::from(
             pem::parse(&answer.chain[0])
                 .expect("pem")
@@ -321,35 +415,79 @@ status: {podIP: 10.244.2.10}
             Ok(Identity::new("cluster.local", "production", "reviews"))
         );
         assert!(matches!(
-            s.decide(Some("token-1"), &body("production", "db", 600)),
+            decide(&s, Some("token-1"), &body("production", "db", 600)),
             Err(Refusal::Forbidden { .. })
         ));
-        assert!(
-            s.decide(Some("token-2"), &body("production", "db", 600))
-                .is_ok()
-        );
+        assert!(decide(&s, Some("token-2"), &body("production", "db", 600)).is_ok());
         assert_eq!(
-            s.decide(Some("token-3"), &body("production", "db", 600))
-                .err(),
+            decide(&s, Some("token-3"), &body("production", "db", 600)).err(),
             Some(Refusal::Unauthenticated)
         );
         assert_eq!(
-            s.decide(None, &body("production", "db", 600)).err(),
+            decide(&s, None, &body("production", "db", 600)).err(),
             Some(Refusal::Unauthenticated)
         );
         assert!(matches!(
-            s.decide(Some("token-1"), b"{}"),
+            decide(&s, Some("token-1"), b"{}"),
             Err(Refusal::BadRequest(_))
         ));
+    }
+
+    #[test]
+    fn a_reviewed_token_names_its_node_only_for_the_daemons_account_and_audience() {
+        use std::collections::BTreeMap;
+
+        use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
+        let s = server();
+        let snap = s.snapshot.load();
+        let review = |user: &str, audience: &str, extra: (&str, &str)| TokenReviewStatus {
+            authenticated: Some(true),
+            audiences: Some(vec![audience.to_owned()]),
+            user: Some(UserInfo {
+                username: Some(user.to_owned()),
+                extra: Some(BTreeMap::from([(
+                    extra.0.to_owned(),
+                    vec![extra.1.to_owned()],
+                )])),
+                ..UserInfo::default()
+            }),
+            error: None,
+        };
+        let daemon = "system:serviceaccount:sidelane-system:sidelane";
+        let node = |status| node_of_review(status, "sidelane-ca", daemon, &snap);
+        let on_node_1 = (super::EXTRA_NODE_NAME, "node-1");
+        assert_eq!(
+            node(review(daemon, "sidelane-ca", on_node_1)),
+            Some("node-1".into())
+        );
+        // Before node info in tokens: the bound pod's node, from the snapshot.
+        let db_pod = (super::EXTRA_POD_UID, "22222222-2222-2222-2222-222222222222");
+        assert_eq!(
+            node(review(daemon, "sidelane-ca", db_pod)),
+            Some("node-2".into())
+        );
+        let workload = "system:serviceaccount:production:reviews";
+        assert_eq!(
+            node(review(workload, "sidelane-ca", on_node_1)),
+            None,
+            "a workload's token is not a node's"
+        );
+        assert_eq!(
+            node(review(daemon, "https://kubernetes.default.svc", on_node_1)),
+            None,
+            "a token for another audience"
+        );
+        let mut unauthenticated = review(daemon, "sidelane-ca", on_node_1);
+        unauthenticated.authenticated = Some(false);
+        assert_eq!(node(unauthenticated), None);
     }
 
     #[test]
     fn the_lifetime_asked_for_is_capped() {
         use x509_parser::prelude::FromDer as _;
         let s = server();
-        let answer = s
-            .decide(Some("token-1"), &body("production", "reviews", 86_400))
-            .expect("signed");
+        let answer =
+            decide(&s, Some("token-1"), &body("production", "reviews", 86_400)).expect("signed");
         let der = pem::parse(&answer.chain[0]).expect("pem");
         let (_, cert) =
             x509_parser::certificate::X509Certificate::from_der(der.contents()).expect("parsed");

@@ -86,17 +86,83 @@ fn the_daemonset_runs_on_every_node_with_the_host_views_it_needs() {
             "/sys/fs/bpf",
             "/sys/fs/cgroup",
             "/run/sidelane",
-            mesh_daemon::settings::DEFAULT_CA_DIR
+            mesh_daemon::settings::DEFAULT_CA_DIR,
+            "/var/run/secrets/tokens",
         ]
     );
-    let cacerts = spec["volumes"]
-        .as_sequence()
-        .expect("volumes")
-        .iter()
-        .find(|v| v["name"] == "cacerts")
-        .expect("the CA's volume");
-    // Istio's name for a plugged-in CA's secret.
+    let volume = |name: &str| {
+        spec["volumes"]
+            .as_sequence()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == name)
+            .cloned()
+            .expect("a volume")
+    };
+    // Istio's name for a plugged-in CA's secret, of which the daemon gets the root only.
+    let cacerts = volume("cacerts");
     assert_eq!(cacerts["secret"]["secretName"], "cacerts");
+    let items = cacerts["secret"]["items"].as_sequence().expect("items");
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["key"], mesh_daemon::identity::ca::ROOT_CERT);
+    // The token the CA server reviews, where the daemon reads it.
+    let token = &volume("ca-token")["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(token["audience"], "sidelane-ca");
+    assert_eq!(
+        std::path::Path::new("/var/run/secrets/tokens").join(token["path"].as_str().expect("path")),
+        std::path::Path::new(mesh_daemon::settings::DEFAULT_CA_TOKEN_FILE)
+    );
+    let env = c["env"].as_sequence().expect("env");
+    assert!(
+        env.iter().any(|e| e["name"] == "SIDELANE_CA_ADDR"),
+        "certificates come from the CA server"
+    );
+}
+
+#[test]
+fn the_ca_server_alone_mounts_the_key_and_may_review_tokens() {
+    let all = docs("ca.yaml");
+    let role = all
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .expect("ClusterRole");
+    let rules = role["rules"].as_sequence().expect("rules");
+    assert!(rules.iter().any(|r| {
+        r["resources"][0] == "tokenreviews"
+            && r["verbs"]
+                .as_sequence()
+                .is_some_and(|v| v.len() == 1 && v[0] == "create")
+    }));
+    assert!(
+        rules
+            .iter()
+            .filter(|r| r["resources"][0] != "tokenreviews")
+            .all(|r| r["verbs"].as_sequence().is_some_and(|v| v.len() == 3)),
+        "otherwise it only reads"
+    );
+    let deployment = all
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("Deployment");
+    let spec = &deployment["spec"]["template"]["spec"];
+    assert_eq!(spec["volumes"][0]["secret"]["secretName"], "cacerts");
+    assert!(
+        spec["volumes"][0]["secret"]["items"].is_null(),
+        "the whole CA, key included"
+    );
+    let service = all
+        .iter()
+        .find(|d| d["kind"] == "Service")
+        .expect("Service");
+    let name = format!(
+        "{}.{}.svc",
+        service["metadata"]["name"].as_str().expect("name"),
+        service["metadata"]["namespace"]
+            .as_str()
+            .expect("namespace")
+    );
+    assert_eq!(name, mesh_daemon::settings::DEFAULT_CA_SERVER_NAME);
+    assert_eq!(service["spec"]["ports"][0]["port"], 15012);
 }
 
 /// An update runs the new daemon beside the old one, where it finds the old one's handover

@@ -189,10 +189,13 @@ pub struct Cluster {
     /// A program (and its arguments) every daemon runs under, such as an instruction
     /// counter; empty for none.
     daemon_wrapper: Vec<String>,
-    /// The CA server, in the control plane's namespace, once started.
-    ca_server: Option<Child>,
+    /// The CA server (and the test API server it asks), in the control plane's namespace,
+    /// once started.
+    control_plane: Vec<Child>,
     /// Whether daemons get certificates from the CA server (else the mesh has no CA).
     ca_enabled: bool,
+    /// Whether the CA server has the API server review node tokens (else a token file).
+    ca_token_review: bool,
 }
 
 /// The control plane's address on the fabric, where the CA server listens.
@@ -335,8 +338,9 @@ impl Cluster {
             netns_made: Vec::new(),
             daemon_env: Vec::new(),
             daemon_wrapper: Vec::new(),
-            ca_server: None,
+            control_plane: Vec::new(),
             ca_enabled: true,
+            ca_token_review: false,
         };
         std::fs::create_dir_all(&c.cgroup_top).map_err(io_err("creating the run's cgroup"))?;
         c.add_netns(&c.fabric.clone())?;
@@ -467,39 +471,103 @@ impl Cluster {
         self.ca_enabled = false;
     }
 
-    /// Starts the CA server in the control plane's namespace, once.
-    fn start_ca_server(&mut self) -> Result<()> {
-        if self.ca_server.is_some() || !self.ca_enabled {
-            return Ok(());
-        }
-        let log = self.log_file("sidelane-ca")?;
-        let mut cmd = Command::new(self.bin_dir.join("sidelane-ca"));
-        cmd.arg("--ca-dir")
-            .arg(self.run_dir.join("cacerts"))
-            .args(["--listen", &self.ca_addr()])
-            .arg("--node-tokens")
-            .arg(self.run_dir.join("node-tokens"))
-            .arg("--config-dir")
-            .arg(&self.config_dir)
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone().map_err(io_err("log"))?)
+    /// The CA server checks node tokens with the API server (TokenReview), as in a cluster,
+    /// instead of a token file: a test API server answers it.
+    pub fn ca_reviews_tokens(&mut self) {
+        self.ca_token_review = true;
+    }
+
+    /// A token the test API server authenticates as a workload's service account (production
+    /// /sleep, on node-1): a real token, but not a node's.
+    pub fn workload_token_file(&self) -> PathBuf {
+        self.run_dir.join("workload.token")
+    }
+
+    /// Starts a control-plane process and waits for `ready` in its log.
+    fn start_control_plane_process(
+        &mut self,
+        name: &str,
+        mut cmd: Command,
+        ready: &str,
+    ) -> Result<()> {
+        let log = self.log_file(name)?;
+        cmd.stdout(log.try_clone().map_err(io_err("log"))?)
             .stderr(log);
         let cgroup = self.cgroup_top.join("control-plane");
         std::fs::create_dir_all(&cgroup).map_err(io_err("creating the control plane's cgroup"))?;
         let child = sys::spawn_in(&self.control_plane_netns(), &cgroup, &mut cmd)?;
-        self.ca_server = Some(child);
-        let log_path = self.run_dir.join("logs").join("sidelane-ca.log");
-        sys::wait_for("the CA server", DAEMON_READY_TIMEOUT, || {
+        self.control_plane.push(child);
+        let log_path = self.run_dir.join("logs").join(format!("{name}.log"));
+        sys::wait_for(name, DAEMON_READY_TIMEOUT, || {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            if let Some(c) = self.ca_server.as_mut()
+            if let Some(c) = self.control_plane.last_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {
                 return Some(Err(HarnessError::Other(format!(
-                    "sidelane-ca exited ({status}):\n{log}"
+                    "{name} exited ({status}):\n{log}"
                 ))));
             }
-            log.contains("CA server ready").then_some(Ok(()))
+            log.contains(ready).then_some(Ok(()))
         })?
+    }
+
+    /// Starts the CA server in the control plane's namespace, once.
+    fn start_ca_server(&mut self) -> Result<()> {
+        if !self.control_plane.is_empty() || !self.ca_enabled {
+            return Ok(());
+        }
+        let mut cmd = Command::new(self.bin_dir.join("sidelane-ca"));
+        cmd.arg("--ca-dir")
+            .arg(self.run_dir.join("cacerts"))
+            .args(["--listen", &self.ca_addr()])
+            .arg("--config-dir")
+            .arg(&self.config_dir)
+            .env("RUST_LOG", "info");
+        if self.ca_token_review {
+            let mut reviews = serde_json::Map::new();
+            for i in 1..=self.nodes.len() {
+                let token = std::fs::read_to_string(self.node_token_file(i))
+                    .map_err(io_err("reading a node token"))?;
+                reviews.insert(
+                    token,
+                    serde_json::json!({
+                        "username": "system:serviceaccount:sidelane-system:sidelane",
+                        "node": self.node_name(i),
+                    }),
+                );
+            }
+            let workload = format!("workload-{}", unique_id());
+            std::fs::write(self.workload_token_file(), &workload)
+                .map_err(io_err("writing the workload token"))?;
+            reviews.insert(
+                workload,
+                serde_json::json!({
+                    "username": "system:serviceaccount:production:sleep",
+                    "node": self.node_name(1),
+                }),
+            );
+            let reviews_file = self.run_dir.join("token-reviews.json");
+            std::fs::write(
+                &reviews_file,
+                serde_json::Value::Object(reviews).to_string(),
+            )
+            .map_err(io_err("writing the token reviews"))?;
+            let mut api = Command::new(self.bin_dir.join("sidelane-workload"));
+            api.args(["token-reviews", "--listen", "127.0.0.1:6443", "--reviews"])
+                .arg(&reviews_file);
+            self.start_control_plane_process("test-api-server", api, "listening")?;
+            let kubeconfig = self.run_dir.join("kubeconfig");
+            std::fs::write(
+                &kubeconfig,
+                "apiVersion: v1\nkind: Config\nclusters: [{name: test, cluster: {server: 'http://127.0.0.1:6443'}}]\nusers: [{name: ca, user: {token: test}}]\ncontexts: [{name: test, context: {cluster: test, user: ca}}]\ncurrent-context: test\n",
+            )
+            .map_err(io_err("writing the kubeconfig"))?;
+            cmd.env("KUBECONFIG", kubeconfig);
+        } else {
+            cmd.arg("--node-tokens")
+                .arg(self.run_dir.join("node-tokens"));
+        }
+        self.start_control_plane_process("sidelane-ca", cmd, "CA server ready")
     }
 
     pub fn node_name(&self, node: usize) -> &str {
@@ -1106,7 +1174,7 @@ impl Cluster {
                 let _ = c.wait();
             }
         }
-        if let Some(mut c) = self.ca_server.take() {
+        for mut c in self.control_plane.drain(..) {
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -544,3 +544,23 @@ fn a_node_gets_certificates_only_for_the_pods_it_runs() {
     let _ = std::fs::remove_file(&forged);
     assert!(unknown.contains("401"), "{unknown}");
 }
+
+#[test]
+fn in_a_cluster_the_api_server_vouches_for_a_nodes_token() {
+    let s = setup(|c| c.ca_reviews_tokens());
+    let c = &s.c;
+    let r = c.tcp(s.client, &s.db_addr, "hi").expect("tcp client");
+    assert!(
+        r["received"].as_str().unwrap_or("").contains("echo:hi"),
+        "certificates came through TokenReview: {r}"
+    );
+    let sleep = "spiffe://cluster.local/ns/production/sa/sleep";
+    let db = "spiffe://cluster.local/ns/production/sa/db";
+    let node1 = c.node_token_file(1);
+    assert!(ask_ca(c, 1, sleep, &node1).contains(&format!("issued {sleep}")));
+    let refused = ask_ca(c, 1, db, &node1);
+    assert!(refused.contains("403"), "{refused}");
+    // A token the API server does authenticate, but as a workload, not as the node daemons.
+    let workload = ask_ca(c, 1, sleep, &c.workload_token_file());
+    assert!(workload.contains("401"), "{workload}");
+}

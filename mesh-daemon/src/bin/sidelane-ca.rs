@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use clap::Parser as _;
 use mesh_daemon::{
-    ca_server::{CaServer, NodeTokens},
+    ca_server::{CaServer, NodeAuth, NodeTokens, TokenReviewer},
     config::{kube_source, manifest_dir},
     identity::ca::Ca,
     settings::{ConfigSource, DEFAULT_CA_SERVER_NAME, DEFAULT_ROOT_NAMESPACE},
@@ -34,9 +34,21 @@ struct Args {
     /// The name nodes know the server by (its Service), put in its certificate.
     #[arg(long, env = "SIDELANE_CA_SERVER_NAME", default_value = DEFAULT_CA_SERVER_NAME)]
     server_name: String,
-    /// `token,node-name` lines: which bearer token stands for which node.
+    /// `token,node-name` lines: which bearer token stands for which node. Without it, tokens
+    /// are the node daemons' projected service account tokens, checked by the API server
+    /// (TokenReview).
     #[arg(long, env = "SIDELANE_NODE_TOKENS")]
-    node_tokens: PathBuf,
+    node_tokens: Option<PathBuf>,
+    /// The audience the node daemons' projected tokens are made for.
+    #[arg(long, env = "SIDELANE_CA_AUDIENCE", default_value = "sidelane-ca")]
+    audience: String,
+    /// `namespace/name` of the service account the node daemons run as.
+    #[arg(
+        long,
+        env = "SIDELANE_NODE_SERVICE_ACCOUNT",
+        default_value = "sidelane-system/sidelane"
+    )]
+    node_service_account: String,
     #[arg(
         long,
         env = "SIDELANE_CONFIG_SOURCE",
@@ -85,7 +97,22 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let ca = Ca::load(&args.ca_dir)
         .with_context(|| format!("loading the CA from {}", args.ca_dir.display()))?;
-    let tokens = NodeTokens::load(&args.node_tokens)?;
+    let auth = match &args.node_tokens {
+        Some(path) => NodeAuth::Tokens(NodeTokens::load(path)?),
+        None => {
+            let (ns, name) = args
+                .node_service_account
+                .split_once('/')
+                .context("--node-service-account is namespace/name")?;
+            NodeAuth::Kubernetes(TokenReviewer {
+                client: kube::Client::try_default().await.context(
+                    "connecting to the Kubernetes API for TokenReviews (or pass --node-tokens)",
+                )?,
+                audience: args.audience.clone(),
+                username: format!("system:serviceaccount:{ns}:{name}"),
+            })
+        }
+    };
     let ips: Vec<_> = [args.listen.ip()]
         .into_iter()
         .filter(|ip| !ip.is_unspecified())
@@ -126,7 +153,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let server = Arc::new(CaServer {
         ca,
         trust_domain: args.trust_domain.clone(),
-        tokens,
+        auth,
         snapshot: snapshot.clone(),
         max_ttl: args.max_ttl.0,
     });

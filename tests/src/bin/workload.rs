@@ -48,6 +48,15 @@ enum Cmd {
     },
     /// Hold the pod's namespaces, like a pod sandbox's pause container.
     Pause,
+    /// Answer the API server's TokenReview (`POST /apis/authentication.k8s.io/v1/tokenreviews`)
+    /// from a JSON map of token to `{"username", "node"}`, over plain HTTP: the one API call
+    /// the CA server makes, where no real API server can run.
+    TokenReviews {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        reviews: std::path::PathBuf,
+    },
     /// Send HTTP requests; print one JSON line per request.
     Http {
         #[arg(long)]
@@ -125,6 +134,12 @@ fn main() -> anyhow::Result<()> {
             Cmd::Pause => loop {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             },
+            Cmd::TokenReviews { listen, reviews } => {
+                let text = std::fs::read_to_string(&reviews).context("reading the reviews")?;
+                let known: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_str(&text).context("the reviews are a JSON object")?;
+                token_reviews(listen, Arc::new(known)).await
+            }
             Cmd::Http {
                 url,
                 count,
@@ -543,4 +558,68 @@ async fn http_client(url: &str, o: &ClientOptions) -> anyhow::Result<()> {
         println!("{line}");
     }
     Ok(())
+}
+
+/// The TokenReview endpoint of a test API server: a known token is authenticated as its
+/// user, bound to a pod on its node (the `extra` keys a bound token carries), for the
+/// audiences asked about.
+async fn token_reviews(
+    listen: SocketAddr,
+    known: Arc<serde_json::Map<String, serde_json::Value>>,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    println!(
+        "{}",
+        json!({"event": "listening", "addr": listen.to_string()})
+    );
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let known = known.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let known = known.clone();
+                async move {
+                    let path_ok = req.uri().path() == "/apis/authentication.k8s.io/v1/tokenreviews";
+                    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                    let review: serde_json::Value = body
+                        .ok()
+                        .and_then(|b| serde_json::from_slice(&b).ok())
+                        .unwrap_or_default();
+                    let token = review["spec"]["token"].as_str().unwrap_or_default();
+                    let status = match known.get(token) {
+                        Some(who) if path_ok => json!({
+                            "authenticated": true,
+                            "audiences": review["spec"]["audiences"],
+                            "user": {
+                                "username": who["username"],
+                                "extra": {"authentication.kubernetes.io/node-name": [who["node"]]},
+                            },
+                        }),
+                        _ => json!({"authenticated": false}),
+                    };
+                    let answer = json!({
+                        "apiVersion": "authentication.k8s.io/v1",
+                        "kind": "TokenReview",
+                        "metadata": {},
+                        "spec": review["spec"],
+                        "status": status,
+                    });
+                    let mut r = Response::new(Full::new(Bytes::from(answer.to_string())));
+                    *r.status_mut() = if path_ok {
+                        hyper::StatusCode::CREATED
+                    } else {
+                        hyper::StatusCode::NOT_FOUND
+                    };
+                    r.headers_mut().insert(
+                        hyper::header::CONTENT_TYPE,
+                        hyper::header::HeaderValue::from_static("application/json"),
+                    );
+                    Ok::<_, std::convert::Infallible>(r)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
 }
