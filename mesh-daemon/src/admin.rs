@@ -17,6 +17,16 @@ use crate::{
     state::Snapshot,
 };
 
+/// `?pod=name.namespace` as (name, namespace); no namespace means `default`.
+fn pod_param(query: Option<&str>) -> (&str, &str) {
+    let pod = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("pod="))
+        .unwrap_or_default();
+    pod.split_once('.').unwrap_or((pod, "default"))
+}
+
 /// Everything the endpoints read.
 pub struct AdminState {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
@@ -67,12 +77,7 @@ impl AdminState {
             | "/proxy_config/endpoints"
             | "/proxy_config/authz" => {
                 let snap = self.snapshot.load_full();
-                let pod = query
-                    .into_iter()
-                    .flat_map(|q| q.split('&'))
-                    .find_map(|kv| kv.strip_prefix("pod="))
-                    .unwrap_or_default();
-                let (name, ns) = pod.split_once('.').unwrap_or((pod, "default"));
+                let (name, ns) = pod_param(query);
                 let Some((uid, info)) = snap
                     .pods_by_uid
                     .iter()
@@ -103,6 +108,17 @@ impl AdminState {
                         serde_json::to_string_pretty(&view::endpoints(r, ns, ejected))
                     }
                 })
+            }
+            "/describe" => {
+                let (name, ns) = pod_param(query);
+                match crate::describe::pod(&self.snapshot.load(), name, ns) {
+                    Some(d) => json(serde_json::to_string_pretty(&d)),
+                    None => (
+                        StatusCode::NOT_FOUND,
+                        TEXT,
+                        format!("pod {name}.{ns} is not in this daemon's configuration\n"),
+                    ),
+                }
             }
             "/workloads" => json(serde_json::to_string_pretty(&*self.workloads.load_full())),
             "/certs" => json(serde_json::to_string_pretty(&certs_view(

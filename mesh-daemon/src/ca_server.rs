@@ -191,6 +191,115 @@ impl Refusal {
     }
 }
 
+/// Requests by outcome: `signed`, `forbidden` (no pod of the node runs as the identity),
+/// `unauthenticated`, `bad_request`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct RequestLabels {
+    result: &'static str,
+}
+
+/// The CA server's metrics (`sidelane_ca_*`).
+pub struct CaMetrics {
+    registry: prometheus_client::registry::Registry,
+    requests: prometheus_client::metrics::family::Family<
+        RequestLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+impl Default for CaMetrics {
+    fn default() -> Self {
+        let mut registry = prometheus_client::registry::Registry::with_prefix("sidelane_ca");
+        let requests = prometheus_client::metrics::family::Family::default();
+        registry.register(
+            "requests",
+            "Certificate signing requests from nodes, by outcome",
+            requests.clone(),
+        );
+        Self { registry, requests }
+    }
+}
+
+impl CaMetrics {
+    fn count(&self, result: &'static str) {
+        self.requests.get_or_create(&RequestLabels { result }).inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// The CA server's own TLS certificate, issued by the CA it serves and issued again before
+/// it expires (a long-running server must not outlive it).
+pub struct ServingCert {
+    current: ArcSwap<rustls::sign::CertifiedKey>,
+}
+
+impl std::fmt::Debug for ServingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServingCert")
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServingCert {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServingError {
+    #[error(transparent)]
+    Ca(#[from] crate::identity::ca::CaError),
+    #[error("the serving certificate: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+impl ServingCert {
+    /// A certificate for `names` and `ips`, valid for `ttl`.
+    pub fn issue(
+        ca: &Ca,
+        names: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<rustls::sign::CertifiedKey, ServingError> {
+        let (chain, key) = ca.issue_server(names, ips, ttl)?;
+        Ok(rustls::sign::CertifiedKey::from_der(
+            chain,
+            key,
+            &rustls::crypto::ring::default_provider(),
+        )?)
+    }
+
+    pub fn new(first: rustls::sign::CertifiedKey) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(first),
+        }
+    }
+
+    pub fn replace(&self, next: rustls::sign::CertifiedKey) {
+        self.current.store(Arc::new(next));
+    }
+
+    /// TLS settings that present whatever certificate is current.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, ServingError> {
+        Ok(Arc::new(
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_cert_resolver(self.clone()),
+        ))
+    }
+}
+
 /// What the server decides with.
 pub struct CaServer {
     pub ca: Ca,
@@ -200,6 +309,7 @@ pub struct CaServer {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
     /// The longest lifetime handed out, whatever a node asks for.
     pub max_ttl: Duration,
+    pub metrics: CaMetrics,
 }
 
 impl CaServer {
@@ -305,7 +415,14 @@ impl CaServer {
                 );
             }
         };
-        match self.decide(bearer.as_deref(), &body).await {
+        let decided = self.decide(bearer.as_deref(), &body).await;
+        self.metrics.count(match &decided {
+            Ok(_) => "signed",
+            Err(Refusal::Unauthenticated) => "unauthenticated",
+            Err(Refusal::Forbidden { .. }) => "forbidden",
+            Err(Refusal::BadRequest(_)) => "bad_request",
+        });
+        match decided {
             Ok(answer) => match serde_json::to_vec(&answer) {
                 Ok(json) => reply(StatusCode::OK, "application/json", json),
                 Err(e) => reply(
@@ -376,6 +493,7 @@ status: {podIP: 10.244.2.10}
                 1,
             ))),
             max_ttl: Duration::from_secs(3600),
+            metrics: super::CaMetrics::default(),
         }
     }
 
@@ -493,5 +611,54 @@ status: {podIP: 10.244.2.10}
             x509_parser::certificate::X509Certificate::from_der(der.contents()).expect("parsed");
         let life = cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp();
         assert!(life <= 3600 + 60, "{life}");
+    }
+
+    #[test]
+    fn a_renewed_serving_certificate_is_what_the_next_node_sees() {
+        use rustls::pki_types::ServerName;
+
+        let ca = Ca::generate("cluster.local").expect("CA");
+        let names = vec!["sidelane-ca.sidelane-system.svc".to_owned()];
+        let issue = || {
+            super::ServingCert::issue(&ca, &names, &[], Duration::from_secs(3600)).expect("issued")
+        };
+        let serving = Arc::new(super::ServingCert::new(issue()));
+        let server = serving.server_config().expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        for r in ca.roots() {
+            roots.add(r.clone()).expect("root");
+        }
+        let client = Arc::new(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let presented = || {
+            rt.block_on(async {
+                let (a, b) = tokio::io::duplex(64 * 1024);
+                let name = ServerName::try_from(names[0].clone()).expect("name");
+                let (_, connected) = tokio::join!(
+                    tokio_rustls::TlsAcceptor::from(server.clone()).accept(a),
+                    tokio_rustls::TlsConnector::from(client.clone()).connect(name, b)
+                );
+                let tls = connected.expect("the node trusts the server's certificate");
+                tls.get_ref().1.peer_certificates().expect("certificates")[0].clone()
+            })
+        };
+        let first = presented();
+        assert_eq!(presented(), first);
+        serving.replace(issue());
+        assert_ne!(
+            presented(),
+            first,
+            "the renewed certificate is served at once"
+        );
     }
 }

@@ -13,6 +13,7 @@ pub mod ca_server;
 pub mod cgroup;
 pub mod config;
 pub mod datapath;
+pub mod describe;
 pub mod dir_changes;
 pub mod discovery;
 pub mod enrollment;

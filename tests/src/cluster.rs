@@ -456,6 +456,18 @@ impl Cluster {
         format!("{CONTROL_PLANE_IP}:{CA_PORT}")
     }
 
+    /// The CA server's Prometheus metrics.
+    pub fn ca_metrics(&self) -> Result<String> {
+        let addr = SocketAddr::from(([10, 200, 0, 254], 15014));
+        let (status, body) = sys::http_get_in(&self.control_plane_netns(), addr, "/metrics")?;
+        if status != 200 {
+            return Err(HarnessError::Other(format!(
+                "the CA server's metrics answered {status}"
+            )));
+        }
+        Ok(body)
+    }
+
     /// The file holding `node`'s token for the CA server.
     pub fn node_token_file(&self, node: usize) -> PathBuf {
         self.run_dir.join(format!("{}.token", self.node_name(node)))

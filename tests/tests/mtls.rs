@@ -543,6 +543,22 @@ fn a_node_gets_certificates_only_for_the_pods_it_runs() {
     let unknown = ask_ca(c, 1, sleep, &forged);
     let _ = std::fs::remove_file(&forged);
     assert!(unknown.contains("401"), "{unknown}");
+
+    // The CA server counts what it did.
+    let m = c.ca_metrics().expect("CA metrics");
+    let count = |result: &str| {
+        metric(
+            &m,
+            "sidelane_ca_requests_total",
+            &[&format!("result=\"{result}\"")],
+        )
+    };
+    assert_eq!(count("forbidden"), 3, "{m}");
+    assert_eq!(count("unauthenticated"), 1, "{m}");
+    assert!(
+        count("signed") >= 4,
+        "both daemons' and the two asked here: {m}"
+    );
 }
 
 #[test]

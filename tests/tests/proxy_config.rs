@@ -1,5 +1,6 @@
 //! End-to-end: `meshctl proxy-config` on a node shows what the tutorial's VirtualService and
-//! DestinationRule compile to for a pod of that node.
+//! DestinationRule compile to for a pod of that node, and `meshctl describe pod` what
+//! applies to a pod.
 use sidelane_tests::{Cluster, PodSpec, ServicePortSpec};
 
 fn tutorial(f: &str) -> String {
@@ -110,4 +111,27 @@ fn proxy_config_shows_the_tutorial_canary_for_a_pod() {
         missing.is_err_and(|e| e.to_string().contains("404")),
         "unknown pods are an error"
     );
+
+    // `istioctl x describe pod <pod> -n production`, as the tutorial runs it.
+    let described = c
+        .meshctl(1, &["describe", "pod", "api-server-v2", "-n", "production"])
+        .expect("describe");
+    for expected in [
+        "Pod: api-server-v2.production",
+        "In the mesh: yes",
+        &format!("Service: {host}"),
+        "Port: http 8080/HTTP targets pod port 8080",
+        "DestinationRule: production/api-server",
+        "Matching subsets: v2",
+        "(Non-matching subsets v1)",
+        "VirtualService: production/api-server",
+        "AuthorizationPolicies: none",
+    ] {
+        assert!(
+            described.contains(expected),
+            "{expected:?} in:\n{described}"
+        );
+    }
+    let missing = c.meshctl(1, &["describe", "pod", "nobody", "-n", "production"]);
+    assert!(missing.is_err_and(|e| e.to_string().contains("404")));
 }

@@ -32,6 +32,19 @@ struct Cli {
 enum Cmd {
     /// Pods on this node, whether they are in the mesh, and why.
     ProxyStatus,
+    /// What applies to one pod (`istioctl x describe pod`): mesh membership, the Services it
+    /// serves with their DestinationRule subsets and routes, PeerAuthentication and
+    /// AuthorizationPolicy.
+    Describe {
+        #[arg(value_parser = ["pod"])]
+        kind: String,
+        /// The pod, as `name` (with -n) or `name.namespace`.
+        pod: String,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'o', long, default_value = "text")]
+        output: String,
+    },
     /// The daemon's compiled configuration snapshot, as JSON.
     ConfigDump,
     /// What the proxy uses for one pod: routes, clusters, endpoints, or the
@@ -124,6 +137,12 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.cmd {
         Cmd::ProxyStatus => proxy_status(cli.admin),
+        Cmd::Describe {
+            pod,
+            namespace,
+            output,
+            ..
+        } => describe(cli.admin, &pod, namespace.as_deref(), &output),
         Cmd::ConfigDump => {
             println!("{}", get(cli.admin, "/config_dump")?);
             Ok(())
@@ -284,6 +303,109 @@ fn get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
         bail!("{path}: {}", head.lines().next().unwrap_or("no response"));
     }
     Ok(body.to_owned())
+}
+
+/// `istioctl x describe pod`, from the node's daemon.
+fn describe(
+    admin: SocketAddr,
+    pod: &str,
+    namespace: Option<&str>,
+    output: &str,
+) -> anyhow::Result<()> {
+    let pod = match (pod.split_once('.'), namespace) {
+        (Some(_), None) => pod.to_owned(),
+        (_, ns) => format!("{pod}.{}", ns.unwrap_or("default")),
+    };
+    let body = get(admin, &format!("/describe?pod={pod}"))?;
+    if output == "json" {
+        println!("{body}");
+        return Ok(());
+    }
+    let d: Value = serde_json::from_str(&body)?;
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    let list = |v: &Value| {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    println!(
+        "Pod: {} (node {}, service account {})",
+        s(&d["pod"]),
+        s(&d["node"]),
+        s(&d["service_account"])
+    );
+    let member = if d["in_mesh"] == true { "yes" } else { "no" };
+    println!("   In the mesh: {member} ({})", s(&d["reason"]));
+    for p in d["problems"].as_array().into_iter().flatten() {
+        println!("   Problem: {}", s(p));
+    }
+    for svc in d["services"].as_array().into_iter().flatten() {
+        println!("--------------------");
+        println!("Service: {}", s(&svc["host"]));
+        println!(
+            "   Port: {} {}/{} targets pod port {}",
+            s(&svc["port_name"]),
+            svc["port"],
+            s(&svc["protocol"]),
+            svc["target_port"]
+        );
+        println!("   PeerAuthentication: {}", s(&svc["peer_authentication"]));
+        let rules = list(&svc["destination_rules"]);
+        if !rules.is_empty() {
+            println!("DestinationRule: {rules} for \"{}\"", s(&svc["host"]));
+            println!("   Matching subsets: {}", list(&svc["matching_subsets"]));
+            let other = list(&svc["other_subsets"]);
+            if !other.is_empty() {
+                println!("      (Non-matching subsets {other})");
+            }
+        }
+        let mut current = String::new();
+        for r in svc["routes"].as_array().into_iter().flatten() {
+            let vs = s(&r["virtual_service"]);
+            if vs != current {
+                println!("VirtualService: {vs}");
+                current = vs;
+            }
+            println!("   {} -> {}", s(&r["matches"]), s(&r["action"]));
+        }
+    }
+    println!("--------------------");
+    let policies = d["authorization_policies"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if policies.is_empty() {
+        println!("AuthorizationPolicies: none (every connection allowed)");
+    } else {
+        println!("AuthorizationPolicies:");
+        for p in &policies {
+            let mut notes = Vec::new();
+            if p["dry_run"] == true {
+                notes.push("dry-run".to_owned());
+            }
+            let http = list(&p["http_attributes"]);
+            if !http.is_empty() {
+                notes.push(format!("HTTP attributes not seen on connections: {http}"));
+            }
+            println!(
+                "   {} {}, {} rule(s){}",
+                s(&p["name"]),
+                s(&p["action"]),
+                p["rules"],
+                if notes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", notes.join("; "))
+                }
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The node's workload certificates (`istioctl ztunnel-config certificates`, in short).

@@ -7,13 +7,12 @@ use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use clap::Parser as _;
 use mesh_daemon::{
-    ca_server::{CaServer, NodeAuth, NodeTokens, TokenReviewer},
+    ca_server::{CaMetrics, CaServer, NodeAuth, NodeTokens, ServingCert, TokenReviewer},
     config::{kube_source, manifest_dir},
     identity::ca::Ca,
     settings::{ConfigSource, DEFAULT_CA_SERVER_NAME, DEFAULT_ROOT_NAMESPACE},
     state::Snapshot,
 };
-use rustls::ServerConfig;
 use tokio::sync::mpsc;
 
 /// How long the server's own certificate lives; it is made afresh at each start.
@@ -31,6 +30,13 @@ struct Args {
     ca_dir: PathBuf,
     #[arg(long, env = "SIDELANE_CA_LISTEN", default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
+    /// Prometheus metrics (`sidelane_ca_*`), plain HTTP (istiod's monitoring port).
+    #[arg(
+        long,
+        env = "SIDELANE_CA_METRICS_ADDR",
+        default_value = "0.0.0.0:15014"
+    )]
+    metrics_addr: SocketAddr,
     /// The name nodes know the server by (its Service), put in its certificate.
     #[arg(long, env = "SIDELANE_CA_SERVER_NAME", default_value = DEFAULT_CA_SERVER_NAME)]
     server_name: String,
@@ -117,14 +123,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .into_iter()
         .filter(|ip| !ip.is_unspecified())
         .collect();
-    let (chain, key) =
-        ca.issue_server(std::slice::from_ref(&args.server_name), &ips, SERVING_TTL)?;
-    let tls =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .context("the serving certificate")?;
+    let names = vec![args.server_name.clone()];
+    let serving = Arc::new(ServingCert::new(ServingCert::issue(
+        &ca,
+        &names,
+        &ips,
+        SERVING_TTL,
+    )?));
+    let tls = serving.server_config()?;
 
     let (tx, mut rx) = mpsc::channel(4);
     let _source: Box<dyn std::any::Any> = match (args.config_source, &args.config_dir) {
@@ -156,12 +162,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         auth,
         snapshot: snapshot.clone(),
         max_ttl: args.max_ttl.0,
+        metrics: CaMetrics::default(),
     });
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %args.listen, server_name = %args.server_name, trust_domain = %args.trust_domain, "CA server ready");
-    let serving = tokio::spawn(server.serve(listener, Arc::new(tls)));
+    let metrics_listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("listening on {}", args.metrics_addr))?;
+    let tasks = [
+        tokio::spawn(server.clone().serve(listener, tls)),
+        tokio::spawn(serve_metrics(server.clone(), metrics_listener)),
+        tokio::spawn(renew_serving_cert(server.clone(), serving, names, ips)),
+    ];
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -173,6 +187,58 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
         }
     }
-    serving.abort();
+    for t in tasks {
+        t.abort();
+    }
     Ok(())
+}
+
+/// Issues the server's certificate again at half its life.
+async fn renew_serving_cert(
+    server: Arc<CaServer>,
+    serving: Arc<ServingCert>,
+    names: Vec<String>,
+    ips: Vec<std::net::IpAddr>,
+) {
+    loop {
+        tokio::time::sleep(SERVING_TTL / 2).await;
+        match ServingCert::issue(&server.ca, &names, &ips, SERVING_TTL) {
+            Ok(next) => {
+                serving.replace(next);
+                tracing::info!("serving certificate renewed");
+            }
+            Err(e) => tracing::error!(error = %e, "renewing the serving certificate failed"),
+        }
+    }
+}
+
+/// `GET /metrics` in Prometheus' text format.
+async fn serve_metrics(server: Arc<CaServer>, listener: tokio::net::TcpListener) {
+    use http_body_util::Full;
+    use hyper_util::rt::TokioIo;
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let server = server.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let found = req.uri().path() == "/metrics";
+                    let body = if found {
+                        server.metrics.encode()
+                    } else {
+                        String::new()
+                    };
+                    let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(body)));
+                    if !found {
+                        *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+                    }
+                    async move { Ok::<_, std::convert::Infallible>(r) }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
 }

@@ -250,6 +250,16 @@ fn main() -> anyhow::Result<()> {
     {
         println!("     {line}");
     }
+    println!("   what applies to a v2 pod (meshctl describe pod api-server-v2-0 -n production):");
+    for line in c
+        .meshctl(
+            1,
+            &["describe", "pod", "api-server-v2-0", "-n", "production"],
+        )?
+        .lines()
+    {
+        println!("     {line}");
+    }
 
     println!("\nTearing the cluster down (namespaces, cgroups, pins, processes).");
     drop(c);
