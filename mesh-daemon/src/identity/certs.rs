@@ -69,16 +69,17 @@ pub struct IdentityTls {
     renew_at: SystemTime,
 }
 
-/// Certificates by identity. Reads take no lock; issuing one takes a lock that only other
-/// issuers wait on.
+/// Certificates by identity. Reads take no lock; issuing one takes that identity's lock,
+/// which only other issuers of the same identity wait on.
 pub struct Certificates {
     signer: Signer,
     trust_domain: String,
     ttl: Duration,
     by_identity: ArcSwap<HashMap<Identity, Arc<IdentityTls>>>,
-    /// Held across a request to the CA server: callers wanting a certificate at the same
-    /// moment wait for one request.
-    issuing: tokio::sync::Mutex<()>,
+    /// One lock per identity, held across its request to the CA server: callers wanting the
+    /// same certificate at once wait for one request, and a slow answer for one identity
+    /// delays no other.
+    issuing: std::sync::Mutex<HashMap<Identity, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Certificates {
@@ -88,7 +89,7 @@ impl Certificates {
             trust_domain: trust_domain.to_owned(),
             ttl,
             by_identity: ArcSwap::default(),
-            issuing: tokio::sync::Mutex::new(()),
+            issuing: std::sync::Mutex::default(),
         }
     }
 
@@ -107,7 +108,14 @@ impl Certificates {
         if let Some(found) = self.fresh(identity, now) {
             return Ok(found);
         }
-        let _issuing = self.issuing.lock().await;
+        let lock = self
+            .issuing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(identity.clone())
+            .or_default()
+            .clone();
+        let _issuing = lock.lock().await;
         // Another caller may have issued it while this one waited.
         if let Some(found) = self.fresh(identity, now) {
             return Ok(found);
