@@ -318,8 +318,10 @@ fn leftovers() -> Vec<String> {
             let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             let program = cmdline.split(' ').next().unwrap_or_default();
-            // Test daemons name their run's cgroup on the command line.
-            if program.ends_with("mesh-daemon") && cmdline.contains("sidelane-test-") {
+            // Test daemons and the control plane's processes name their run's directory or
+            // cgroup on the command line.
+            let ours = ["mesh-daemon", "sidelane-ca", "sidelane-workload"];
+            if ours.iter().any(|p| program.ends_with(p)) && cmdline.contains("sidelane-test-") {
                 found.push(format!(
                     "process {}: {cmdline}",
                     e.file_name().to_string_lossy()

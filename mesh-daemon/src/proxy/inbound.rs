@@ -108,6 +108,9 @@ async fn revoked(
     from: &Origin<'_>,
 ) -> Denial {
     let mut changes = inputs.policy_changes.clone();
+    // A change between the connection's first check and this clone would otherwise go
+    // unseen: look once at the start.
+    changes.mark_changed();
     loop {
         if changes.changed().await.is_err() {
             return std::future::pending().await;
