@@ -49,6 +49,11 @@ fn proxy_config_shows_the_tutorial_canary_for_a_pod() {
     let routes = c
         .meshctl(1, &["proxy-config", "routes", "sleep.production"])
         .expect("routes");
+    // The tutorial's spelling: `istioctl proxy-config routes <pod-name> -n production`.
+    let spelled = c
+        .meshctl(1, &["proxy-config", "routes", "sleep", "-n", "production"])
+        .expect("routes");
+    assert_eq!(spelled, routes);
     let lines: Vec<&str> = routes.lines().filter(|l| l.contains(host)).collect();
     assert_eq!(lines.len(), 3, "{routes}");
     assert!(

@@ -53,8 +53,11 @@ enum Cmd {
     ProxyConfig {
         #[arg(value_parser = ["routes", "clusters", "endpoints", "authz", "certs"])]
         what: String,
+        /// `name.namespace`, or `name` with -n (as istioctl takes it).
         #[arg(required_if_eq_any = [("what", "routes"), ("what", "clusters"), ("what", "endpoints"), ("what", "authz")])]
         pod: Option<String>,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
         #[arg(short = 'o', long, default_value = "text")]
         output: String,
     },
@@ -152,10 +155,15 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::ProxyConfig { what, output, .. } if what == "certs" => certs(cli.admin, &output),
-        Cmd::ProxyConfig { what, pod, output } => proxy_config(
+        Cmd::ProxyConfig {
+            what,
+            pod,
+            namespace,
+            output,
+        } => proxy_config(
             cli.admin,
             &what,
-            pod.as_deref().unwrap_or_default(),
+            &pod_name(pod.as_deref().unwrap_or_default(), namespace.as_deref()),
             &output,
         ),
         Cmd::Analyze {
@@ -305,6 +313,15 @@ fn get(admin: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(body.to_owned())
 }
 
+/// A pod as the admin API names it, `name.namespace`, from istioctl's two spellings:
+/// `name.namespace`, or `name` with `-n namespace` (`default` without either).
+fn pod_name(pod: &str, namespace: Option<&str>) -> String {
+    match (pod.split_once('.'), namespace) {
+        (Some(_), None) => pod.to_owned(),
+        (_, ns) => format!("{pod}.{}", ns.unwrap_or("default")),
+    }
+}
+
 /// `istioctl x describe pod`, from the node's daemon.
 fn describe(
     admin: SocketAddr,
@@ -312,10 +329,7 @@ fn describe(
     namespace: Option<&str>,
     output: &str,
 ) -> anyhow::Result<()> {
-    let pod = match (pod.split_once('.'), namespace) {
-        (Some(_), None) => pod.to_owned(),
-        (_, ns) => format!("{pod}.{}", ns.unwrap_or("default")),
-    };
+    let pod = pod_name(pod, namespace);
     let body = get(admin, &format!("/describe?pod={pod}"))?;
     if output == "json" {
         println!("{body}");
