@@ -230,6 +230,7 @@ fn certs_view(certs: Option<&crate::identity::certs::Certificates>) -> serde_jso
     serde_json::json!({
         "mtls": true,
         "trust_domain": certs.trust_domain(),
+        "signer": certs.signer().describe(),
         "roots": certs.roots().len(),
         "certificates": issued,
     })

@@ -169,6 +169,10 @@ fn tcp_between_enrolled_pods_crosses_the_wire_only_inside_mutual_tls() {
             certs.contains(&format!("spiffe://cluster.local/ns/production/sa/{sa}")),
             "node {node}: {certs}"
         );
+        assert!(
+            certs.contains(&format!("signed by the CA server at {}", s.c.ca_addr())),
+            "node {node}: {certs}"
+        );
     }
     let m1 = s.c.metrics(1).expect("node 1 metrics");
     let outbound = ["reporter=\"source\"", source, destination];

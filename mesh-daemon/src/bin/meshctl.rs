@@ -434,6 +434,11 @@ fn certs(admin: SocketAddr, output: &str) -> anyhow::Result<()> {
         println!("no CA configured on this node: traffic between pods is plaintext");
         return Ok(());
     }
+    println!(
+        "signed by {} (trust domain {})",
+        v["signer"].as_str().unwrap_or("?"),
+        v["trust_domain"].as_str().unwrap_or("?")
+    );
     println!("{:<60} {:<30} EXPIRES", "IDENTITY", "VALID FROM");
     for c in v["certificates"].as_array().into_iter().flatten() {
         let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();

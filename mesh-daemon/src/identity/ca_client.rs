@@ -110,6 +110,11 @@ impl CaClient {
         &self.roots
     }
 
+    /// The server's `host:port`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
     /// A certificate for `identity`, valid for `ttl`, with a key made here.
     pub async fn issue(
         &self,

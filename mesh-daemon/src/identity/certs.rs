@@ -52,6 +52,14 @@ impl Signer {
             Self::Local(ca) => ca.roots(),
         }
     }
+
+    /// Who signs, in words `meshctl` shows.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Server(c) => format!("the CA server at {}", c.addr()),
+            Self::Local(_) => "the CA key on this node".to_owned(),
+        }
+    }
 }
 
 /// How long after a failed renewal the CA is asked again.
@@ -178,5 +186,9 @@ impl Certificates {
 
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         self.signer.roots()
+    }
+
+    pub fn signer(&self) -> &Signer {
+        &self.signer
     }
 }
