@@ -27,6 +27,9 @@ fn pod_param(query: Option<&str>) -> (&str, &str) {
     pod.split_once('.').unwrap_or((pod, "default"))
 }
 
+/// The content type of what prometheus-client encodes.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// Everything the endpoints read.
 pub struct AdminState {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
@@ -65,11 +68,7 @@ impl AdminState {
                         .get_or_create(&crate::metrics::DecisionLabels { decision })
                         .set(n as i64);
                 }
-                (
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    m.encode(),
-                )
+                (StatusCode::OK, OPENMETRICS, m.encode())
             }
             "/config_dump" => json(serde_json::to_string_pretty(&*self.snapshot.load_full())),
             "/proxy_config/routes"
@@ -178,28 +177,37 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, exposure: Exposure) {
+    serve_with(listener, move |path, query| {
+        if exposure.allows(path) {
+            state.respond(path, query)
+        } else {
+            (StatusCode::NOT_FOUND, "text/plain", "not found\n".into())
+        }
+    })
+    .await;
+}
+
+/// Plain HTTP on `listener`, each request answered by `respond(path, query)` with a status,
+/// a content type and a body; until the task is dropped.
+pub async fn serve_with<F>(listener: TcpListener, respond: F)
+where
+    F: Fn(&str, Option<&str>) -> (StatusCode, &'static str, String) + Send + Sync + 'static,
+{
+    let respond = Arc::new(respond);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let state = state.clone();
+        let respond = respond.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
-                let state = state.clone();
-                async move {
-                    let path = req.uri().path();
-                    let (status, ctype, body) = if exposure.allows(path) {
-                        state.respond(path, req.uri().query())
-                    } else {
-                        (StatusCode::NOT_FOUND, "text/plain", "not found\n".into())
-                    };
-                    let resp = Response::builder()
-                        .status(status)
-                        .header("content-type", ctype)
-                        .body(Full::new(Bytes::from(body)))
-                        .unwrap_or_default();
-                    Ok::<_, Infallible>(resp)
-                }
+                let (status, ctype, body) = respond(req.uri().path(), req.uri().query());
+                let resp = Response::builder()
+                    .status(status)
+                    .header("content-type", ctype)
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap_or_default();
+                async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)

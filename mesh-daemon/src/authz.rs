@@ -48,21 +48,23 @@ mod tests;
 /// The annotation that makes a policy report what it would do instead of doing it.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 
-/// `when` keys a connection can answer.
-const L4_WHEN_KEYS: [&str; 5] = [
-    "source.ip",
-    "source.namespace",
-    "source.principal",
-    "destination.ip",
-    "destination.port",
-];
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Action {
     Allow,
     Deny,
     /// Would ask an external authorizer; none is configured, so a match denies.
     Custom,
+}
+
+impl Action {
+    /// As Istio spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "ALLOW",
+            Self::Deny => "DENY",
+            Self::Custom => "CUSTOM",
+        }
+    }
 }
 
 /// One AuthorizationPolicy as this proxy enforces it.
@@ -206,10 +208,11 @@ impl Denial {
     /// The action of the policy that decided: `DENY`, `CUSTOM`, or `ALLOW` (none matched).
     pub fn action(&self) -> &'static str {
         match self {
-            Self::Denied { .. } => "DENY",
-            Self::Custom { .. } => "CUSTOM",
-            Self::NotAllowed => "ALLOW",
+            Self::Denied { .. } => Action::Deny,
+            Self::Custom { .. } => Action::Custom,
+            Self::NotAllowed => Action::Allow,
         }
+        .as_str()
     }
 
     /// `namespace/name` of the policy that matched; empty when no ALLOW policy did.
@@ -262,11 +265,6 @@ impl Authz {
         out
     }
 
-    /// Every policy this proxy enforces, for `meshctl`.
-    pub fn policies(&self) -> &[Policy] {
-        &self.policies
-    }
-
     /// The policies that apply to a workload in `namespace` with `labels`.
     pub fn applying<'a>(
         &'a self,
@@ -284,7 +282,7 @@ impl Authz {
             .filter(move |p| {
                 p.selector
                     .as_ref()
-                    .is_none_or(|s| s.iter().all(|(k, v)| labels.get(k) == Some(v)))
+                    .is_none_or(|s| crate::state::selects(s, labels))
             })
     }
 
@@ -553,10 +551,8 @@ fn condition(c: &Condition, http: &mut Vec<String>) -> Match {
         }
         "source.namespace" => m.namespaces = Values::new(texts(&c.values), texts(&c.not_values)),
         "source.principal" => m.principals = Values::new(texts(&c.values), texts(&c.not_values)),
-        key => {
-            debug_assert!(!L4_WHEN_KEYS.contains(&key));
-            http.push(key.to_owned());
-        }
+        // Every other key needs the request.
+        key => http.push(key.to_owned()),
     }
     m
 }

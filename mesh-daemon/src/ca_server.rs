@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use crate::{
     identity::{
         Identity,
-        ca::{Ca, requested_identity},
+        ca::{Ca, SigningRequest},
         ca_client::{CERTIFICATES_PATH, CertificateRequest, CertificateResponse},
     },
     state::Snapshot,
@@ -328,20 +328,21 @@ impl CaServer {
         let node = node.as_str();
         let request: CertificateRequest = serde_json::from_slice(body)
             .map_err(|e| Refusal::BadRequest(format!("not a certificate request: {e}")))?;
-        let identity =
-            requested_identity(&request.csr).map_err(|e| Refusal::BadRequest(e.to_string()))?;
-        if identity.trust_domain != self.trust_domain || !self.runs_on(node, &identity) {
+        let csr =
+            SigningRequest::parse(&request.csr).map_err(|e| Refusal::BadRequest(e.to_string()))?;
+        let identity = &csr.identity;
+        if identity.trust_domain != self.trust_domain || !self.runs_on(node, identity) {
             return Err(Refusal::Forbidden {
                 node: node.to_owned(),
                 identity: identity.to_string(),
             });
         }
         let ttl = Duration::from_secs(request.ttl_seconds).min(self.max_ttl);
-        let (signed, chain) = self
+        let chain = self
             .ca
-            .sign_request(&request.csr, ttl)
+            .sign_request(&csr, ttl)
             .map_err(|e| Refusal::BadRequest(e.to_string()))?;
-        tracing::info!(node, identity = %signed, "workload certificate signed");
+        tracing::info!(node, %identity, "workload certificate signed");
         Ok(CertificateResponse {
             chain: chain
                 .iter()

@@ -8,7 +8,6 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use crate::{
-    authz::Action,
     proxy::protocol::Protocol,
     routing::view,
     state::{PodInfo, Snapshot},
@@ -87,11 +86,7 @@ pub fn pod(snap: &Snapshot, name: &str, namespace: &str) -> Option<PodDescriptio
             .applying(&pod.namespace, &pod.labels)
             .map(|p| PolicyDescription {
                 name: p.name.clone(),
-                action: match p.action {
-                    Action::Allow => "ALLOW",
-                    Action::Deny => "DENY",
-                    Action::Custom => "CUSTOM",
-                },
+                action: p.action.as_str(),
                 rules: p.rules.len(),
                 dry_run: p.dry_run,
                 http_attributes: p.http_attributes.clone(),
@@ -128,8 +123,7 @@ fn services(snap: &Snapshot, pod: &PodInfo) -> Vec<ServiceDescription> {
                     r.subsets
                         .iter()
                         .map(|(name, (labels, _))| {
-                            let fits = labels.iter().all(|(k, v)| pod.labels.get(k) == Some(v));
-                            (name.clone(), fits)
+                            (name.clone(), crate::state::selects(labels, &pod.labels))
                         })
                         .collect::<Vec<_>>()
                 })

@@ -126,7 +126,7 @@ impl PeerAuthn {
         }
         let workload = self.workloads.get(namespace).and_then(|list| {
             list.iter()
-                .find(|w| w.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
+                .find(|w| crate::state::selects(&w.match_labels, labels))
         });
         if let Some(w) = workload {
             if let Some(m) = w.mode {

@@ -17,6 +17,13 @@ use crate::{
     routing::Routing,
 };
 
+/// Whether a label selector (`matchLabels`, a subset's labels, a route's `sourceLabels`)
+/// takes in a workload with `labels`: each key it names, with the same value. An empty
+/// selector takes in every workload.
+pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PodInfo {
     pub uid: String,

@@ -199,8 +199,10 @@ pub struct Cluster {
 }
 
 /// The control plane's address on the fabric, where the CA server listens.
-const CONTROL_PLANE_IP: &str = "10.200.0.254";
+const CONTROL_PLANE_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 200, 0, 254);
 const CA_PORT: u16 = 15012;
+/// The CA server's default metrics port (istiod's monitoring port).
+const CA_METRICS_PORT: u16 = 15014;
 
 /// Whether the daemon of the node whose network namespace is `netns` says it is ready.
 fn daemon_ready(netns: &str) -> bool {
@@ -458,7 +460,7 @@ impl Cluster {
 
     /// The CA server's Prometheus metrics.
     pub fn ca_metrics(&self) -> Result<String> {
-        let addr = SocketAddr::from(([10, 200, 0, 254], 15014));
+        let addr = SocketAddr::from((CONTROL_PLANE_IP, CA_METRICS_PORT));
         let (status, body) = sys::http_get_in(&self.control_plane_netns(), addr, "/metrics")?;
         if status != 200 {
             return Err(HarnessError::Other(format!(

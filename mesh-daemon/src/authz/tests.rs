@@ -276,9 +276,9 @@ spec:
         Ok(()),
         "the DENY keeps its L4 part"
     );
-    let policies = a.policies();
-    let get_only = policies
-        .iter()
+    let web = labels(&[("app", "web")]);
+    let get_only = a
+        .applying("prod", &web)
         .find(|p| p.name == "prod/get-only")
         .expect("compiled");
     assert!(get_only.rules.is_empty());

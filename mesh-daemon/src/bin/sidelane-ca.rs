@@ -103,6 +103,8 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let ca = Ca::load(&args.ca_dir)
         .with_context(|| format!("loading the CA from {}", args.ca_dir.display()))?;
+    // One client for both uses of the API (TokenReviews, the configuration), if any needs it.
+    let mut api = None;
     let auth = match &args.node_tokens {
         Some(path) => NodeAuth::Tokens(NodeTokens::load(path)?),
         None => {
@@ -111,9 +113,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .split_once('/')
                 .context("--node-service-account is namespace/name")?;
             NodeAuth::Kubernetes(TokenReviewer {
-                client: kube::Client::try_default().await.context(
-                    "connecting to the Kubernetes API for TokenReviews (or pass --node-tokens)",
-                )?,
+                client: kube_client(&mut api).await?,
                 audience: args.audience.clone(),
                 username: format!("system:serviceaccount:{ns}:{name}"),
             })
@@ -137,10 +137,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         (ConfigSource::Dir, Some(dir)) => Box::new(manifest_dir::watch(dir.clone(), tx)?),
         (ConfigSource::Dir, None) => anyhow::bail!("--config-source dir needs --config-dir"),
         (ConfigSource::Kubernetes, _) => {
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API")?;
-            Box::new(kube_source::watch(client, tx))
+            Box::new(kube_source::watch(kube_client(&mut api).await?, tx))
         }
     };
     let compile = |objects| {
@@ -214,31 +211,32 @@ async fn renew_serving_cert(
 
 /// `GET /metrics` in Prometheus' text format.
 async fn serve_metrics(server: Arc<CaServer>, listener: tokio::net::TcpListener) {
-    use http_body_util::Full;
-    use hyper_util::rt::TokioIo;
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let server = server.clone();
-        tokio::spawn(async move {
-            let svc =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let found = req.uri().path() == "/metrics";
-                    let body = if found {
-                        server.metrics.encode()
-                    } else {
-                        String::new()
-                    };
-                    let mut r = hyper::Response::new(Full::new(bytes::Bytes::from(body)));
-                    if !found {
-                        *r.status_mut() = hyper::StatusCode::NOT_FOUND;
-                    }
-                    async move { Ok::<_, std::convert::Infallible>(r) }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
+    mesh_daemon::admin::serve_with(listener, move |path, _| {
+        if path == "/metrics" {
+            (
+                hyper::StatusCode::OK,
+                mesh_daemon::admin::OPENMETRICS,
+                server.metrics.encode(),
+            )
+        } else {
+            (
+                hyper::StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found\n".into(),
+            )
+        }
+    })
+    .await;
+}
+
+/// The API client, made on first use and shared after.
+async fn kube_client(made: &mut Option<kube::Client>) -> anyhow::Result<kube::Client> {
+    if let Some(c) = made {
+        return Ok(c.clone());
     }
+    let c = kube::Client::try_default().await.context(
+        "connecting to the Kubernetes API (for TokenReviews without --node-tokens, or the configuration)",
+    )?;
+    *made = Some(c.clone());
+    Ok(c)
 }

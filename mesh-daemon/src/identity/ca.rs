@@ -132,12 +132,7 @@ impl Ca {
             let path = dir.join(name);
             std::fs::read_to_string(&path).map_err(|source| CaError::Read { path, source })
         };
-        let optional = |name: &str| match read(name) {
-            Err(CaError::Read { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                Ok(None)
-            }
-            other => other.map(Some),
-        };
+        let optional = |name: &str| read_optional(&dir.join(name));
         let ca_pem = read(CA_CERT)?;
         let key_pem = read(CA_KEY)?;
         let invalid = |name: &str, what| {
@@ -147,18 +142,7 @@ impl Ca {
         let key = KeyPair::from_pem(&key_pem).map_err(invalid(CA_KEY, "not a private key"))?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, key)
             .map_err(invalid(CA_CERT, "not a CA certificate"))?;
-        let certs = |name: &str, pem: &str| {
-            let found: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
-                .filter_map(Result::ok)
-                .collect();
-            if found.is_empty() {
-                Err(CaError::NoCertificate {
-                    path: dir.join(name),
-                })
-            } else {
-                Ok(found)
-            }
-        };
+        let certs = |name: &str, pem: &str| pem_certificates(&dir.join(name), pem);
         let signing = certs(CA_CERT, &ca_pem)?;
         let chain = match optional(CERT_CHAIN)? {
             Some(pem) => certs(CERT_CHAIN, &pem)?,
@@ -225,25 +209,21 @@ impl Ca {
     }
 
     /// Signs a node's certificate signing request: the key is the requester's, everything
-    /// else the CA's own (the request's other extensions, a CA flag among them, are ignored).
-    /// The identity is the request's one SPIFFE ID, which the caller must have authorized
-    /// ([`requested_identity`] reads it first).
+    /// else the CA's own (the request's other extensions, a CA flag among them, are ignored),
+    /// the identity its one SPIFFE ID, which the caller must have authorized.
     pub fn sign_request(
         &self,
-        csr_pem: &str,
+        request: &SigningRequest,
         ttl: Duration,
-    ) -> Result<(Identity, Vec<CertificateDer<'static>>), CaError> {
-        let request =
-            rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::Request)?;
-        let identity = spiffe_of(&request.params)?;
-        let failed = sign_error(identity.to_string());
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        let failed = sign_error(request.identity.to_string());
         let (chain, _, _) = self.sign(
             &request.public_key,
-            vec![spiffe_san(&identity)?],
+            vec![spiffe_san(&request.identity)?],
             ttl,
             &failed,
         )?;
-        Ok((identity, chain))
+        Ok(chain)
     }
 
     /// A serving certificate for the CA's own endpoint, with these DNS names and addresses.
@@ -324,11 +304,22 @@ fn spiffe_of(params: &CertificateParams) -> Result<Identity, CaError> {
     }
 }
 
-/// The identity a certificate signing request asks for, without signing it.
-pub fn requested_identity(csr_pem: &str) -> Result<Identity, CaError> {
-    let request =
-        rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::Request)?;
-    spiffe_of(&request.params)
+/// A node's certificate signing request, read (its signature checked) once: the identity
+/// it asks for, to authorize, and the key to sign.
+pub struct SigningRequest {
+    pub identity: Identity,
+    public_key: rcgen::PublicKey,
+}
+
+impl SigningRequest {
+    pub fn parse(csr_pem: &str) -> Result<Self, CaError> {
+        let request =
+            rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::Request)?;
+        Ok(Self {
+            identity: spiffe_of(&request.params)?,
+            public_key: request.public_key,
+        })
+    }
 }
 
 /// A new key and a signing request for `identity`, as a node asks the CA for a workload
@@ -349,24 +340,39 @@ pub fn request_for(identity: &Identity) -> Result<(KeyPair, String), CaError> {
 pub fn load_roots(dir: &Path) -> Result<Vec<CertificateDer<'static>>, CaError> {
     for name in [ROOT_CERT, CA_CERT] {
         let path = dir.join(name);
-        match std::fs::read_to_string(&path) {
-            Ok(pem) => {
-                let found: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
-                    .filter_map(Result::ok)
-                    .collect();
-                if found.is_empty() {
-                    return Err(CaError::NoCertificate { path });
-                }
-                return Ok(found);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(CaError::Read { path, source }),
+        if let Some(pem) = read_optional(&path)? {
+            return pem_certificates(&path, &pem);
         }
     }
     Err(CaError::Read {
         path: dir.join(ROOT_CERT),
         source: std::io::ErrorKind::NotFound.into(),
     })
+}
+
+/// A file's text, or `None` when there is no such file.
+fn read_optional(path: &Path) -> Result<Option<String>, CaError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(CaError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// The certificates in `pem` (read from `path`): at least one.
+fn pem_certificates(path: &Path, pem: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    let found: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .filter_map(Result::ok)
+        .collect();
+    if found.is_empty() {
+        return Err(CaError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(found)
 }
 
 /// A certificate in PEM.
@@ -443,11 +449,11 @@ mod tests {
             .expect("csr")
             .pem()
             .expect("pem");
-        assert_eq!(super::requested_identity(&csr).expect("identity"), id);
-        let (signed, chain) = ca
-            .sign_request(&csr, Duration::from_secs(600))
+        let request = super::SigningRequest::parse(&csr).expect("parsed");
+        assert_eq!(request.identity, id);
+        let chain = ca
+            .sign_request(&request, Duration::from_secs(600))
             .expect("signed");
-        assert_eq!(signed, id);
         assert_eq!(identity_of(&chain[0]), Ok(id.clone()));
         let (_, cert) =
             x509_parser::certificate::X509Certificate::from_der(chain[0].as_ref()).expect("parsed");
@@ -467,8 +473,13 @@ mod tests {
             .expect("csr")
             .pem()
             .expect("pem");
-        assert!(ca.sign_request(&two, Duration::from_secs(600)).is_err());
+        assert!(super::SigningRequest::parse(&two).is_err());
         let (_, ours) = super::request_for(&id).expect("request");
-        assert_eq!(super::requested_identity(&ours).expect("identity"), id);
+        assert_eq!(
+            super::SigningRequest::parse(&ours)
+                .expect("parsed")
+                .identity,
+            id
+        );
     }
 }

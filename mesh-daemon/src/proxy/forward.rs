@@ -30,8 +30,6 @@ pub struct Outcome {
     pub reset: bool,
     /// Nothing moved either way for the idle timeout: both sides were closed.
     pub idle_timeout: bool,
-    /// The caller's `until` fired (a policy now denies the connection): both sides were reset.
-    pub stopped: bool,
 }
 
 /// When bytes last moved, in milliseconds since the connection's start.
@@ -251,10 +249,8 @@ where
                     report_timer.as_mut().reset(tokio::time::Instant::now() + every);
                     continue;
                 }
-                () = &mut until => {
-                    out.stopped = true;
-                    Dir::Reset
-                }
+                // The caller ends it (a policy now denies the connection): reset both sides.
+                () = &mut until => Dir::Reset,
             };
             out.reset = matches!(dir, Dir::Reset);
         }

@@ -80,11 +80,16 @@ pub fn refused(inputs: &ProxyInputs, denial: &Denial, target: SocketAddr, from: 
         received: 0,
         sent: 0,
         upstream_host: None,
-        cluster: &format!("inbound|{}||", target.port()),
+        cluster: &inbound_cluster(target),
         upstream_local: None,
         original_dst: target,
         downstream_peer: &from.peer.to_string(),
     });
+}
+
+/// Envoy's name for the cluster of a pod's own port, as access logs show it.
+fn inbound_cluster(target: SocketAddr) -> String {
+    format!("inbound|{}||", target.port())
 }
 
 fn count_denial(inputs: &ProxyInputs, denial: &Denial, phase: &'static str) {
@@ -170,7 +175,7 @@ pub async fn relay(
     )
     .await;
     m.tcp_closed.get_or_create(&labels).inc();
-    let cluster = format!("inbound|{}||", target.port());
+    let cluster = inbound_cluster(target);
     let details = cut.as_ref().map(|d| {
         tracing::debug!(peer = %from.peer, %target, denial = %d, "open connection closed: AuthorizationPolicy changed");
         count_denial(inputs, d, "established");

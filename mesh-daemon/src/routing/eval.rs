@@ -51,10 +51,7 @@ impl RequestMatch {
                 .source_namespace
                 .as_deref()
                 .is_none_or(|ns| ns == req.source_namespace)
-            && self
-                .source_labels
-                .iter()
-                .all(|(k, v)| req.source_labels.get(k) == Some(v))
+            && crate::state::selects(&self.source_labels, req.source_labels)
             && self
                 .headers
                 .iter()

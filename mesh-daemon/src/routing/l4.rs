@@ -64,10 +64,7 @@ impl L4Match {
                 .source_namespace
                 .as_deref()
                 .is_none_or(|ns| ns == c.source_namespace)
-            && self
-                .source_labels
-                .iter()
-                .all(|(k, v)| c.source_labels.get(k) == Some(v))
+            && crate::state::selects(&self.source_labels, c.source_labels)
     }
 }
 

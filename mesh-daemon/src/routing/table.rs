@@ -505,7 +505,7 @@ impl Routing {
         let endpoints = all
             .iter()
             .filter(|(_, pod_labels)| {
-                labels.is_none_or(|want| want.iter().all(|(k, v)| pod_labels.get(k) == Some(v)))
+                labels.is_none_or(|want| crate::state::selects(want, pod_labels))
             })
             .map(|(e, _)| e.clone())
             .collect();
